@@ -1,0 +1,1 @@
+"""The `newtune` command line: one module per command, each runnable with `python -m`."""

@@ -1,0 +1,76 @@
+"""What every command shares: logging, config loading and user-facing error handling."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from newtune.errors import NewtuneError
+
+T = TypeVar("T")
+log = logging.getLogger("newtune")
+
+
+def setup_logging(debug: bool) -> None:
+    """Log newtune's messages on the main process only; quieter third-party logs."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if debug else logging.INFO
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="[newtune] %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error() if not debug else None
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        pass
+
+
+def fail(message: str, code: int) -> None:
+    """Print a one-paragraph error and exit."""
+    wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
+    print(f"newtune: error: {wrapped}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_command(fn: Callable[..., T], debug: bool, *args: Any, **kwargs: Any) -> T | None:
+    """Run a command; user errors become one paragraph and a non-zero exit (traceback: --debug)."""
+    setup_logging(debug)
+    try:
+        return fn(*args, **kwargs)
+    except NewtuneError as exc:
+        if debug:
+            raise
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        print("newtune: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: no traceback without --debug
+        if debug:
+            raise
+        fail(
+            f"unexpected {type(exc).__name__}: {exc}. Re-run with --debug for the full "
+            "traceback, and report it if the input looks right.",
+            1,
+        )
+    return None
+
+
+def load(config: str, overrides: dict[str, Any]):  # noqa: ANN201
+    """Load and validate the config, logging what was ignored."""
+    from newtune.config.load import load_config
+
+    loaded = load_config(str(config), overrides)
+    for note in loaded.notes:
+        log.info(note)
+    return loaded

@@ -1,0 +1,33 @@
+"""`newtune preprocess cfg.yml`: tokenize the datasets into the prepared-data cache."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fire
+
+from newtune.cli.common import load, log, run_command
+
+
+def _preprocess(config: str, overrides: dict[str, Any]) -> None:
+    from newtune.train.run import prepare_data
+
+    _, prepared = prepare_data(load(config, overrides))
+    log.info("%s prepared data: %s", "reused" if prepared.reused else "wrote", prepared.path)
+    log.info("report: %s", json.dumps(prepared.stats["splits"]))
+    print(prepared.path)
+
+
+def preprocess_command(config: str, debug: bool = False, **overrides: Any) -> None:
+    """Tokenize the config's datasets and print the prepared dataset's path."""
+    run_command(_preprocess, debug, config, overrides)
+
+
+def main() -> None:
+    """Entry point for `python -m newtune.cli.preprocess`."""
+    fire.Fire(preprocess_command)
+
+
+if __name__ == "__main__":
+    main()

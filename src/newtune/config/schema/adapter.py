@@ -1,0 +1,33 @@
+"""Keys of the LoRA adapter."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from newtune.config.schema.base import Section
+
+
+class AdapterSection(Section):
+    """LoRA adapter settings."""
+
+    adapter: Literal["lora"] | None = Field(
+        default=None, description="`lora` trains a LoRA adapter; absent trains all weights."
+    )
+    lora_r: int = Field(default=8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, gt=0, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = Field(
+        default=None, description="Module names to adapt, e.g. [q_proj, v_proj]."
+    )
+    lora_target_linear: bool | None = Field(
+        default=None, description="Adapt every linear layer except the output head."
+    )
+    lora_model_dir: str | None = Field(
+        default=None, description="An existing adapter to continue training or to use."
+    )
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _empty_adapter_is_none(cls, value: object) -> object:
+        """Axolotl configs write `adapter:` with no value for a full fine-tune."""
+        return None if value == "" else value

@@ -1,0 +1,1 @@
+"""Data: sources, prompt strategies, the tokenization engine and the prepared-data cache."""

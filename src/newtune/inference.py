@@ -1,0 +1,175 @@
+"""Generate with a trained model, building prompts with the same strategy code as training."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from newtune.config.schema import NewtuneConfig
+from newtune.data.strategies import Conversation, get_strategy
+from newtune.data.tokenize import Engine
+from newtune.models.adapters import load_adapter
+from newtune.models.load import load_model
+from newtune.models.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling options passed to `generate`."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return out
+
+
+def _has(path: str | Path, name: str) -> bool:
+    return (Path(path) / name).is_file()
+
+
+@dataclass
+class Generator:
+    """A loaded model + tokenizer + the first dataset's prompt strategy."""
+
+    model: Any
+    tokenizer: Any
+    engine: Engine
+    strategy: Any
+    options: GenerationOptions
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def is_chat(self) -> bool:
+        """True when prompts are chat conversations (a running history is kept)."""
+        return self.strategy.name == "chat_template"
+
+    def prompt_ids(self, text: str, history: list[dict[str, str]] | None = None) -> list[int]:
+        """The token ids training would have used for this prompt."""
+        return self.engine.prompt_ids(self.strategy.prompt(text, history))
+
+    def answer(
+        self, text: str, history: list[dict[str, str]] | None = None, stream: Any = None
+    ) -> str:
+        """Generate the model's answer to one prompt."""
+        ids = torch.tensor([self.prompt_ids(text, history)], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                streamer=stream,
+                **self.options.kwargs(),
+            )
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def build_generator(
+    config: NewtuneConfig, options: GenerationOptions, base_overridden: bool = False
+) -> Generator:
+    """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
+    adapter_dir = config.lora_model_dir
+    model_source = config.base_model
+    if (
+        adapter_dir is None
+        and config.adapter == "lora"
+        and _has(config.output_dir, "adapter_config.json")
+    ):
+        adapter_dir = config.output_dir
+    if (
+        adapter_dir is None
+        and config.adapter is None
+        and not base_overridden
+        and _has(config.output_dir, "config.json")
+    ):
+        model_source = config.output_dir
+    tok_dir = adapter_dir or model_source
+    tokenizer = load_tokenizer(config, tok_dir if _has(tok_dir, "tokenizer_config.json") else None)
+    model = load_model(model_source)
+    if adapter_dir:
+        model = load_adapter(model, adapter_dir)
+    log.info("model: %s%s", model_source, f" + adapter {adapter_dir}" if adapter_dir else "")
+    model.eval()
+    entry = config.datasets[0]
+    strategy = get_strategy(entry, 0, config.train_on_inputs)
+    engine = Engine(tokenizer, chat_template=tokenizer.chat_template)
+    return Generator(model, tokenizer, engine, strategy, options)
+
+
+def answer_lines(gen: Generator, lines: Iterable[str], out: TextIO) -> int:
+    """Answer one prompt per non-empty line (piped stdin); one answer per prompt."""
+    count = 0
+    for line in lines:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        print(gen.answer(text), file=out, flush=True)
+        count += 1
+    return count
+
+
+def interactive(gen: Generator, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    """A terminal loop: multi-line input ends with an empty line; chats keep their history."""
+    from transformers import TextStreamer
+
+    print(
+        "Type a prompt; finish it with an empty line. Ctrl-D quits, /reset clears the chat.",
+        file=out,
+    )
+    while True:
+        lines: list[str] = []
+        print(">>> ", end="", file=out, flush=True)
+        while True:
+            line = inp.readline()
+            if line == "":
+                print(file=out)
+                return
+            if not line.strip():
+                if lines:
+                    break
+                print(">>> ", end="", file=out, flush=True)
+                continue
+            lines.append(line.rstrip("\n"))
+        text = "\n".join(lines)
+        if text.strip() == "/reset":
+            gen.history.clear()
+            continue
+        streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        history = gen.history if gen.is_chat else None
+        reply = gen.answer(text, history, stream=streamer)
+        if gen.is_chat:
+            gen.history += [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": reply},
+            ]
+
+
+__all__ = [
+    "Conversation",
+    "GenerationOptions",
+    "Generator",
+    "answer_lines",
+    "build_generator",
+    "interactive",
+]

@@ -1,0 +1,1 @@
+"""Models: tokenizer and model loading, LoRA adapters and merging."""

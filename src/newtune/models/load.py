@@ -1,0 +1,52 @@
+"""Load the base model a config names: local folder, hub id, or .gguf file."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from newtune.models.location import ModelLocation, hub_error, locate
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(value: str, dtype: str = "float32", key: str = "base_model") -> Any:
+    """A causal LM from a folder, hub id or .gguf file, in `dtype`, attention via sdpa."""
+    loc = locate(value, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            loc.name_or_path, dtype=DTYPES[dtype], attn_implementation="sdpa", **loc.kwargs()
+        )
+    except (OSError, ValueError) as exc:
+        raise hub_error(key, value, exc) from exc
+    if loc.gguf_file:
+        model = _plain_from_gguf(model, loc, DTYPES[dtype])
+    return model
+
+
+def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype) -> Any:
+    """Rebuild a dequantized GGUF model as a plain (non-quantized) model of the same class.
+
+    transformers marks GGUF-loaded models as quantized, which stops Trainer and peft from
+    treating them as ordinary weights; the weights themselves are already dequantized.
+    """
+    config = AutoConfig.from_pretrained(loc.name_or_path, gguf_file=loc.gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = f"{loc.name_or_path}/{loc.gguf_file}"
+    plain = type(model)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    result = plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    unexpected = [k for k in result.missing_keys if "lm_head" not in k]
+    if unexpected or result.unexpected_keys:
+        raise RuntimeError(
+            f"GGUF conversion mismatch: missing {unexpected[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}"
+        )
+    plain.generation_config = model.generation_config
+    return plain.eval()

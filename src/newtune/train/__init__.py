@@ -1,0 +1,1 @@
+"""Training: config -> TrainingArguments, the Trainer and the run that saves outputs."""
