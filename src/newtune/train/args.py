@@ -34,6 +34,7 @@ def training_kwargs(config: NewtuneConfig, plan: RunPlan, has_eval: bool) -> dic
         "report_to": "none",
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": plan.device == "cuda",
         "disable_tqdm": False,
     }
 

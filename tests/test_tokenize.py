@@ -1,0 +1,242 @@
+"""Exact input_ids and labels for each format, laid out as Axolotl lays them out."""
+
+from __future__ import annotations
+
+import pytest
+
+from newtune.config.schema import DatasetEntry
+from newtune.data.strategies import get_strategy
+from newtune.data.tokenize import IGNORE_INDEX, Engine
+
+M = IGNORE_INDEX
+
+NO_INPUT_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nName a color.\n\n### Response:\n"
+)
+INPUT_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nTranslate to French.\n\n### Input:\nThe fox\n\n### Response:\n"
+)
+
+
+def rows_for(tok, entry: dict, row: dict, train_on_inputs: bool = False, **engine_kw):
+    e = DatasetEntry(path="x.jsonl", **entry)
+    strategy = get_strategy(e, 0, train_on_inputs)
+    engine = Engine(
+        tok,
+        chat_template=tok.chat_template,
+        roles_to_train=tuple(e.roles_to_train or ("assistant",)),
+        train_on_eos=e.train_on_eos or "turn",
+        train_on_inputs=train_on_inputs,
+        **engine_kw,
+    )
+    return engine.tokenize(strategy.sample(row))
+
+
+def enc(tok, text: str, special: bool = False) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_alpaca_without_input(tokenizer, train_on_inputs):
+    (row,) = rows_for(
+        tokenizer,
+        {"type": "alpaca"},
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        train_on_inputs,
+    )
+    prompt = enc(tokenizer, NO_INPUT_PROMPT, special=True)
+    response = enc(tokenizer, "Blue.")
+    eos = tokenizer.eos_token_id
+    assert prompt[0] == tokenizer.bos_token_id == 1 and prompt[1] != 1
+    assert row.input_ids == prompt + response + [eos]
+    assert row.labels == (prompt if train_on_inputs else [M] * len(prompt)) + response + [eos]
+    assert tokenizer.decode(row.input_ids) == "<s>" + NO_INPUT_PROMPT + "Blue.</s>"
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_alpaca_with_input(tokenizer, train_on_inputs):
+    (row,) = rows_for(
+        tokenizer,
+        {"type": "alpaca"},
+        {"instruction": "Translate to French.", "input": "The fox", "output": "Le renard."},
+        train_on_inputs,
+    )
+    prompt = enc(tokenizer, INPUT_PROMPT, special=True)
+    response = enc(tokenizer, "Le renard.")
+    eos = tokenizer.eos_token_id
+    assert row.input_ids == prompt + response + [eos]
+    assert row.labels == (prompt if train_on_inputs else [M] * len(prompt)) + response + [eos]
+    assert tokenizer.decode(row.input_ids) == "<s>" + INPUT_PROMPT + "Le renard.</s>"
+    trained = [t for t in row.labels if t != M]
+    expected = "<s>" + INPUT_PROMPT + "Le renard.</s>" if train_on_inputs else "Le renard.</s>"
+    assert tokenizer.decode(trained) == expected
+
+
+def test_alpaca_missing_input_column_uses_no_input_prompt(tokenizer):
+    (row,) = rows_for(
+        tokenizer, {"type": "alpaca"}, {"instruction": "Name a color.", "output": "Blue."}
+    )
+    assert tokenizer.decode(row.input_ids) == "<s>" + NO_INPUT_PROMPT + "Blue.</s>"
+
+
+def test_completion_trains_every_token(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    (row,) = rows_for(tokenizer, {"type": "completion"}, {"text": text})
+    expected = enc(tokenizer, text, special=True) + [tokenizer.eos_token_id]
+    assert row.input_ids == expected
+    assert row.labels == expected
+
+
+def test_completion_custom_field_and_chunking(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    rows = rows_for(
+        tokenizer, {"type": "completion", "field": "body"}, {"body": text}, sequence_len=16
+    )
+    full = enc(tokenizer, text, special=True) + [tokenizer.eos_token_id]
+    assert [r.input_ids for r in rows] == [full[i : i + 16] for i in range(0, len(full), 16)]
+    assert all(r.labels == r.input_ids for r in rows)
+    assert len(rows) == -(-len(full) // 16) >= 2
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Hello there!"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+def chat_pieces(trained_eot: tuple[bool, bool] = (True, True), train_content: bool = True):
+    """The ChatML rendering of CONVERSATION cut where training starts and stops."""
+    a, b = trained_eot
+    return [
+        (
+            "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("Hello!", train_content),
+        ("<|im_end|>", a),
+        (
+            "\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("Paris.", train_content),
+        ("<|im_end|>", b),
+        ("\n", False),
+    ]
+
+
+def expected_from(tok, pieces):
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = enc(tok, text)
+        ids += piece
+        labels += piece if trained else [M] * len(piece)
+    return ids, labels
+
+
+def test_chat_template_multi_turn_with_system(chat_tokenizer):
+    (row,) = rows_for(chat_tokenizer, {"type": "chat_template"}, {"messages": CONVERSATION})
+    ids, labels = expected_from(chat_tokenizer, chat_pieces())
+    rendered = "".join(text for text, _ in chat_pieces())
+    assert ids == enc(chat_tokenizer, rendered)  # pieces align with the whole-text tokens
+    assert row.input_ids == ids
+    assert row.labels == labels
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained == "Hello!<|im_end|>Paris.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("train_on_eos", "eot"),
+    [("turn", (True, True)), ("last", (False, True)), ("none", (False, False))],
+)
+def test_chat_template_train_on_eos(chat_tokenizer, train_on_eos, eot):
+    (row,) = rows_for(
+        chat_tokenizer,
+        {"type": "chat_template", "train_on_eos": train_on_eos},
+        {"messages": CONVERSATION},
+    )
+    assert (row.input_ids, row.labels) == expected_from(chat_tokenizer, chat_pieces(eot))
+
+
+def test_chat_template_train_on_eos_all_trains_every_turn_end(chat_tokenizer):
+    (row,) = rows_for(
+        chat_tokenizer,
+        {"type": "chat_template", "train_on_eos": "all"},
+        {"messages": CONVERSATION},
+    )
+    im_end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trained_ends = [i for i, t in enumerate(row.labels) if t == im_end]
+    all_ends = [i for i, t in enumerate(row.input_ids) if t == im_end]
+    assert trained_ends == all_ends and len(all_ends) == 5
+
+
+def test_chat_template_roles_to_train_user(chat_tokenizer):
+    (row,) = rows_for(
+        chat_tokenizer,
+        {"type": "chat_template", "roles_to_train": ["user"]},
+        {"messages": CONVERSATION},
+    )
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained == "Hello there!<|im_end|>What is the capital of France?<|im_end|>"
+
+
+def test_chat_template_sharegpt_style_mappings(chat_tokenizer):
+    convo = [
+        {"from": "human", "value": "Hello there!"},
+        {"from": "gpt", "value": "Hello!"},
+    ]
+    (row,) = rows_for(
+        chat_tokenizer,
+        {
+            "type": "chat_template",
+            "field_messages": "conversations",
+            "message_property_mappings": {"role": "from", "content": "value"},
+        },
+        {"conversations": convo},
+    )
+    ids, labels = expected_from(
+        chat_tokenizer,
+        [
+            ("<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n", False),
+            ("Hello!<|im_end|>", True),
+            ("\n", False),
+        ],
+    )
+    assert (row.input_ids, row.labels) == (ids, labels)
+
+
+def test_chat_template_custom_roles(chat_tokenizer):
+    convo = [{"role": "me", "content": "Hello there!"}, {"role": "bot", "content": "Hello!"}]
+    (row,) = rows_for(
+        chat_tokenizer,
+        {"type": "chat_template", "roles": {"user": ["me"], "assistant": ["bot"]}},
+        {"messages": convo},
+    )
+    assert chat_tokenizer.decode(row.input_ids).startswith("<|im_start|>user\nHello there!")
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Hello!<|im_end|>"
+
+
+def test_inference_prompt_equals_training_prompt(tokenizer, chat_tokenizer):
+    e = DatasetEntry(path="x.jsonl", type="alpaca")
+    alpaca = get_strategy(e, 0, False)
+    engine = Engine(tokenizer)
+    (row,) = engine.tokenize(
+        alpaca.sample({"instruction": "Name a color.", "input": "", "output": "Blue."})
+    )
+    prompt = engine.prompt_ids(alpaca.prompt("Name a color."))
+    assert row.input_ids[: len(prompt)] == prompt
+    assert row.labels[len(prompt) - 1] == M and row.labels[len(prompt)] != M
+
+    chat = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    cengine = Engine(chat_tokenizer, chat_template=chat_tokenizer.chat_template)
+    (crow,) = cengine.tokenize(chat.sample({"messages": CONVERSATION[1:3]}))
+    cprompt = cengine.prompt_ids(chat.prompt("Hello there!"))
+    assert crow.input_ids[: len(cprompt)] == cprompt
+    assert all(t == M for t in crow.labels[: len(cprompt)])
+    assert crow.labels[len(cprompt)] != M
