@@ -151,3 +151,10 @@ def test_config_from_https_like_url(tmp_path):
         assert "Could not download the config" in error_of(f"{url}/missing.yml")
     finally:
         server.shutdown()
+
+
+def test_config_docs_are_up_to_date():
+    from newtune.config.docs import render
+
+    docs = Path(__file__).parent.parent / "docs" / "config.md"
+    assert docs.read_text() == render(), "run: python -m newtune.config.docs > docs/config.md"

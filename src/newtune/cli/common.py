@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,12 +29,14 @@ def setup_logging(debug: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
+    if debug:
+        return
+    # Known-harmless third-party warnings that would only confuse a first run.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*gguf")
+    import transformers
 
-        transformers.logging.set_verbosity_error() if not debug else None
-    except ImportError:  # pragma: no cover - transformers is a core dependency
-        pass
+    transformers.logging.set_verbosity_error()
 
 
 def fail(message: str, code: int) -> None:
