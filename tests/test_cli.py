@@ -175,3 +175,30 @@ def test_bad_input_is_one_paragraph_without_traceback(tmp_path, model_dir, case)
     assert "Traceback" not in proc.stderr
     err = proc.stderr[proc.stderr.index("newtune: error:") :]
     assert expected in " ".join(err.split())
+
+
+def test_validate_prints_resolved_config_and_plan(tmp_path, model_dir, capsys):
+    from newtune.cli.validate import validate_command
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    cfg = make_config(tmp_path, model_dir, data, "alpaca", gradient_accumulation_steps=2)
+    validate_command(str(cfg), micro_batch_size=3)
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {cfg}: valid\n")
+    assert "micro_batch_size: 3\n" in out and "effective_batch_size: 6\n" in out
+
+
+def test_interactive_chat_keeps_history(tmp_path, model_dir):
+    from newtune.config import load_config
+    from newtune.inference import GenerationOptions, build_generator, interactive
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    cfg = load_config(str(make_config(tmp_path, model_dir, data, "chat_template"))).config
+    gen = build_generator(cfg, GenerationOptions(max_new_tokens=3))
+    out = io.StringIO()
+    interactive(gen, io.StringIO("Hello there!\n\nWhat is 1 plus 2?\nsecond line\n\n"), out)
+    assert [m["role"] for m in gen.history] == ["user", "assistant", "user", "assistant"]
+    assert gen.history[2]["content"] == "What is 1 plus 2?\nsecond line"
+    rendered = gen.tokenizer.decode(gen.prompt_ids("Next?", gen.history))
+    assert rendered.count("<|im_start|>user\n") == 3
+    assert rendered.endswith("<|im_start|>user\nNext?<|im_end|>\n<|im_start|>assistant\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from newtune.data.strategies.base import Segment, Segments, Strategy
+from newtune.data.strategies.base import Segment, Segments, Strategy, text_field
 from newtune.data.strategies.registry import register
 
 SYSTEM_WITH_INPUT = (
@@ -34,9 +34,9 @@ class Alpaca(Strategy):
         return ["instruction", "output"]
 
     def sample(self, row: dict[str, Any]) -> Segments:
-        prompt = alpaca_prompt(str(row["instruction"]), row.get("input"))
+        prompt = alpaca_prompt(text_field(row, "instruction"), row.get("input"))
         return Segments(
-            (Segment(prompt, self.train_on_inputs), Segment(str(row["output"]), True)),
+            (Segment(prompt, self.train_on_inputs), Segment(text_field(row, "output"), True)),
             bos=True,
             eos=True,
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from newtune.config.schema import DatasetEntry
+from newtune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,11 @@ class Strategy(ABC):
     def required_columns(self) -> list[str]:
         """Columns a row must have; checked once before tokenizing."""
         return []
+
+
+def text_field(row: dict[str, Any], key: str) -> str:
+    """The string in `row[key]`; a missing or null value is a DataError naming the column."""
+    value = row.get(key)
+    if value is None:
+        raise DataError(f"column `{key}` is empty (null)")
+    return str(value)

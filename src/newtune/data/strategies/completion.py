@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from newtune.data.strategies.base import Segment, Segments, Strategy
+from newtune.data.strategies.base import Segment, Segments, Strategy, text_field
 from newtune.data.strategies.registry import register
 
 
@@ -20,7 +20,9 @@ class Completion(Strategy):
         return [self.field]
 
     def sample(self, row: dict[str, Any]) -> Segments:
-        return Segments((Segment(str(row[self.field]), True),), bos=True, eos=True, chunk=True)
+        return Segments(
+            (Segment(text_field(row, self.field), True),), bos=True, eos=True, chunk=True
+        )
 
     def prompt(self, text: str, history: list[dict[str, str]] | None = None) -> Segments:
         return Segments((Segment(text, False),), bos=True, eos=False)
