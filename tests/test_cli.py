@@ -202,3 +202,29 @@ def test_interactive_chat_keeps_history(tmp_path, model_dir):
     rendered = gen.tokenizer.decode(gen.prompt_ids("Next?", gen.history))
     assert rendered.count("<|im_start|>user\n") == 3
     assert rendered.endswith("<|im_start|>user\nNext?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_accelerate_launch_two_cpu_ranks_share_the_data(tmp_path, model_dir):
+    """Regression: without use_cpu, each CPU rank trained alone on all the data."""
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)  # 12 rows
+    cfg = make_config(tmp_path, model_dir, data, "alpaca", adapter="lora", lora_r=2)
+    proc = cli(
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "newtune.cli.train",
+        str(cfg),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    # 3 steps x 2 rows x 2 ranks = 12 rows = one epoch
+    assert history[-1]["step"] == 3 and history[-1]["epoch"] == pytest.approx(1.0)

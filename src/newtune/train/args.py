@@ -35,7 +35,7 @@ def training_kwargs(config: NewtuneConfig, plan: RunPlan, has_eval: bool) -> dic
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": plan.device == "cuda",
-        "disable_tqdm": False,
+        "use_cpu": plan.device == "cpu",  # also makes CPU DDP (gloo) under a launcher work
     }
 
 
