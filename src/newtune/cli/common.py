@@ -77,3 +77,14 @@ def load(config: str, overrides: dict[str, Any]):  # noqa: ANN201
     for note in loaded.notes:
         log.info(note)
     return loaded
+
+
+def command(work: Callable[[str, dict[str, Any]], None], doc: str) -> Callable[..., None]:
+    """A fire-callable command `(config, --debug, --key=value...)` that runs `work`."""
+
+    def run(config: str, debug: bool = False, **overrides: Any) -> None:
+        run_command(work, debug, config, overrides)
+
+    run.__doc__ = doc
+    run.__name__ = work.__name__.lstrip("_") + "_command"
+    return run

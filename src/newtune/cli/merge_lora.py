@@ -7,7 +7,7 @@ from typing import Any
 
 import fire
 
-from newtune.cli.common import load, log, run_command
+from newtune.cli.common import command, load, log
 
 
 def _merge(config: str, overrides: dict[str, Any]) -> None:
@@ -27,9 +27,9 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     print(out)
 
 
-def merge_lora_command(config: str, debug: bool = False, **overrides: Any) -> None:
-    """Merge the LoRA adapter (lora_model_dir, default output_dir) into the base model."""
-    run_command(_merge, debug, config, overrides)
+merge_lora_command = command(
+    _merge, "Merge the LoRA adapter (lora_model_dir, default output_dir) into the base model."
+)
 
 
 def main() -> None:

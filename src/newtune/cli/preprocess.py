@@ -7,7 +7,7 @@ from typing import Any
 
 import fire
 
-from newtune.cli.common import load, log, run_command
+from newtune.cli.common import command, load, log
 
 
 def _preprocess(config: str, overrides: dict[str, Any]) -> None:
@@ -19,9 +19,9 @@ def _preprocess(config: str, overrides: dict[str, Any]) -> None:
     print(prepared.path)
 
 
-def preprocess_command(config: str, debug: bool = False, **overrides: Any) -> None:
-    """Tokenize the config's datasets and print the prepared dataset's path."""
-    run_command(_preprocess, debug, config, overrides)
+preprocess_command = command(
+    _preprocess, "Tokenize the config's datasets and print the prepared dataset's path."
+)
 
 
 def main() -> None:

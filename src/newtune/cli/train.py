@@ -6,7 +6,7 @@ from typing import Any
 
 import fire
 
-from newtune.cli.common import load, log, run_command
+from newtune.cli.common import command, load, log
 
 
 def _train(config: str, overrides: dict[str, Any]) -> None:
@@ -16,9 +16,9 @@ def _train(config: str, overrides: dict[str, Any]) -> None:
     log.info("training done; outputs in %s", out)
 
 
-def train_command(config: str, debug: bool = False, **overrides: Any) -> None:
-    """Fine-tune the model the config describes and save it to `output_dir`."""
-    run_command(_train, debug, config, overrides)
+train_command = command(
+    _train, "Fine-tune the model the config describes and save it to `output_dir`."
+)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import fire
 import yaml
 
-from newtune.cli.common import load, run_command
+from newtune.cli.common import command, load
 
 
 def _validate(config: str, overrides: dict[str, Any]) -> None:
@@ -21,9 +21,9 @@ def _validate(config: str, overrides: dict[str, Any]) -> None:
     print(yaml.safe_dump(plan.as_dict(), sort_keys=False).rstrip())
 
 
-def validate_command(config: str, debug: bool = False, **overrides: Any) -> None:
-    """Validate a config; print the resolved config and run plan (exit 0 when valid)."""
-    run_command(_validate, debug, config, overrides)
+validate_command = command(
+    _validate, "Validate a config; print the resolved config and run plan (exit 0 when valid)."
+)
 
 
 def main() -> None:
