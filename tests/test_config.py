@@ -11,6 +11,7 @@ import pytest
 from newtune.config import load_config, resolve
 from newtune.errors import ConfigError
 
+REFERENCE = Path(__file__).parent / "data"  # axolotl-keys.txt: Axolotl's documented keys
 BASE = """\
 base_model: ./model
 datasets:
@@ -43,27 +44,194 @@ def test_unknown_keys_listed_with_did_you_mean_and_line(tmp_path):
         tmp_path, BASE.replace("    type: alpaca\n", "    typ: alpaca\n") + "learning_rat: 0.1\n"
     )
     msg = error_of(path)
-    assert msg.startswith(f"{path} has 2 problem(s): ")
+    assert msg.startswith(f"{path} has 2 unknown key(s): ")
     assert f"unknown key `learning_rat` ({path}, line 5) (did you mean `learning_rate`?)" in msg
     assert f"unknown key `datasets[0].typ` ({path}, line 4) (did you mean `type`?)" in msg
 
 
-def test_axolotl_key_not_implemented_names_key(tmp_path):
-    msg = error_of(write(tmp_path, BASE + "sample_packing: true\n"))
-    assert "`sample_packing: True` (" in msg and "line 5" in msg
-    assert "Axolotl key newtune does not implement yet; remove it or set it to null" in msg
+def test_every_axolotl_key_left_null_validates(tmp_path):
+    keys = (REFERENCE / "axolotl-keys.txt").read_text().split()
+    essentials = {"base_model", "datasets"}
+    text = BASE + "".join(f"{k}:\n" for k in keys if k not in essentials)
+    cfg = load_config(write(tmp_path, text)).config
+    assert cfg.base_model == "./model" and cfg.sample_packing is None
 
 
-def test_axolotl_keys_off_and_noop_are_accepted(tmp_path):
+def test_planned_key_with_value_names_key_and_piece_of_work(tmp_path):
+    msg = error_of(write(tmp_path, BASE + "sample_packing: true\nload_in_4bit: true\n"))
+    assert (
+        "`sample_packing: True` is not implemented by newtune yet (planned with the sample packing work); remove it or set it to null"
+        in msg
+    )
+    assert (
+        "`load_in_4bit: True` is not implemented by newtune yet (planned with the models and training work)"
+        in msg
+    )
+
+
+def test_unsupported_key_names_alternative(tmp_path):
+    msg = error_of(write(tmp_path, BASE + "xformers_attention: true\n"))
+    assert (
+        "`xformers_attention: True` is not implemented by newtune; use `attn_implementation: sdpa` instead"
+        in msg
+    )
+
+
+def test_planned_dataset_key(tmp_path):
+    msg = error_of(write(tmp_path, BASE + "    shards: 4\n"))
+    assert (
+        "`datasets[0].shards: 4` is not implemented by newtune yet (planned with the data pipeline work)"
+        in msg
+    )
+
+
+def test_off_values_and_ignored_keys_are_accepted(tmp_path):
     text = BASE + "sample_packing: false\nwandb_project:\nspecial_tokens: {}\nlocal_rank: 0\n"
     loaded = load_config(write(tmp_path, text))
-    assert loaded.notes == ["`local_rank` is ignored: set by the launcher."]
+    assert loaded.notes == ["`local_rank` is ignored: Set by the launcher."]
 
 
-def test_false_that_is_a_choice_is_an_error(tmp_path):
-    assert "`save_safetensors: False`" in error_of(
-        write(tmp_path, BASE + "save_safetensors: false\n")
+@pytest.mark.parametrize(
+    ("legacy", "canonical", "value"),
+    [
+        ("flash_attention", "attn_implementation", "flash_attention_2"),
+        ("sdp_attention", "attn_implementation", "sdpa"),
+        ("bfloat16", "bf16", True),
+        ("float16", "fp16", True),
+    ],
+)
+def test_legacy_spellings_map_with_a_note(tmp_path, monkeypatch, legacy, canonical, value):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a)
     )
+    loaded = load_config(write(tmp_path, BASE + f"{legacy}: true\n"))
+    assert getattr(loaded.config, canonical) == value
+    assert loaded.notes == [
+        f"`{legacy}` is deprecated; read as `{canonical}: {value}` (write that instead)."
+    ]
+
+
+def test_legacy_conflicting_with_canonical(tmp_path):
+    msg = error_of(write(tmp_path, BASE + "sdp_attention: true\nattn_implementation: eager\n"))
+    assert (
+        "`sdp_attention: True` (" in msg
+        and "means `attn_implementation: 'sdpa'`, but `attn_implementation: 'eager'` is also set"
+        in msg
+    )
+
+
+RULES = {
+    "warmup": (
+        "warmup_steps: 10\nwarmup_ratio: 0.1\n",
+        "`warmup_steps` and `warmup_ratio` are both set; keep one of them",
+    ),
+    "evals": (
+        "eval_steps: 10\nevals_per_epoch: 2\n",
+        "`eval_steps` and `evals_per_epoch` are both set",
+    ),
+    "saves": (
+        "save_steps: 10\nsaves_per_epoch: 2\n",
+        "`save_steps` and `saves_per_epoch` are both set",
+    ),
+    "val": (
+        "val_set_size: 0.1\ntest_datasets:\n  - path: t.jsonl\n    type: alpaca\n",
+        "`val_set_size` and `test_datasets` are both set",
+    ),
+    "quant": (
+        "load_in_8bit: true\nload_in_4bit: true\n",
+        "`load_in_8bit` and `load_in_4bit` are both set; choose one quantization",
+    ),
+    "precision": (
+        "bf16: true\nfp16: true\n",
+        "`bf16` and `fp16` are both set; choose one precision",
+    ),
+    "legacy precision": (
+        "bfloat16: true\nfp16: true\n",
+        "`bfloat16` and `fp16` are both set; choose one precision",
+    ),
+    "batch": (
+        "micro_batch_size: 2\ngradient_accumulation_steps: 2\nbatch_size: 4\n",
+        "`micro_batch_size`, `gradient_accumulation_steps` and `batch_size` are all set; set at most two",
+    ),
+    "batch multiple": (
+        "micro_batch_size: 3\nbatch_size: 4\n",
+        "`batch_size: 4` is not a multiple of `micro_batch_size: 3`",
+    ),
+    "qlora": ("adapter: qlora\n", "`adapter: qlora` requires `load_in_4bit: true`"),
+    "targets": (
+        "adapter: lora\nlora_target_linear: true\nlora_target_modules: [q_proj]\n",
+        "`lora_target_modules` and `lora_target_linear` are both set",
+    ),
+    "packing eval": (
+        "sample_packing: true\nval_set_size: 2\nmicro_batch_size: 4\n",
+        "`val_set_size: 2` rows cannot fill one packed eval batch",
+    ),
+    "safetensors": (
+        "save_safetensors: false\n",
+        "`save_safetensors: false` asks for pickle weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rules_name_both_keys(tmp_path, rule):
+    text, expected = RULES[rule]
+    assert expected in error_of(write(tmp_path, BASE + text))
+
+
+def test_flash_attention_missing_gives_pip_command(tmp_path):
+    msg = error_of(write(tmp_path, BASE + "attn_implementation: flash_attention_2\n"))
+    assert (
+        "needs the flash-attn package, which is not installed; on a CUDA machine run `pip install 'newtune[flash-attn]'`"
+        in msg
+    )
+
+
+def test_lora_keys_without_adapter_warn(tmp_path):
+    loaded = load_config(write(tmp_path, BASE + "lora_r: 16\nlora_alpha: 32\n"))
+    assert loaded.notes == [
+        "warning: `lora_alpha`, `lora_r` set without `adapter`; they are ignored and all weights are trained."
+    ]
+
+
+def test_strict_limits_overrides_to_yaml_keys(tmp_path):
+    path = write(tmp_path, BASE + "strict: true\nlearning_rate: 0.001\n")
+    assert load_config(path, {"learning_rate": 0.01}).config.learning_rate == 0.01
+    msg = error_of(path, {"micro_batch_size": 4})
+    assert (
+        "Override --micro_batch_size: `strict: true` allows overrides only of keys present in the YAML"
+        in msg
+    )
+
+
+def test_string_overrides_stay_text(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), {"base_model": 123, "output_dir": "true"}).config
+    assert cfg.base_model == "123" and cfg.output_dir == "true"
+
+
+def test_secrets_are_redacted():
+    from newtune.config.secrets import REDACTED, redact
+
+    token = "hf_" + "a1B2" * 8
+    out = redact(
+        {
+            "hub_model_id": "me/model",
+            "wandb_api_key": "abc",
+            "note": f"use {token} here",
+            "datasets": [{"path": f"https://x/{token}"}],
+            "lr": 1,
+        }
+    )
+    assert out == {
+        "hub_model_id": "me/model",
+        "wandb_api_key": REDACTED,
+        "note": f"use {REDACTED} here",
+        "datasets": [{"path": f"https://x/{REDACTED}"}],
+        "lr": 1,
+    }
 
 
 def test_type_errors_name_key_path_and_line(tmp_path):
@@ -132,8 +300,9 @@ def test_resolve_plan(tmp_path):
     assert plan.dtype == ("bfloat16" if plan.device == "cuda" else "float32")
 
 
-def test_config_from_https_like_url(tmp_path):
-    (tmp_path / "remote.yml").write_text(BASE)
+@pytest.fixture
+def served(tmp_path):
+    """A loopback HTTP server over tmp_path; yields its base URL."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *a, **kw):
@@ -143,14 +312,40 @@ def test_config_from_https_like_url(tmp_path):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert load_config(f"{url}/remote.yml").config.base_model == "./model"
-        assert "Could not download the config" in error_of(f"{url}/missing.yml")
-    finally:
-        server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_config_from_loopback_url(tmp_path, served):
+    (tmp_path / "remote.yml").write_text(BASE)
+    (tmp_path / "list.yml").write_text("- a\n")
+    (tmp_path / "big.yml").write_text("# " + "x" * (1 << 20) + "\n" + BASE)
+    assert load_config(f"{served}/remote.yml").config.base_model == "./model"
+    msg = error_of(f"{served}/missing.yml")
+    assert msg.startswith(
+        f"Could not download the config {served}/missing.yml: the server answered HTTP 404"
+    )
+    assert "must be a YAML mapping" in error_of(f"{served}/list.yml")
+    assert "is larger than 1 MiB" in error_of(f"{served}/big.yml")
+
+
+def test_plain_http_to_other_hosts_is_refused_without_network(monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network request was made")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    msg = error_of("http://example.com/cfg.yml")
+    assert msg.startswith(
+        "Refusing to fetch the config over plain http from example.com: use an https:// URL"
+    )
+
+
+def test_unreachable_url_is_a_clear_error():
+    msg = error_of("http://127.0.0.1:9/cfg.yml")  # discard port: nothing listens
+    assert msg.startswith("Could not download the config http://127.0.0.1:9/cfg.yml: ")
 
 
 def test_config_docs_are_up_to_date():
@@ -158,3 +353,10 @@ def test_config_docs_are_up_to_date():
 
     docs = Path(__file__).parent.parent / "docs" / "config.md"
     assert docs.read_text() == render(), "run: python -m newtune.config.docs > docs/config.md"
+
+
+def test_null_means_default(tmp_path):
+    text = BASE + "    split:\nsequence_len:\nlearning_rate:\nval_set_size:\n"
+    cfg = load_config(write(tmp_path, text)).config
+    assert (cfg.sequence_len, cfg.learning_rate, cfg.val_set_size) == (2048, 2e-5, 0.0)
+    assert cfg.datasets[0].split == "train"

@@ -4,15 +4,44 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from newtune.config.keys import NOOP_KEYS, NOT_IMPLEMENTED_DATASET_KEYS, NOT_IMPLEMENTED_KEYS
-from newtune.config.schema import DatasetEntry, NewtuneConfig
+from newtune.config.keys import LEGACY_KEYS
+from newtune.config.schema import DatasetEntry, status_of
+from newtune.config.schema.adapter import AdapterSection
+from newtune.config.schema.data import DataSection
+from newtune.config.schema.distributed import DistributedSection
+from newtune.config.schema.logging import LoggingSection
+from newtune.config.schema.model import ModelSection
+from newtune.config.schema.training import TrainingSection
+from newtune.config.schema.unsupported import UnsupportedSection
+
+SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("Model, tokenizer, precision", ModelSection),
+    ("Data", DataSection),
+    ("Dataset entries (`datasets:` / `test_datasets:` items)", DatasetEntry),
+    ("Adapter", AdapterSection),
+    ("Training", TrainingSection),
+    ("Distributed", DistributedSection),
+    ("Tracking and hub", LoggingSection),
+    ("Not implemented", UnsupportedSection),
+]
+
+
+def _default(info) -> str:  # noqa: ANN001
+    if info.is_required():
+        return "required"
+    return "" if info.default is None else f"`{info.default!r}`"
 
 
 def _rows(model: type[BaseModel]) -> list[str]:
     rows = []
     for name, info in model.model_fields.items():
-        default = "required" if info.is_required() else f"`{info.default!r}`"
-        rows.append(f"| `{name}` | {default} | {info.description or ''} |")
+        if model is not DatasetEntry and name not in model.__annotations__:
+            continue  # inherited from another section
+        meta = status_of(info)
+        status = meta["status"] + (
+            f"; instead: {meta['alternative']}" if "alternative" in meta else ""
+        )
+        rows.append(f"| `{name}` | {status} | {_default(info)} | {info.description or ''} |")
     return rows
 
 
@@ -21,32 +50,31 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from the schema by `python -m newtune.config.docs`; do not edit by hand.",
-        "Keys have Axolotl's names and meanings. A key newtune does not know is an error with a",
-        "did-you-mean; an Axolotl key newtune does not implement yet is accepted only when its",
-        "value asks for nothing (null, false, empty).",
+        "Generated from the schema by `python -m newtune.config.docs > docs/config.md`; do not",
+        "edit by hand (a test fails when it is stale). Keys have Axolotl's names and meanings.",
         "",
-        "## Top-level keys (implemented)",
+        "Status: **implemented** keys work now. **planned: X** keys are accepted when off",
+        "(null, false or empty) and are an error with any other value until the named piece of",
+        "work implements them. **not implemented** keys behave the same and name an",
+        "alternative where there is one. **ignored** keys are internal to Axolotl. A key newtune",
+        "does not know is an error with a did-you-mean. `newtune config-schema` prints the JSON",
+        "schema.",
         "",
-        "| key | default | meaning |",
-        "|---|---|---|",
-        *_rows(NewtuneConfig),
+    ]
+    for title, model in SECTIONS:
+        lines += [f"## {title}", "", "| key | status | default | meaning |", "|---|---|---|---|"]
+        lines += [*_rows(model), ""]
+    lines += [
+        "## Legacy spellings",
         "",
-        "## Dataset entry keys (`datasets:` items, implemented)",
+        "Read with a deprecation note; setting both spellings to different values is an error.",
         "",
-        "| key | default | meaning |",
-        "|---|---|---|",
-        *_rows(DatasetEntry),
-        "",
-        "## Accepted and ignored",
-        "",
-        *[f"- `{k}`: {why}" for k, why in sorted(NOOP_KEYS.items())],
-        "",
-        "## Axolotl keys not implemented yet (null/false/empty only)",
-        "",
-        ", ".join(f"`{k}`" for k in sorted(NOT_IMPLEMENTED_KEYS)),
-        "",
-        "Dataset entry keys: " + ", ".join(f"`{k}`" for k in sorted(NOT_IMPLEMENTED_DATASET_KEYS)),
+        "| legacy key | read as |",
+        "|---|---|",
+        *[
+            f"| `{old}: true` | `{new.canonical}: {new.value if new.value is not None else 'true'}` |"
+            for old, new in LEGACY_KEYS.items()
+        ],
         "",
     ]
     return "\n".join(lines)

@@ -1,168 +1,25 @@
-"""Axolotl keys newtune accepts without a schema field: no-ops and not-yet-implemented keys."""
+"""Legacy Axolotl spellings and how they map onto newtune's canonical keys."""
 
-# Internal Axolotl keys that carry no meaning for newtune: accepted and ignored.
-NOOP_KEYS: dict[str, str] = {
-    "local_rank": "set by the launcher",
-    "is_llama_derived_model": "newtune reads the model type from the model's config",
-    "is_falcon_derived_model": "newtune reads the model type from the model's config",
-    "is_mistral_derived_model": "newtune reads the model type from the model's config",
-    "is_qwen_derived_model": "newtune reads the model type from the model's config",
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """A legacy key: `true` sets `canonical` to `value` (None: to the legacy key's own value)."""
+
+    canonical: str
+    value: Any = None
+
+
+LEGACY_KEYS: dict[str, Legacy] = {
+    "flash_attention": Legacy("attn_implementation", "flash_attention_2"),
+    "sdp_attention": Legacy("attn_implementation", "sdpa"),
+    "bfloat16": Legacy("bf16"),
+    "float16": Legacy("fp16"),
 }
-
-# Axolotl top-level keys newtune does not implement yet. A null/false/empty value is
-# accepted (it asks for nothing); any other value is an error naming the key.
-NOT_IMPLEMENTED_KEYS: frozenset[str] = frozenset(
-    [
-        "adam_beta1",
-        "adam_beta2",
-        "adam_epsilon",
-        "auto_resume_from_checkpoints",
-        "base_model_config",
-        "base_model_ignore_patterns",
-        "bfloat16",
-        "bnb_config_kwargs",
-        "cosine_constant_lr_ratio",
-        "cosine_min_lr_ratio",
-        "dataset_keep_in_memory",
-        "dataset_processes",
-        "dataset_shard_idx",
-        "dataset_shard_num",
-        "ddp_broadcast_buffers",
-        "ddp_bucket_cap_mb",
-        "ddp_timeout",
-        "debug",
-        "deepspeed",
-        "default_system_message",
-        "device_map",
-        "early_stopping_patience",
-        "eval_batch_size",
-        "eval_causal_lm_metrics",
-        "eval_max_new_tokens",
-        "eval_sample_packing",
-        "eval_steps",
-        "eval_table_size",
-        "evals_per_epoch",
-        "flash_attention",
-        "flash_attn_cross_entropy",
-        "flash_attn_fuse_mlp",
-        "flash_attn_fuse_qkv",
-        "flash_attn_rms_norm",
-        "flash_optimum",
-        "float16",
-        "fsdp",
-        "fsdp_config",
-        "gptq",
-        "gpu_memory_limit",
-        "gradient_checkpointing",
-        "group_by_length",
-        "hf_mlflow_log_artifacts",
-        "hf_use_auth_token",
-        "hub_model_id",
-        "hub_strategy",
-        "load_in_4bit",
-        "load_in_8bit",
-        "lora_fan_in_fan_out",
-        "lora_modules_to_save",
-        "lora_on_cpu",
-        "loss_watchdog_patience",
-        "loss_watchdog_threshold",
-        "lr_div_factor",
-        "lr_quadratic_warmup",
-        "lr_scheduler_kwargs",
-        "max_grad_norm",
-        "max_memory",
-        "mlflow_experiment_name",
-        "mlflow_tracking_uri",
-        "model_type",
-        "neftune_noise_alpha",
-        "optim_args",
-        "optim_target_modules",
-        "overrides_of_model_config",
-        "pad_to_sequence_len",
-        "peft",
-        "peft_layers_to_transform",
-        "pretraining_dataset",
-        "push_dataset_to_hub",
-        "relora_anneal_steps",
-        "relora_cpu_offload",
-        "relora_prune_ratio",
-        "relora_steps",
-        "relora_warmup_steps",
-        "resize_token_embeddings_to_32x",
-        "resume_from_checkpoint",
-        "revision_of_model",
-        "rl",
-        "s2_attention",
-        "sample_packing",
-        "sample_packing_eff_est",
-        "save_safetensors",
-        "save_steps",
-        "save_strategy",
-        "save_total_limit",
-        "saves_per_epoch",
-        "sdp_attention",
-        "shuffle_merged_datasets",
-        "special_tokens",
-        "strict",
-        "test_datasets",
-        "tf32",
-        "tokenizer_legacy",
-        "tokenizer_type",
-        "tokenizer_use_fast",
-        "tokens",
-        "torch_compile",
-        "torch_compile_backend",
-        "torchdistx_path",
-        "total_num_tokens",
-        "trust_remote_code",
-        "wandb_entity",
-        "wandb_log_model",
-        "wandb_mode",
-        "wandb_name",
-        "wandb_project",
-        "wandb_run_id",
-        "wandb_watch",
-        "warmup_ratio",
-        "weight_decay",
-        "xformers_attention",
-        "attn_implementation",
-        "excess_length_strategy",
-        "eot_tokens",
-    ]
-)
-
-# Keys whose `false` is a real choice (not "off"), so even `false` cannot be honoured yet.
-FALSE_IS_A_CHOICE: frozenset[str] = frozenset(
-    {"save_safetensors", "tokenizer_use_fast", "ddp_broadcast_buffers"}
-)
-
-# Dataset-entry keys Axolotl documents that newtune does not implement yet.
-NOT_IMPLEMENTED_DATASET_KEYS: frozenset[str] = frozenset(
-    [
-        "name",
-        "train_on_split",
-        "revision",
-        "shards",
-        "conversation",
-        "field_human",
-        "field_model",
-        "message_field_role",
-        "message_field_content",
-        "message_field_training",
-        "drop_system_message",
-        "field_tools",
-        "chat_template",
-        "chat_template_jinja",
-        "system_prompt",
-        "system_format",
-        "field_system",
-        "field_instruction",
-        "field_input",
-        "field_output",
-        "format",
-        "no_input_format",
-    ]
-)
 
 
 def is_off(value: object) -> bool:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +15,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from newtune.config.keys import (
-    FALSE_IS_A_CHOICE,
-    NOOP_KEYS,
-    NOT_IMPLEMENTED_DATASET_KEYS,
-    NOT_IMPLEMENTED_KEYS,
-    is_off,
-)
+from newtune.config.keys import LEGACY_KEYS, is_off
+from newtune.config.rules import check_rules, check_unimplemented, ignored_keys
 from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.errors import ConfigError
 
 URL_TIMEOUT_S = 30
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -35,17 +34,53 @@ class LoadedConfig:
     notes: list[str] = field(default_factory=list)
 
 
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_url(url: str) -> str:
+    """Fetch a config over https (or http on loopback only): 30 s timeout, at most 1 MiB."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "http" and not _is_loopback(parsed.hostname):
+        raise ConfigError(
+            f"Refusing to fetch the config over plain http from {parsed.hostname}: use an "
+            "https:// URL (http is only allowed for localhost/127.0.0.1/::1)."
+        )
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:
+            body = resp.read(MAX_CONFIG_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(
+            f"Could not download the config {url}: the server answered HTTP {exc.code} "
+            f"({exc.reason}). Check the URL."
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"Could not download the config {url}: {reason}. Check the URL and your network, "
+            "or download the file and pass its local path."
+        ) from exc
+    if len(body) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"The config at {url} is larger than 1 MiB; a config is a small YAML file."
+        )
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"The config at {url} is not UTF-8 text.") from exc
+
+
 def read_text(source: str) -> str:
     """Return the text of a config given as a local path or an http(s) URL."""
     if source.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as resp:
-                return resp.read().decode("utf-8")
-        except (urllib.error.URLError, TimeoutError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"Could not download the config {source}: {exc}. Check the URL, or download "
-                "the file and pass its local path."
-            ) from exc
+        return read_url(source)
     path = Path(source)
     if not path.is_file():
         raise ConfigError(
@@ -88,9 +123,20 @@ def _collect_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int]) -
             _collect_lines(item, path, lines)
 
 
-def parse_override_value(value: Any) -> Any:
-    """Interpret an override the way YAML would (`true`, `1e-4`, `[a, b]`)."""
-    if isinstance(value, str):
+def _string_only(key: str) -> bool:
+    """True when the top-level field `key` accepts only strings (so `--key=123` stays text)."""
+    info = NewtuneConfig.model_fields.get(key)
+    if info is None:
+        return False
+    args = typing.get_args(info.annotation) or (info.annotation,)
+    return all(a is str or a is type(None) for a in args)
+
+
+def parse_override_value(value: Any, key: str = "") -> Any:
+    """Interpret an override by the key's type: text for string keys, else as YAML/JSON would."""
+    if _string_only(key) and value is not None and not isinstance(value, str | list | dict):
+        return str(value)
+    if isinstance(value, str) and not _string_only(key):
         try:
             return yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError:
@@ -99,10 +145,19 @@ def parse_override_value(value: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of `data` with `key=value` / `a.b=value` / `datasets.0.path=value` set."""
+    """Return a copy of `data` with `key=value` / `a.b=value` / `datasets.0.path=value` set.
+
+    With `strict: true` (in the YAML or an override) only keys present in the YAML may change.
+    """
     out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    strict = parse_override_value(overrides.get("strict", data.get("strict")))
     for dotted, value in overrides.items():
         parts = dotted.replace("-", "_").split(".")
+        if strict is True and parts[0] not in data and parts[0] != "strict":
+            raise ConfigError(
+                f"Override --{dotted}: `strict: true` allows overrides only of keys present in "
+                f"the YAML, and `{parts[0]}` is not there. Add it to the YAML or drop `strict`."
+            )
         target: Any = out
         for i, part in enumerate(parts[:-1]):
             key: Any = int(part) if isinstance(target, list) else part
@@ -121,7 +176,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             last = int(last)
         elif not isinstance(target, dict):
             raise ConfigError(f"Override --{dotted}: its parent is not a mapping.")
-        target[last] = parse_override_value(value)
+        target[last] = parse_override_value(value, parts[0] if len(parts) == 1 else "")
     return out
 
 
@@ -135,61 +190,57 @@ def _where(source: str, lines: dict[str, int], path: str) -> str:
     return f"{source}, line {line}" if line else source
 
 
-def check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> tuple[dict, list]:
-    """Drop no-op and off-valued unimplemented keys; raise on unknown or unhonoured ones."""
-    known = sorted(set(NewtuneConfig.model_fields) | NOT_IMPLEMENTED_KEYS | set(NOOP_KEYS))
-    problems: list[str] = []
+def map_legacy(data: dict[str, Any], source: str, lines: dict[str, int]) -> tuple[dict, dict, list]:
+    """Map legacy spellings onto canonical keys; return data, canonical->spelled names, notes."""
+    out = dict(data)
+    spelled: dict[str, str] = {}
     notes: list[str] = []
-    clean: dict[str, Any] = {}
-    for key, value in data.items():
-        key = str(key)
-        where = _where(source, lines, key)
-        if key in NewtuneConfig.model_fields:
-            clean[key] = value
-        elif key in NOOP_KEYS:
-            notes.append(f"`{key}` is ignored: {NOOP_KEYS[key]}.")
-        elif key in NOT_IMPLEMENTED_KEYS:
-            if is_off(value) and not (value is False and key in FALSE_IS_A_CHOICE):
-                continue
-            problems.append(
-                f"`{key}: {value!r}` ({where}) is an Axolotl key newtune does not implement "
-                "yet; remove it or set it to null."
+    for old, legacy in LEGACY_KEYS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if is_off(value):
+            continue
+        new_value = value if legacy.value is None else legacy.value
+        current = out.get(legacy.canonical)
+        if current is not None and current != new_value:
+            raise ConfigError(
+                f"`{old}: {value!r}` ({_where(source, lines, old)}) means "
+                f"`{legacy.canonical}: {new_value!r}`, but `{legacy.canonical}: {current!r}` is "
+                f"also set. Keep only `{legacy.canonical}`."
             )
-        else:
-            problems.append(f"unknown key `{key}` ({where}){_did_you_mean(key, known)}")
-    entries = clean.get("datasets")
-    if isinstance(entries, list):
-        clean["datasets"] = [
-            _check_entry(e, i, source, lines, problems) for i, e in enumerate(entries)
-        ]
+        out[legacy.canonical] = new_value
+        spelled[legacy.canonical] = old
+        notes.append(
+            f"`{old}` is deprecated; read as `{legacy.canonical}: {new_value}` (write that instead)."
+        )
+    return out, spelled, notes
+
+
+def check_keys(data: dict[str, Any], source: str, lines: dict[str, int]) -> None:
+    """Raise one error listing every unknown key (top level and datasets) with a did-you-mean."""
+    known = sorted(set(NewtuneConfig.model_fields) | set(LEGACY_KEYS))
+    problems = [
+        f"unknown key `{key}` ({_where(source, lines, str(key))}){_did_you_mean(str(key), known)}"
+        for key in data
+        if key not in NewtuneConfig.model_fields
+    ]
+    entry_known = sorted(DatasetEntry.model_fields)
+    for list_key in ("datasets", "test_datasets"):
+        entries = data.get(list_key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            for key in entry if isinstance(entry, dict) else []:
+                if key not in DatasetEntry.model_fields:
+                    path = f"{list_key}[{i}].{key}"
+                    problems.append(
+                        f"unknown key `{path}` ({_where(source, lines, path)})"
+                        f"{_did_you_mean(str(key), entry_known)}"
+                    )
     if problems:
         raise ConfigError(
-            f"{source} has {len(problems)} problem(s): " + "; ".join(problems) + ". "
-            "Fix or remove these keys (see docs/config.md for every key newtune knows)."
+            f"{source} has {len(problems)} unknown key(s): " + "; ".join(problems) + ". "
+            "Fix or remove these keys (docs/config.md lists every key newtune knows)."
         )
-    return clean, notes
-
-
-def _check_entry(entry: Any, i: int, source: str, lines: dict[str, int], problems: list) -> Any:
-    """Check the keys of one `datasets:` entry the same way as top-level keys."""
-    if not isinstance(entry, dict):
-        return entry
-    known = sorted(set(DatasetEntry.model_fields) | NOT_IMPLEMENTED_DATASET_KEYS)
-    clean = {}
-    for key, value in entry.items():
-        path = f"datasets[{i}].{key}"
-        where = _where(source, lines, path)
-        if key in DatasetEntry.model_fields:
-            clean[key] = value
-        elif key in NOT_IMPLEMENTED_DATASET_KEYS:
-            if not is_off(value):
-                problems.append(
-                    f"`{path}: {value!r}` ({where}) is an Axolotl dataset key newtune does "
-                    "not implement yet; remove it or set it to null"
-                )
-        else:
-            problems.append(f"unknown key `{path}` ({where}){_did_you_mean(str(key), known)}")
-    return clean
 
 
 def format_validation_error(
@@ -214,13 +265,19 @@ def format_validation_error(
 
 
 def load_config(source: str, overrides: dict[str, Any] | None = None) -> LoadedConfig:
-    """Read, override, key-check and validate a config; raise ConfigError on any problem."""
+    """Read, override, key-check, validate and rule-check a config; raise ConfigError."""
     text = read_text(str(source))
     data, lines = parse_yaml(text, str(source))
     data = apply_overrides(data, overrides or {})
-    clean, notes = check_keys(data, str(source), lines)
+    data, spelled, notes = map_legacy(data, str(source), lines)
+    check_keys(data, str(source), lines)
     try:
-        config = NewtuneConfig.model_validate(clean)
+        config = NewtuneConfig.model_validate(data)
     except ValidationError as exc:
         raise format_validation_error(exc, str(source), lines) from None
+    findings = check_rules(config, lambda key: spelled.get(key, key))
+    problems = findings.errors + check_unimplemented(config)
+    if problems:
+        raise ConfigError(f"{source} asks for what newtune cannot do: " + "; ".join(problems) + ".")
+    notes += [f"warning: {w}." for w in findings.warnings] + ignored_keys(config)
     return LoadedConfig(config=config, source=str(source), raw=data, notes=notes)

@@ -15,21 +15,23 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(value: str, dtype: str = "float32", key: str = "base_model") -> Any:
-    """A causal LM from a folder, hub id or .gguf file, in `dtype`, attention via sdpa."""
+def load_model(
+    value: str, dtype: str = "float32", key: str = "base_model", attn: str = "sdpa"
+) -> Any:
+    """A causal LM from a folder, hub id or .gguf file, in `dtype`, with attention `attn`."""
     loc = locate(value, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            loc.name_or_path, dtype=DTYPES[dtype], attn_implementation="sdpa", **loc.kwargs()
+            loc.name_or_path, dtype=DTYPES[dtype], attn_implementation=attn, **loc.kwargs()
         )
     except (OSError, ValueError) as exc:
         raise hub_error(key, value, exc) from exc
     if loc.gguf_file:
-        model = _plain_from_gguf(model, loc, DTYPES[dtype])
+        model = _plain_from_gguf(model, loc, DTYPES[dtype], attn)
     return model
 
 
-def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype) -> Any:
+def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype, attn: str) -> Any:
     """Rebuild a dequantized GGUF model as a plain (non-quantized) model of the same class.
 
     transformers marks GGUF-loaded models as quantized, which stops Trainer and peft from
@@ -39,7 +41,7 @@ def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype) -> Any:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = f"{loc.name_or_path}/{loc.gguf_file}"
-    plain = type(model)._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    plain = type(model)._from_config(config, dtype=dtype, attn_implementation=attn)
     result = plain.load_state_dict(model.state_dict(), strict=False)
     plain.tie_weights()
     unexpected = [k for k in result.missing_keys if "lm_head" not in k]

@@ -14,6 +14,7 @@ from transformers import Trainer
 
 from newtune.config.load import LoadedConfig
 from newtune.config.resolve import RunPlan, resolve
+from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
 from newtune.data.prepare import PreparedData, prepare
 from newtune.models.adapters import attach_lora, describe_parameters
@@ -38,7 +39,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     plan = plan or resolve(config)
     tokenizer, prepared = prepare_data(loaded)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
-    model = load_model(config.base_model, plan.dtype)
+    model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
     if plan.train_mode == "lora":
         model = attach_lora(model, config)
     log.info(describe_parameters(model))
@@ -76,7 +77,7 @@ def save_outputs(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    resolved = loaded.config.model_dump(mode="json")
+    resolved = redact(loaded.config.model_dump(mode="json"))
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
     (tmp / "stats.json").write_text(json.dumps(prepared.stats, indent=2))
     (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))

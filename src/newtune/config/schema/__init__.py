@@ -1,13 +1,25 @@
 """The newtune config schema: one strict pydantic model built from per-concern sections."""
 
 from newtune.config.schema.adapter import AdapterSection
+from newtune.config.schema.base import status_of
 from newtune.config.schema.data import DataSection, DatasetEntry
+from newtune.config.schema.distributed import DistributedSection
+from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.training import TrainingSection
+from newtune.config.schema.unsupported import UnsupportedSection
 
 
-class NewtuneConfig(TrainingSection, AdapterSection, DataSection, ModelSection):
-    """Every key newtune honours, with Axolotl's names and meanings."""
+class NewtuneConfig(
+    UnsupportedSection,
+    LoggingSection,
+    DistributedSection,
+    TrainingSection,
+    AdapterSection,
+    DataSection,
+    ModelSection,
+):
+    """Every key of Axolotl's config reference, with Axolotl's names and meanings."""
 
 
-__all__ = ["DatasetEntry", "NewtuneConfig"]
+__all__ = ["DatasetEntry", "NewtuneConfig", "status_of"]

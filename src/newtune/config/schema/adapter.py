@@ -1,17 +1,20 @@
 """Keys of the LoRA adapter."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from newtune.config.schema.base import Section
+from newtune.config.schema.base import MERGE, MODELS, Section, planned
 
 
 class AdapterSection(Section):
     """LoRA adapter settings."""
 
-    adapter: Literal["lora"] | None = Field(
+    adapter: Literal["lora", "qlora"] | None = Field(
         default=None, description="`lora` trains a LoRA adapter; absent trains all weights."
+    )
+    lora_model_dir: str | None = Field(
+        default=None, description="An existing adapter to continue training or to use."
     )
     lora_r: int = Field(default=8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(default=16, gt=0, description="LoRA scaling numerator.")
@@ -22,9 +25,13 @@ class AdapterSection(Section):
     lora_target_linear: bool | None = Field(
         default=None, description="Adapt every linear layer except the output head."
     )
-    lora_model_dir: str | None = Field(
-        default=None, description="An existing adapter to continue training or to use."
-    )
+    lora_modules_to_save: list[str] | None = planned(MODELS, "Modules trained in full and saved.")
+    lora_fan_in_fan_out: bool | None = planned(MODELS, "Weights stored as (fan_in, fan_out).")
+    lora_on_cpu: bool | None = planned(MERGE, "Merge the adapter on the CPU.")
+    peft_layers_to_transform: list[int] | None = planned(MODELS, "Only adapt these layer indices.")
+    peft_use_rslora: bool | None = planned(MODELS, "Rank-stabilised LoRA scaling.")
+    peft_use_dora: bool | None = planned(MODELS, "Weight-decomposed LoRA (DoRA).")
+    peft: dict[str, Any] | None = planned(MODELS, "Extra peft options, e.g. loftq_config.")
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -1,10 +1,10 @@
 """Keys that say where the data is and how rows become tokens."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from newtune.config.schema.base import Section
+from newtune.config.schema.base import DATA, PACKING, Section, planned
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
@@ -13,7 +13,7 @@ class DatasetEntry(Section):
     """One entry of `datasets:`."""
 
     path: str = Field(description="Hub id, local file or local folder of the data.")
-    type: str | None = Field(
+    type: str | dict[str, Any] | None = Field(
         default=None, description="Prompt format: alpaca, completion, chat_template, ..."
     )
     ds_type: Literal["json", "jsonl"] | None = Field(
@@ -21,13 +21,23 @@ class DatasetEntry(Section):
     )
     data_files: str | list[str] | None = Field(default=None, description="Files inside `path`.")
     split: str = Field(default="train", description="Split of the source to read.")
+    name: str | list[str] | None = planned(DATA, "Hub dataset configuration name(s).")
+    train_on_split: str | None = planned(DATA, "Split to train on.")
+    revision: str | None = planned(DATA, "Hub revision of the dataset.")
+    shards: int | None = planned(DATA, "Split the dataset into this many shards and use one.")
     field: str | None = Field(default=None, description="completion: the column holding the text.")
+    conversation: str | None = planned(DATA, "sharegpt: conversation style (deprecated).")
+    field_human: str | None = planned(DATA, "sharegpt: the human role name.")
+    field_model: str | None = planned(DATA, "sharegpt: the model role name.")
     field_messages: str | None = Field(
         default=None, description="chat_template: the column holding the messages list."
     )
     message_property_mappings: dict[str, str] | None = Field(
         default=None, description="chat_template: message keys, e.g. {role: from, content: value}."
     )
+    message_field_role: str | None = planned(DATA, "chat_template: legacy role key name.")
+    message_field_content: str | None = planned(DATA, "chat_template: legacy content key name.")
+    message_field_training: str | None = planned(DATA, "chat_template: per-message train flag key.")
     roles: dict[str, list[str]] | None = Field(
         default=None, description="chat_template: template role -> the names used in the data."
     )
@@ -39,22 +49,52 @@ class DatasetEntry(Section):
         default=None,
         description="chat_template: which end-of-turn tokens are trained (default turn).",
     )
+    drop_system_message: bool | None = planned(DATA, "chat_template: drop the system turn.")
+    field_tools: str | None = planned(DATA, "chat_template: column of tool definitions.")
+    chat_template: str | None = planned(DATA, "Chat template for this dataset only.")
+    chat_template_jinja: str | None = planned(DATA, "Jinja chat template for this dataset only.")
+    system_prompt: str | None = planned(DATA, "user-defined format: system prompt.")
+    system_format: str | None = planned(DATA, "user-defined format: system prompt format.")
+    field_system: str | None = planned(DATA, "user-defined format: system column.")
+    field_instruction: str | None = planned(DATA, "user-defined format: instruction column.")
+    field_input: str | None = planned(DATA, "user-defined format: input column.")
+    field_output: str | None = planned(DATA, "user-defined format: output column.")
+    format: str | None = planned(DATA, "user-defined format: prompt with input.")
+    no_input_format: str | None = planned(DATA, "user-defined format: prompt without input.")
 
 
 class DataSection(Section):
-    """Datasets, templates, caching and splits."""
+    """Datasets, templates, caching, splits and packing."""
 
     datasets: list[DatasetEntry] = Field(min_length=1, description="Training data sources.")
+    test_datasets: list[DatasetEntry] | None = planned(DATA, "Evaluation data sources.")
+    pretraining_dataset: Any = planned(DATA, "A streamed pretraining dataset.")
     chat_template: str | None = Field(
-        default=None, description="Template name (chatml, tokenizer_default) or a jinja string."
+        default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
     )
+    eot_tokens: list[str] | None = planned(DATA, "End-of-turn tokens of the chat template.")
     dataset_prepared_path: str = Field(
         default="last_run_prepared", description="Folder of the tokenized-dataset cache."
     )
+    push_dataset_to_hub: str | None = planned(DATA, "Hub repo to push the prepared data to.")
+    dataset_processes: int | None = planned(DATA, "Processes used to tokenize.")
+    dataset_keep_in_memory: bool | None = planned(DATA, "Keep the dataset in memory.")
+    shuffle_merged_datasets: bool | None = planned(DATA, "Shuffle after merging the datasets.")
+    dataset_shard_num: int | None = planned(DATA, "Number of shards to split the merged data into.")
+    dataset_shard_idx: int | None = planned(DATA, "Which shard of the merged data to use.")
     val_set_size: float = Field(
         default=0.0, ge=0, description="Eval split: a fraction (< 1) or a row count (>= 1)."
     )
     sequence_len: int = Field(default=2048, gt=1, description="Maximum tokens per sample.")
+    excess_length_strategy: Literal["drop", "truncate"] | None = planned(
+        DATA, "What to do with rows longer than sequence_len (default drop)."
+    )
     train_on_inputs: bool = Field(
         default=False, description="Also train on prompt tokens instead of masking them."
     )
+    sample_packing: bool | None = planned(PACKING, "Pack several samples into each row.")
+    eval_sample_packing: bool | None = planned(PACKING, "Pack the eval split too.")
+    sample_packing_eff_est: float | None = planned(PACKING, "Estimated packing efficiency.")
+    total_num_tokens: int | None = planned(PACKING, "Total tokens in the training data.")
+    pad_to_sequence_len: bool | None = planned(PACKING, "Pad every batch to sequence_len.")
+    group_by_length: bool | None = planned(PACKING, "Batch samples of similar length together.")

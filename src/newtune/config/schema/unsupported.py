@@ -1,0 +1,36 @@
+"""Axolotl keys newtune does not implement, with the alternative where there is one."""
+
+from typing import Any
+
+from newtune.config.schema.base import Section, ignored, unsupported
+
+_LIGER = "liger-kernel (`pip install newtune[liger]`), planned with models and training"
+
+
+class UnsupportedSection(Section):
+    """Accepted when off (null/false/empty); any other value is an error naming the alternative."""
+
+    gptq: bool | None = unsupported("Load a GPTQ-quantized model.", "`load_in_4bit: true` (QLoRA)")
+    rl: Any = unsupported("Preference training (DPO, ORPO, ...).", "TRL's preference trainers")
+    relora_steps: int | None = unsupported("ReLoRA restart interval.")
+    relora_warmup_steps: int | None = unsupported("ReLoRA warmup.")
+    relora_anneal_steps: int | None = unsupported("ReLoRA annealing.")
+    relora_prune_ratio: float | None = unsupported("ReLoRA pruning.")
+    relora_cpu_offload: bool | None = unsupported("ReLoRA CPU offload.")
+    s2_attention: bool | None = unsupported("Shifted sparse attention (LongLoRA).")
+    xformers_attention: bool | None = unsupported(
+        "xformers attention.", "`attn_implementation: sdpa`"
+    )
+    flash_optimum: bool | None = unsupported("BetterTransformer.", "`attn_implementation: sdpa`")
+    flash_attn_cross_entropy: bool | None = unsupported("Fused cross-entropy.", _LIGER)
+    flash_attn_rms_norm: bool | None = unsupported("Fused RMSNorm.", _LIGER)
+    flash_attn_fuse_qkv: bool | None = unsupported("Fused QKV projection.", _LIGER)
+    flash_attn_fuse_mlp: bool | None = unsupported("Fused MLP.", _LIGER)
+    torchdistx_path: str | None = unsupported("torchdistx deferred init.")
+    eval_causal_lm_metrics: list[str] | None = unsupported("Generation metrics during eval.")
+    eval_table_size: int | None = unsupported("Prediction table logged during eval.")
+    eval_max_new_tokens: int | None = unsupported("Tokens generated for the eval table.")
+    is_llama_derived_model: bool | None = ignored("newtune reads the model type from its config.")
+    is_falcon_derived_model: bool | None = ignored("newtune reads the model type from its config.")
+    is_mistral_derived_model: bool | None = ignored("newtune reads the model type from its config.")
+    is_qwen_derived_model: bool | None = ignored("newtune reads the model type from its config.")
