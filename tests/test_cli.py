@@ -157,8 +157,9 @@ BAD_CASES = {
     "unknown key": ({"learning_rat": 0.1}, "validate", "unknown key `learning_rat`"),
     "unknown type": (
         {"datasets": [{"path": "DATA", "type": "alpacca"}]},
-        "preprocess",
-        "`datasets[0].type: alpacca` is not a dataset format newtune knows. Did you mean `alpaca`?",
+        "validate",
+        "`datasets[0].type: alpacca` is not a dataset format newtune knows (did you mean "
+        "`alpaca`?); known formats: alpaca, chat_template, completion",
     ),
 }
 
@@ -184,7 +185,8 @@ def test_validate_prints_resolved_config_and_plan(tmp_path, model_dir, capsys):
     cfg = make_config(tmp_path, model_dir, data, "alpaca", gradient_accumulation_steps=2)
     validate_command(str(cfg), micro_batch_size=3)
     out = capsys.readouterr().out
-    assert out.startswith(f"# {cfg}: valid\n")
+    assert out.startswith(f"# {cfg}: valid (keys left null are not shown)\n")
+    assert "wandb_project" not in out and "attn_implementation: sdpa" in out
     assert "micro_batch_size: 3\n" in out and "effective_batch_size: 6\n" in out
 
 

@@ -14,10 +14,19 @@ def args_for(has_eval: bool = False, steps_per_epoch: int = 10, **keys):
 
 def test_optimizer_family_reaches_training_arguments(tmp_path):
     args = args_for(
-        output_dir=str(tmp_path), weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95,
-        adam_epsilon=1e-6, max_grad_norm=0.5, optimizer="adamw_torch",
-        optim_args={"foo": 1}, lr_scheduler="linear", lr_scheduler_kwargs={"x": 1},
-        warmup_ratio=0.1, neftune_noise_alpha=5.0, eval_batch_size=3,
+        output_dir=str(tmp_path),
+        weight_decay=0.1,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-6,
+        max_grad_norm=0.5,
+        optimizer="adamw_torch",
+        optim_args={"foo": 1},
+        lr_scheduler="linear",
+        lr_scheduler_kwargs={"x": 1},
+        warmup_ratio=0.1,
+        neftune_noise_alpha=5.0,
+        eval_batch_size=3,
     )
     assert (args.weight_decay, args.adam_beta1, args.adam_beta2) == (0.1, 0.8, 0.95)
     assert (args.adam_epsilon, args.max_grad_norm, args.optim_args) == (1e-6, 0.5, "foo=1")
@@ -32,8 +41,9 @@ def test_batch_size_derives_accumulation(tmp_path):
 
 
 def test_per_epoch_counts_become_steps(tmp_path):
-    args = args_for(True, 10, output_dir=str(tmp_path), evals_per_epoch=2, saves_per_epoch=5,
-                    save_total_limit=2)
+    args = args_for(
+        True, 10, output_dir=str(tmp_path), evals_per_epoch=2, saves_per_epoch=5, save_total_limit=2
+    )
     assert (args.eval_strategy.value, args.eval_steps) == ("steps", 5)
     assert (args.save_strategy.value, args.save_steps, args.save_total_limit) == ("steps", 2, 2)
     default = args_for(True, 10, output_dir=str(tmp_path))

@@ -93,7 +93,7 @@ def build_generator(
     model_source = config.base_model
     if (
         adapter_dir is None
-        and config.adapter == "lora"
+        and config.adapter in ("lora", "qlora")
         and _has(config.output_dir, "adapter_config.json")
     ):
         adapter_dir = config.output_dir

@@ -34,9 +34,12 @@ def setup_logging(debug: bool) -> None:
     # Known-harmless third-party warnings that would only confuse a first run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message="Could not find a config file in .*gguf")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    # Quiet transformers without importing it (it pulls in torch: seconds for `validate`).
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
+    else:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is imported
 
 
 def fail(message: str, code: int) -> None:
@@ -44,6 +47,15 @@ def fail(message: str, code: int) -> None:
     wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
     print(f"newtune: error: {wrapped}", file=sys.stderr)
     sys.exit(code)
+
+
+def emit(text: str) -> None:
+    """Print a command's result; a reader that stops early (`| head`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(141)  # as if killed by SIGPIPE, like other Unix tools
 
 
 def run_command(fn: Callable[..., T], debug: bool, *args: Any, **kwargs: Any) -> T | None:

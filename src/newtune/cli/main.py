@@ -1,28 +1,94 @@
-"""The `newtune` command: preprocess, train, inference, merge-lora, validate."""
+"""The `newtune` command: preprocess, train, inference, merge-lora, validate, config-schema.
+
+Only the chosen command's module is imported, so `newtune --help` and `newtune validate`
+start without importing torch; the heavy imports happen inside the commands that need them.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import fire
 
-from newtune.cli.inference import inference_command
-from newtune.cli.merge_lora import merge_lora_command
-from newtune.cli.preprocess import preprocess_command
-from newtune.cli.train import train_command
-from newtune.cli.validate import validate_command
-
+# name -> (module, function, summary shown by `newtune --help`; the function's docstring's
+# first line, which tests/test_startup.py checks).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "preprocess": (
+        "newtune.cli.preprocess",
+        "preprocess_command",
+        "Tokenize the config's datasets and print the prepared dataset's path.",
+    ),
+    "train": (
+        "newtune.cli.train",
+        "train_command",
+        "Fine-tune the model the config describes and save it to `output_dir`.",
+    ),
+    "inference": (
+        "newtune.cli.inference",
+        "inference_command",
+        "Answer prompts with the trained model: --prompt, piped stdin (one per line), or a loop.",
+    ),
+    "merge-lora": (
+        "newtune.cli.merge_lora",
+        "merge_lora_command",
+        "Merge the LoRA adapter (lora_model_dir, default output_dir) into the base model.",
+    ),
+    "validate": (
+        "newtune.cli.validate",
+        "validate_command",
+        "Validate a config; print the resolved config and run plan (exit 0 when valid).",
+    ),
+    "config-schema": (
+        "newtune.cli.config_schema",
+        "config_schema_command",
+        "Print the JSON schema of the newtune config (for editors and other tools).",
+    ),
+}
+# fire also accepts the underscore spelling; list it right after the hyphenated one.
 COMMANDS = {
-    "preprocess": preprocess_command,
-    "train": train_command,
-    "inference": inference_command,
-    "merge-lora": merge_lora_command,
-    "merge_lora": merge_lora_command,
-    "validate": validate_command,
+    alias: spec
+    for name, spec in COMMANDS.items()
+    for alias in ((name, name.replace("-", "_")) if "-" in name else (name,))
 }
 
 
-def main() -> None:
+def load_command(name: str) -> Callable[..., Any]:
+    """Import the module of command `name` and return its fire-callable function."""
+    module, function, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def _placeholder(name: str) -> Callable[..., Any]:
+    """A stand-in that lists `name` in `newtune --help` without importing its module."""
+    module, function, summary = COMMANDS[name]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return load_command(name)(*args, **kwargs)
+
+    run.__doc__ = summary
+    run.__name__ = run.__qualname__ = function
+    run.__module__ = module
+    return run
+
+
+def command_table(chosen: str | None = None) -> dict[str, Callable[..., Any]]:
+    """Every command for fire: the real function for `chosen` (and its alias), else stand-ins."""
+    table = {name: _placeholder(name) for name in COMMANDS}
+    if chosen in COMMANDS:
+        real = load_command(chosen)
+        for name, spec in COMMANDS.items():
+            if spec == COMMANDS[chosen]:
+                table[name] = real
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `newtune` console script."""
-    fire.Fire(COMMANDS, name="newtune")
+    args = list(sys.argv[1:] if argv is None else argv)
+    fire.Fire(command_table(args[0] if args else None), command=args, name="newtune")
 
 
 if __name__ == "__main__":

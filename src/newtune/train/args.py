@@ -11,16 +11,6 @@ from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError
 
 
-def accumulation_steps(config: NewtuneConfig) -> int:
-    """gradient_accumulation_steps, derived from batch_size / micro_batch_size when given."""
-    if (
-        config.batch_size is not None
-        and "gradient_accumulation_steps" not in config.model_fields_set
-    ):
-        return max(1, config.batch_size // config.micro_batch_size)
-    return config.gradient_accumulation_steps
-
-
 def _per_epoch(count: int | None, steps_per_epoch: int) -> int | None:
     return None if count is None else max(1, steps_per_epoch // count)
 
@@ -47,7 +37,7 @@ def training_kwargs(
         "output_dir": config.output_dir,
         "per_device_train_batch_size": config.micro_batch_size,  # micro_batch_size
         "per_device_eval_batch_size": config.eval_batch_size or config.micro_batch_size,
-        "gradient_accumulation_steps": accumulation_steps(config),  # (or batch_size / micro)
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,  # (or batch_size/micro)
         "num_train_epochs": config.num_epochs,  # num_epochs
         "max_steps": config.max_steps or -1,  # max_steps (-1: use epochs)
         "learning_rate": config.learning_rate,

@@ -40,7 +40,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     tokenizer, prepared = prepare_data(loaded)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
     model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
-    if plan.train_mode == "lora":
+    if plan.train_mode in ("lora", "qlora"):
         model = attach_lora(model, config)
     log.info(describe_parameters(model))
     eval_ds = prepared.data.get("test", None)
