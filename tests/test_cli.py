@@ -96,7 +96,9 @@ def test_lora_preprocess_train_merge_inference(tmp_path, model_dir, capsys, monk
         "stats.json",
     ):
         assert (out / name).is_file(), name
-    assert [p.name for p in (tmp_path / "prepared").iterdir()] == [prepared.name]
+    assert [p.name for p in (tmp_path / "prepared").iterdir() if p.suffix != ".lock"] == [
+        prepared.name
+    ]
     saved = yaml.safe_load((out / "newtune_config.yml").read_text())
     assert saved["adapter"] == "lora" and saved["lora_r"] == 4
     results = json.loads((out / "train_results.json").read_text())

@@ -363,10 +363,15 @@ def test_null_means_default(tmp_path):
 
 
 def test_plan_derives_accumulation_attention_adapter_and_paths(tmp_path):
-    text = BASE + ("adapter: lora\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\n"
-                   "micro_batch_size: 2\nbatch_size: 8\noutput_dir: out\n")
-    plan = resolve(load_config(write(tmp_path, text)).config, env={"WORLD_SIZE": "2"},
-                   probe=lambda: ("cpu", False))
+    text = BASE + (
+        "adapter: lora\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\n"
+        "micro_batch_size: 2\nbatch_size: 8\noutput_dir: out\n"
+    )
+    plan = resolve(
+        load_config(write(tmp_path, text)).config,
+        env={"WORLD_SIZE": "2"},
+        probe=lambda: ("cpu", False),
+    )
     assert (plan.gradient_accumulation_steps, plan.effective_batch_size) == (4, 16)
     assert plan.attn_implementation == "sdpa" and plan.train_mode == "lora"
     assert plan.adapter == "lora r=4 alpha=16 dropout=0.0 on q_proj, v_proj"

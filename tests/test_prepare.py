@@ -36,11 +36,17 @@ def test_reuse_and_fingerprint_inputs(tmp_path, tokenizer):
     inputs = json.loads((first.path / "fingerprint.json").read_text())
     assert set(inputs) == {
         "datasets",
+        "test_datasets",
         "tokenizer",
         "chat_template",
         "sequence_len",
+        "min_sample_len",
+        "excess_length_strategy",
         "train_on_inputs",
         "val_set_size",
+        "shuffle_merged_datasets",
+        "dataset_shard_num",
+        "dataset_shard_idx",
         "seed",
         "engine_version",
     }
@@ -72,7 +78,8 @@ def test_bad_row_names_dataset_and_row(tmp_path, tokenizer):
     assert str(info.value).startswith(
         f"datasets[0] ({data}) row 3: column `output` is empty (null)."
     )
-    assert not list((tmp_path / "prepared").glob("*"))  # nothing half-written
+    left = [p.name for p in (tmp_path / "prepared").iterdir() if not p.name.endswith(".lock")]
+    assert left == []  # nothing half-written
 
 
 def test_missing_columns(tmp_path, tokenizer):
@@ -81,3 +88,136 @@ def test_missing_columns(tmp_path, tokenizer):
         DataError, match=r"needs column\(s\) instruction, output but the data has text"
     ):
         prepare(config(tmp_path, data), tokenizer, None)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sequence_len": 512},
+        {"train_on_inputs": True},
+        {"val_set_size": 2},
+        {"seed": 7},
+        {"min_sample_len": 3},
+        {"excess_length_strategy": "truncate"},
+        {"shuffle_merged_datasets": True},
+        {"dataset_shard_num": 2},
+        {"datasets": [{"path": "DATA", "type": "alpaca", "split": "train", "field": "x"}]},
+    ],
+)
+def test_each_fingerprint_input_invalidates(tmp_path, tokenizer, change):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    base = prepare(config(tmp_path, data), tokenizer, None)
+    if "datasets" in change:
+        change = {"datasets": [{**change["datasets"][0], "path": str(data)}]}
+        cfg = NewtuneConfig(
+            base_model="unused", dataset_prepared_path=str(tmp_path / "prepared"), **change
+        )
+    else:
+        cfg = config(tmp_path, data, **change)
+    assert prepare(cfg, tokenizer, None).path != base.path
+
+
+def test_tokenizer_and_template_are_fingerprint_inputs(tmp_path, tokenizer, chat_tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    a = prepare(config(tmp_path, data), tokenizer, None).path
+    b = prepare(config(tmp_path, data), chat_tokenizer, None).path
+    c = prepare(config(tmp_path, data), tokenizer, "{{ messages }}").path
+    assert len({a, b, c}) == 3
+
+
+def test_force_rebuilds(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    first = prepare(config(tmp_path, data), tokenizer, None)
+    forced = prepare(config(tmp_path, data), tokenizer, None, force=True)
+    assert forced.path == first.path and not forced.reused
+
+
+def test_excess_length_strategies_and_min_len(tmp_path, tokenizer):
+    rows = [*ROWS, {"instruction": "Say it. " * 80, "input": "", "output": "ok"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cut = prepare(
+        config(tmp_path, data, sequence_len=120, excess_length_strategy="truncate"), tokenizer, None
+    )
+    assert (cut.stats["truncated"], cut.stats["dropped_too_long"]) == (1, 0)
+    assert cut.stats["dropped_no_supervision"] == 1  # truncated inside the masked prompt
+    with pytest.raises(
+        DataError,
+        match=r"^1 row\(s\) are longer than sequence_len=120 .* `excess_length_strategy: raise`",
+    ):
+        prepare(
+            config(tmp_path, data, sequence_len=120, excess_length_strategy="raise"),
+            tokenizer,
+            None,
+        )
+    with pytest.raises(DataError, match="no training rows are left"):
+        prepare(config(tmp_path, data, min_sample_len=1000), tokenizer, None)
+
+
+def test_report_fields(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    stats = prepare(config(tmp_path, data, val_set_size=2), tokenizer, None).stats
+    lengths = sorted(
+        len(x)
+        for x in prepare(config(tmp_path, data, val_set_size=2), tokenizer, None).data["train"][
+            "input_ids"
+        ]
+    )
+    assert stats["rows"] == {"train": 8, "test": 2}
+    assert stats["total_tokens"] == sum(lengths)
+    assert stats["length_percentiles"]["max"] == lengths[-1]
+    assert stats["length_percentiles"]["p50"] == lengths[4]
+    assert 0 < stats["supervised_tokens"] < stats["total_tokens"]
+    assert {"dropped_too_long", "dropped_too_short", "dropped_no_supervision", "truncated"} <= set(
+        stats
+    )
+
+
+def test_shard_shuffle_and_test_datasets(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    test = write_jsonl(tmp_path / "t.jsonl", ROWS[:3])
+    cfg = config(
+        tmp_path,
+        data,
+        dataset_shard_num=2,
+        dataset_shard_idx=1,
+        test_datasets=[{"path": str(test), "type": "alpaca"}],
+    )
+    prepared = prepare(cfg, tokenizer, None)
+    assert (len(prepared.data["train"]), len(prepared.data["test"])) == (5, 3)
+    plain = prepare(config(tmp_path, data), tokenizer, None).data["train"]["input_ids"]
+    shuffled = prepare(config(tmp_path, data, shuffle_merged_datasets=True), tokenizer, None)
+    assert sorted(map(tuple, shuffled.data["train"]["input_ids"])) == sorted(map(tuple, plain))
+    assert shuffled.data["train"]["input_ids"] != plain
+
+
+def test_pretokenized_rows_pass_through(tmp_path, tokenizer):
+    rows = [{"input_ids": [1, 5, 6, 2], "labels": [-100, 5, 6, 2]}, {"input_ids": [1, 7, 2]}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = NewtuneConfig(
+        base_model="unused",
+        datasets=[{"path": str(data)}],
+        dataset_prepared_path=str(tmp_path / "prepared"),
+    )
+    train = prepare(cfg, tokenizer, None).data["train"]
+    assert train["input_ids"] == [[1, 5, 6, 2], [1, 7, 2]]
+    assert train["labels"] == [[-100, 5, 6, 2], [1, 7, 2]]
+    assert train["attention_mask"] == [[1, 1, 1, 1], [1, 1, 1]]
+
+
+def _prepare_in_child(args):
+    tmp_path, data, tok_dir = args
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    prepared = prepare(config(tmp_path, data), tok, None)
+    return str(prepared.path), prepared.reused
+
+
+def test_concurrent_processes_wait_for_one_writer(tmp_path, tok_dir):
+    import multiprocessing as mp
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_prepare_in_child, [(tmp_path, data, tok_dir)] * 2)
+    assert results[0][0] == results[1][0]
+    assert sorted(r[1] for r in results) == [False, True]

@@ -240,3 +240,52 @@ def test_inference_prompt_equals_training_prompt(tokenizer, chat_tokenizer):
     assert crow.input_ids[: len(cprompt)] == cprompt
     assert all(t == M for t in crow.labels[: len(cprompt)])
     assert crow.labels[len(cprompt)] != M
+
+
+def test_chat_spans_come_from_two_renders(chat_tokenizer, monkeypatch):
+    calls = []
+    real = type(chat_tokenizer).apply_chat_template
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(chat_tokenizer), "apply_chat_template", counting)
+    long = [CONVERSATION[0]] + CONVERSATION[1:] * 10  # 21 messages
+    (row,) = rows_for(chat_tokenizer, {"type": "chat_template"}, {"messages": long})
+    assert len(calls) == 2
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained == "Hello!<|im_end|>Paris.<|im_end|>" * 10
+
+
+def test_chat_template_that_trims_content_falls_back(chat_tokenizer):
+    from newtune.data.templates import LLAMA3
+
+    convo = [
+        {"role": "user", "content": "Hello there!"},
+        {"role": "assistant", "content": " Paris. "},
+    ]
+    engine = Engine(chat_tokenizer, chat_template=LLAMA3)
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    (row,) = engine.tokenize(strategy.sample({"messages": convo}))
+    assert chat_tokenizer.decode(row.input_ids).endswith(
+        "assistant<|end_header_id|>\n\nParis.<|eot_id|>"
+    )
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Paris."
+
+
+def test_tools_reach_the_template(chat_tokenizer):
+    from newtune.data.strategies import Conversation
+
+    template = (
+        "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='name') | join(', ') }}"
+        "<|im_end|>\n{% endif %}" + chat_tokenizer.chat_template
+    )
+    engine = Engine(chat_tokenizer, chat_template=template)
+    conv = Conversation(tuple(CONVERSATION[1:3]))
+    object.__setattr__(conv, "tools", [{"name": "search"}, {"name": "calc"}])
+    (row,) = engine.tokenize(conv)
+    assert chat_tokenizer.decode(row.input_ids).startswith(
+        "<|im_start|>system\nTools: search, calc<|im_end|>\n"
+    )
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Hello!<|im_end|>"

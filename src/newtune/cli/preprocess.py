@@ -1,27 +1,42 @@
-"""`newtune preprocess cfg.yml`: tokenize the datasets into the prepared-data cache."""
+"""`newtune preprocess cfg.yml [--force] [--debug]`: tokenize the datasets into the cache."""
 
 from __future__ import annotations
 
-import json
+import sys
 from typing import Any
 
 import fire
 
-from newtune.cli.common import command, load, log
+from newtune.cli.common import emit, load, log, run_command
+
+DEBUG_EXAMPLES = 3
 
 
-def _preprocess(config: str, overrides: dict[str, Any]) -> None:
+def _preprocess(config: str, overrides: dict[str, Any], force: bool, debug: bool) -> None:
+    from newtune.data.report import mark_trained, report_table
     from newtune.train.run import prepare_data
 
-    _, prepared = prepare_data(load(config, overrides))
+    tokenizer, prepared = prepare_data(load(config, overrides), force=force)
     log.info("%s prepared data: %s", "reused" if prepared.reused else "wrote", prepared.path)
-    log.info("report: %s", json.dumps(prepared.stats["splits"]))
-    print(prepared.path)
+    print(report_table(prepared.stats), file=sys.stderr)
+    if debug:
+        color = sys.stderr.isatty()
+        train = prepared.data["train"]
+        for i in range(min(DEBUG_EXAMPLES, len(train))):
+            row = train[i]
+            text = mark_trained(tokenizer, row["input_ids"], row["labels"], color)
+            print(f"--- example {i} (trained spans marked) ---\n{text}", file=sys.stderr)
+    emit(str(prepared.path))
 
 
-preprocess_command = command(
-    _preprocess, "Tokenize the config's datasets and print the prepared dataset's path."
-)
+def preprocess_command(
+    config: str, force: bool = False, debug: bool = False, **overrides: Any
+) -> None:
+    """Tokenize the config's datasets and print the prepared dataset's path.
+
+    --force rebuilds the cache; --debug also prints decoded examples with trained spans marked.
+    """
+    run_command(_preprocess, debug, config, overrides, force, debug)
 
 
 def main() -> None:

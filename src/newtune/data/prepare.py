@@ -1,8 +1,9 @@
 """Turn the configured datasets into a tokenized DatasetDict, cached on disk by fingerprint.
 
 Contract: `{dataset_prepared_path}/{fingerprint}/` is a `datasets.DatasetDict` saved with
-`save_to_disk`, split `train` (and `test` when `val_set_size > 0`), columns `input_ids`,
-`attention_mask`, `labels`, plus `stats.json` and `fingerprint.json`.
+`save_to_disk`, split `train` (and `test` with `val_set_size > 0` or `test_datasets`),
+columns `input_ids`, `attention_mask`, `labels`, plus `stats.json` (the data report) and
+`fingerprint.json` (every input of the fingerprint, see `fingerprint_inputs`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from filelock import FileLock
 
 from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.data.sources import load_rows, local_files
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.tokenize import IGNORE_INDEX, Engine
-from newtune.errors import DataError
+from newtune.errors import ConfigError, DataError
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
+HASH_LIMIT_BYTES = 64 << 20  # larger files are identified by size and mtime only
+ROWS_PER_PROCESS = 2000  # below this many rows per process, one process is faster
 log = logging.getLogger(__name__)
 
 
@@ -38,12 +42,18 @@ class PreparedData:
     reused: bool
 
 
-def _hash_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _file_identity(path: str) -> dict[str, Any]:
+    st = os.stat(path)
+    ident: dict[str, Any] = {"size": st.st_size}
+    if st.st_size <= HASH_LIMIT_BYTES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        ident["sha256"] = h.hexdigest()
+    else:
+        ident["mtime_ns"] = st.st_mtime_ns
+    return ident
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -63,36 +73,45 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def _entries_identity(entries: list[DatasetEntry], key: str) -> list[dict[str, Any]]:
+    out = []
+    for i, entry in enumerate(entries):
+        files = local_files(entry, i)
+        out.append(
+            {
+                "entry": entry.model_dump(mode="json"),
+                "files": {f: _file_identity(f) for f in files} if files else None,
+            }
+        )
+    return out
+
+
 def fingerprint_inputs(
     config: NewtuneConfig, tokenizer: Any, chat_template: str | None
 ) -> dict[str, Any]:
-    """The named list of everything the prepared data depends on."""
-    entries = []
-    for i, entry in enumerate(config.datasets):
-        files = local_files(entry, i)
-        entries.append(
-            {
-                "entry": entry.model_dump(mode="json"),
-                "files": {f: _hash_file(f) for f in files} if files else None,
-            }
-        )
+    """The documented list of everything the prepared data depends on."""
     return {
-        "datasets": entries,
+        "datasets": _entries_identity(config.datasets, "datasets"),
+        "test_datasets": _entries_identity(config.test_datasets or [], "test_datasets"),
         "tokenizer": tokenizer_identity(tokenizer),
         "chat_template": chat_template,
         "sequence_len": config.sequence_len,
+        "min_sample_len": config.min_sample_len,
+        "excess_length_strategy": config.excess_length_strategy or "drop",
         "train_on_inputs": config.train_on_inputs,
         "val_set_size": config.val_set_size,
+        "shuffle_merged_datasets": config.shuffle_merged_datasets,
+        "dataset_shard_num": config.dataset_shard_num,
+        "dataset_shard_idx": config.dataset_shard_idx,
         "seed": config.seed,
         "engine_version": ENGINE_VERSION,
     }
 
 
-def fingerprint(inputs: dict[str, Any], strategies: list[Strategy]) -> str:
+def fingerprint(inputs: dict[str, Any], strategies: list[Strategy | None]) -> str:
     """A short stable hash of the fingerprint inputs and the strategy versions."""
-    blob = json.dumps(
-        {**inputs, "strategies": [[s.name, s.version] for s in strategies]}, sort_keys=True
-    )
+    versions = [[s.name, s.version] if s else ["pretokenized", 1] for s in strategies]
+    blob = json.dumps({**inputs, "strategies": versions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,14 +126,31 @@ def _engine_for(entry: DatasetEntry, config: NewtuneConfig, tokenizer: Any, temp
     )
 
 
+def _strategy_for(entry: DatasetEntry, i: int, key: str, config: NewtuneConfig) -> Strategy | None:
+    """The entry's strategy; None for a pretokenized dataset (no `type`)."""
+    if entry.type is None:
+        return None
+    return get_strategy(entry, i, config.train_on_inputs)
+
+
+def _num_proc(config: NewtuneConfig, rows: int) -> int | None:
+    wanted = config.dataset_processes or os.cpu_count() or 1
+    n = min(wanted, rows // ROWS_PER_PROCESS)
+    return n if n > 1 else None
+
+
 def _tokenize_entry(
-    index: int, entry: DatasetEntry, strategy: Strategy, engine: Engine
+    where: str,
+    entry: DatasetEntry,
+    rows: datasets.Dataset,
+    strategy: Strategy,
+    engine: Engine,
+    num_proc: int | None,
 ) -> datasets.Dataset:
-    rows = load_rows(entry, index)
     missing = [c for c in strategy.required_columns() if c not in rows.column_names]
     if missing:
         raise DataError(
-            f"datasets[{index}] ({entry.path}, type {entry.type}) needs column(s) "
+            f"{where} ({entry.path}, type {entry.type}) needs column(s) "
             f"{', '.join(missing)} but the data has {', '.join(rows.column_names)}. "
             "Pick the matching `type` or rename the columns."
         )
@@ -130,7 +166,7 @@ def _tokenize_entry(
                     out["labels"].append(tok_row.labels)
             except (DataError, KeyError, TypeError, ValueError) as exc:
                 raise DataError(
-                    f"datasets[{index}] ({entry.path}) row {idx}: {exc}. Fix that row or the "
+                    f"{where} ({entry.path}) row {idx}: {exc}. Fix that row or the "
                     "dataset's `type` and mapping keys."
                 ) from None
         return out
@@ -140,78 +176,184 @@ def _tokenize_entry(
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
-        desc=f"Tokenizing datasets[{index}]",
+        desc=f"Tokenizing {where}",
         load_from_cache_file=False,
+        num_proc=num_proc,
     )
 
 
-def _filter_and_report(ds: datasets.Dataset, sequence_len: int) -> tuple[datasets.Dataset, dict]:
-    lengths = [len(x) for x in ds["input_ids"]]
-    trained = [sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"]]
-    keep = [
-        i
-        for i, (n, t) in enumerate(zip(lengths, trained, strict=False))
-        if n <= sequence_len and t > 0
+def _pretokenized(rows: datasets.Dataset) -> datasets.Dataset:
+    """A pretokenized dataset as input_ids + labels (labels default to input_ids)."""
+    labels = rows["labels"] if "labels" in rows.column_names else [None] * len(rows)
+    filled = [
+        ids if lab is None else lab for ids, lab in zip(rows["input_ids"], labels, strict=True)
     ]
-    too_long = sum(1 for n in lengths if n > sequence_len)
-    no_labels = sum(
-        1 for n, t in zip(lengths, trained, strict=False) if n <= sequence_len and t == 0
-    )
-    if too_long:
-        log.warning("dropped %d row(s) longer than sequence_len=%d", too_long, sequence_len)
-    if no_labels:
-        log.warning("dropped %d row(s) with no trained tokens", no_labels)
-    return ds.select(keep), {"dropped_too_long": too_long, "dropped_no_trained_tokens": no_labels}
+    return datasets.Dataset.from_dict({"input_ids": list(rows["input_ids"]), "labels": filled})
 
 
-def _split_stats(ds: datasets.Dataset) -> dict[str, Any]:
-    lengths = [len(x) for x in ds["input_ids"]]
-    trained = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"])
-    return {
-        "rows": len(lengths),
-        "tokens": sum(lengths),
-        "trained_tokens": trained,
-        "max_len": max(lengths, default=0),
-        "mean_len": round(sum(lengths) / len(lengths), 2) if lengths else 0,
-    }
-
-
-def prepare(config: NewtuneConfig, tokenizer: Any, chat_template: str | None) -> PreparedData:
-    """Prepare (or reuse) the tokenized dataset for this config and tokenizer."""
-    strategies = [get_strategy(e, i, config.train_on_inputs) for i, e in enumerate(config.datasets)]
-    inputs = fingerprint_inputs(config, tokenizer, chat_template)
-    fp = fingerprint(inputs, strategies)
-    root = Path(config.dataset_prepared_path)
-    final = root / fp
-    if (final / "stats.json").is_file():
-        stats = json.loads((final / "stats.json").read_text())
-        return PreparedData(final, datasets.load_from_disk(str(final)), stats, reused=True)
-
-    parts = []
-    per_dataset = []
-    for i, (entry, strategy) in enumerate(zip(config.datasets, strategies, strict=False)):
-        part = _tokenize_entry(
-            i, entry, strategy, _engine_for(entry, config, tokenizer, chat_template)
-        )
-        per_dataset.append({"path": entry.path, "type": entry.type, "rows": len(part)})
+def _load_entries(
+    entries: list[DatasetEntry],
+    key: str,
+    config: NewtuneConfig,
+    tokenizer: Any,
+    template: str | None,
+    strategies: list[Strategy | None],
+) -> tuple[datasets.Dataset, list[dict[str, Any]]]:
+    parts, report = [], []
+    for i, (entry, strategy) in enumerate(zip(entries, strategies, strict=True)):
+        where = f"{key}[{i}]"
+        rows = load_rows(entry, i)
+        if strategy is None:
+            if "input_ids" not in rows.column_names:
+                raise ConfigError(
+                    f"`{where}.type` is missing for {entry.path}, and the data is not "
+                    "pretokenized (no `input_ids` column); set `type:` to its format."
+                )
+            part = _pretokenized(rows)
+        else:
+            engine = _engine_for(entry, config, tokenizer, template)
+            part = _tokenize_entry(
+                where, entry, rows, strategy, engine, _num_proc(config, len(rows))
+            )
+        report.append({"path": entry.path, "type": entry.type or "pretokenized", "rows": len(part)})
         parts.append(part)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    merged, dropped = _filter_and_report(merged, config.sequence_len)
-    if len(merged) == 0:
+    return merged, report
+
+
+def _apply_lengths(ds: datasets.Dataset, config: NewtuneConfig) -> tuple[datasets.Dataset, dict]:
+    """Truncate or drop long rows, drop short rows and rows with no trained token; count all."""
+    limit, strategy = config.sequence_len, config.excess_length_strategy or "drop"
+    lengths = [len(x) for x in ds["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > limit]
+    if too_long and strategy == "raise":
         raise DataError(
-            "no training rows are left after tokenizing: every row was longer than "
-            f"sequence_len={config.sequence_len} or had no trained tokens. Raise `sequence_len` "
+            f"{len(too_long)} row(s) are longer than sequence_len={limit} (the first is merged "
+            f"row {too_long[0]}, {lengths[too_long[0]]} tokens) and `excess_length_strategy: "
+            "raise` is set. Raise `sequence_len`, or use `drop` or `truncate`."
+        )
+    counts = {"dropped_too_long": 0, "truncated": 0}
+    if too_long and strategy == "truncate":
+        ds = ds.map(
+            lambda b: {k: [v[:limit] for v in b[k]] for k in ("input_ids", "labels")},
+            batched=True,
+            desc="Truncating",
+        )
+        counts["truncated"] = len(too_long)
+        lengths = [min(n, limit) for n in lengths]
+    else:
+        counts["dropped_too_long"] = len(too_long)
+    trained = [sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"]]
+    keep, short, unsupervised = [], 0, 0
+    for i, (n, t) in enumerate(zip(lengths, trained, strict=True)):
+        if n > limit:
+            continue
+        if n < config.min_sample_len:
+            short += 1
+        elif t == 0:
+            unsupervised += 1
+        else:
+            keep.append(i)
+    counts.update(dropped_too_short=short, dropped_no_supervision=unsupervised)
+    for what, n in counts.items():
+        if n:
+            log.warning("%s: %d row(s)", what.replace("_", " "), n)
+    return ds.select(keep), counts
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
+
+
+def split_stats(ds: datasets.Dataset) -> dict[str, Any]:
+    """Rows, tokens, supervised tokens and length percentiles of one split."""
+    lengths = sorted(len(x) for x in ds["input_ids"])
+    supervised = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"])
+    return {
+        "rows": len(lengths),
+        "total_tokens": sum(lengths),
+        "supervised_tokens": supervised,
+        "length_percentiles": {
+            "p50": _percentile(lengths, 0.5),
+            "p90": _percentile(lengths, 0.9),
+            "p99": _percentile(lengths, 0.99),
+            "max": lengths[-1] if lengths else 0,
+        },
+    }
+
+
+def _finish(
+    ds: datasets.Dataset, config: NewtuneConfig, what: str
+) -> tuple[datasets.Dataset, dict]:
+    ds, counts = _apply_lengths(ds, config)
+    if len(ds) == 0:
+        raise DataError(
+            f"no {what} rows are left after tokenizing: every row was too long for "
+            f"sequence_len={config.sequence_len}, shorter than min_sample_len="
+            f"{config.min_sample_len}, or had no trained token ({counts}). Raise `sequence_len`, "
             "or check the dataset `type` and its masking options."
         )
-    merged = merged.add_column("attention_mask", [[1] * len(x) for x in merged["input_ids"]])
+    return ds.add_column("attention_mask", [[1] * len(x) for x in ds["input_ids"]]), counts
+
+
+def _build(
+    config: NewtuneConfig, tokenizer: Any, template: str | None, strategies: list, test_strats: list
+) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    merged, per_dataset = _load_entries(
+        config.datasets, "datasets", config, tokenizer, template, strategies
+    )
+    if config.shuffle_merged_datasets:
+        merged = merged.shuffle(seed=config.seed)
+    if config.dataset_shard_num:
+        merged = merged.shard(
+            num_shards=config.dataset_shard_num, index=config.dataset_shard_idx or 0
+        )
+    merged, counts = _finish(merged, config, "training")
     splits = _split(merged, config)
+    if config.test_datasets:
+        test, test_report = _load_entries(
+            config.test_datasets, "test_datasets", config, tokenizer, template, test_strats
+        )
+        splits["test"], _ = _finish(test, config, "test")
+        per_dataset += test_report
+    split_report = {name: split_stats(ds) for name, ds in splits.items()}
     stats = {
-        "fingerprint": fp,
         "datasets": per_dataset,
-        **dropped,
-        "splits": {name: _split_stats(ds) for name, ds in splits.items()},
+        "rows": {name: s["rows"] for name, s in split_report.items()},
+        "total_tokens": split_report["train"]["total_tokens"],
+        "supervised_tokens": split_report["train"]["supervised_tokens"],
+        **counts,
+        "length_percentiles": split_report["train"]["length_percentiles"],
+        "splits": split_report,
     }
-    _save_atomically(splits, final, stats, inputs)
+    return splits, stats
+
+
+def prepare(
+    config: NewtuneConfig, tokenizer: Any, chat_template: str | None, force: bool = False
+) -> PreparedData:
+    """Prepare (or reuse) the tokenized dataset; concurrent processes wait for one writer."""
+    strategies = [_strategy_for(e, i, "datasets", config) for i, e in enumerate(config.datasets)]
+    test_strats = [
+        _strategy_for(e, i, "test_datasets", config)
+        for i, e in enumerate(config.test_datasets or [])
+    ]
+    inputs = fingerprint_inputs(config, tokenizer, chat_template)
+    fp = fingerprint(inputs, strategies + test_strats)
+    root = Path(config.dataset_prepared_path)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / fp
+    with FileLock(str(root / f".{fp}.lock")):
+        if force and final.exists():
+            shutil.rmtree(final)
+        if (final / "stats.json").is_file():
+            stats = json.loads((final / "stats.json").read_text())
+            return PreparedData(final, datasets.load_from_disk(str(final)), stats, reused=True)
+        splits, stats = _build(config, tokenizer, chat_template, strategies, test_strats)
+        stats = {"fingerprint": fp, **stats}
+        _save_atomically(splits, final, stats, inputs)
     return PreparedData(final, datasets.load_from_disk(str(final)), stats, reused=False)
 
 
@@ -232,18 +374,14 @@ def _save_atomically(
     splits: datasets.DatasetDict, final: Path, stats: dict, inputs: dict[str, Any]
 ) -> None:
     """Write to a temp folder beside `final`, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp))
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    (tmp / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))
     try:
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        (tmp / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))
+        if final.exists():  # a stale copy without stats.json: replace it
+            shutil.rmtree(final)
         os.rename(tmp, final)
-    except OSError:
-        # another process finished first (or a stale copy is there): keep the complete one
-        if (final / "stats.json").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

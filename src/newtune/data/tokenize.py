@@ -18,6 +18,7 @@ from newtune.errors import DataError
 IGNORE_INDEX = -100
 EOT_WINDOW = 3  # an end-of-turn token must follow the content within this many tokens
 _SENTINEL = "\u2063NEWTUNE_CONTENT\u2063"
+_START, _END = "\ue000", "\ue001"  # private-use characters that wrap contents in one render
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,13 @@ class Engine:
         )
         return self._encode(text)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """Render messages with the chat template to text."""
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = False,
+        tools: list | None = None,
+    ) -> str:
+        """Render messages (and tool definitions) with the chat template to text."""
         if self.chat_template is None and not getattr(self.tok, "chat_template", None):
             raise DataError(
                 "this tokenizer has no chat template; set `chat_template:` in the config "
@@ -87,6 +93,7 @@ class Engine:
             chat_template=self.chat_template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
         )
 
     # -- segments ---------------------------------------------------------------------------
@@ -113,7 +120,8 @@ class Engine:
 
     def _conversation(self, conv: Conversation) -> TokenizedRow:
         messages = list(conv.messages)
-        text = self.render(messages)
+        tools = getattr(conv, "tools", None)
+        text, spans = self._render_with_spans(messages, tools)
         ids, char_to_token = self._encode_with_offsets(text)
         labels = [IGNORE_INDEX] * len(ids)
         last_eot = -1
@@ -124,12 +132,9 @@ class Engine:
                 if forced is not None
                 else (self.train_on_inputs or msg["role"] in self.roles_to_train)
             )
-            if not train and self.train_on_eos != "all":
+            if (not train and self.train_on_eos != "all") or spans[i] is None:
                 continue
-            span = self._content_span(messages, i, text)
-            if span is None:
-                continue
-            start, end = char_to_token(span[0], span[1])
+            start, end = char_to_token(*spans[i])
             if train:
                 labels[start:end] = ids[start:end]
             eot = self._find_eot(ids, end)
@@ -141,18 +146,59 @@ class Engine:
             labels[last_eot] = ids[last_eot]
         return TokenizedRow(ids, labels)
 
-    def _content_span(self, messages: list[dict], i: int, text: str) -> tuple[int, int] | None:
-        """Character span of message i's content in the rendered conversation."""
+    def _render_with_spans(
+        self, messages: list[dict], tools: list | None
+    ) -> tuple[str, list[tuple[int, int] | None]]:
+        """The rendered conversation and each message's content span, from two renders.
+
+        Contents are wrapped in private-use marker characters and rendered once; removing
+        the markers must give exactly the plain rendering, and the marker positions give
+        the spans (linear in the conversation length). Templates that rewrite content (e.g.
+        `| trim`) fail that check and fall back to one prefix render per message.
+        """
+        text = self.render(messages, tools=tools)
+        marked_msgs = [
+            {**m, "content": f"{_START}{m['content']}{_END}"} if m["content"] else m
+            for m in messages
+        ]
+        marked = self.render(marked_msgs, tools=tools)
+        spans: list[tuple[int, int] | None] = []
+        plain: list[str] = []
+        pos = cursor = 0  # pos: in `marked`; cursor: length of the unmarked text so far
+        for m in messages:
+            if not m["content"]:
+                spans.append(None)
+                continue
+            start = marked.find(_START, pos)
+            end = marked.find(_END, start + 1)
+            if start == -1 or end == -1:
+                break
+            plain.append(marked[pos:start])
+            cursor += start - pos
+            inner = marked[start + 1 : end]
+            spans.append((cursor, cursor + len(inner)))
+            plain.append(inner)
+            cursor += len(inner)
+            pos = end + 1
+        plain.append(marked[pos:])
+        if len(spans) == len(messages) and "".join(plain) == text:
+            return text, spans
+        return text, [self._content_span(messages, i, text, tools) for i in range(len(messages))]
+
+    def _content_span(
+        self, messages: list[dict], i: int, text: str, tools: list | None = None
+    ) -> tuple[int, int] | None:
+        """Character span of message i's content, from a render of the prefix (fallback)."""
         content = messages[i]["content"]
         if not content:
             return None
         dummy = [*messages[:i], {**messages[i], "content": _SENTINEL}]
-        rendered = self.render(dummy)
+        rendered = self.render(dummy, tools=tools)
         pos = rendered.find(_SENTINEL)
         if pos == -1 or not text.startswith(rendered[:pos]):
             # The template does not render prefixes stably; fall back to searching forward
             # from the end of the previous messages' rendering.
-            pos = len(self.render(messages[:i])) if i else 0
+            pos = len(self.render(messages[:i], tools=tools)) if i else 0
             pos = text.find(content.strip(), pos)
             if pos == -1:
                 log.warning("message %d: content not found in the rendered template", i)

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "newtune_config.yml"
 
 
-def prepare_data(loaded: LoadedConfig) -> tuple[Any, PreparedData]:
+def prepare_data(loaded: LoadedConfig, force: bool = False) -> tuple[Any, PreparedData]:
     """Load the tokenizer and prepare (or reuse) the tokenized dataset."""
     tokenizer = load_tokenizer(loaded.config)
-    return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template)
+    return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:

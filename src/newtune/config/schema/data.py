@@ -67,7 +67,9 @@ class DataSection(Section):
     """Datasets, templates, caching, splits and packing."""
 
     datasets: list[DatasetEntry] = Field(min_length=1, description="Training data sources.")
-    test_datasets: list[DatasetEntry] | None = planned(DATA, "Evaluation data sources.")
+    test_datasets: list[DatasetEntry] | None = Field(
+        default=None, description="Evaluation data sources (instead of val_set_size)."
+    )
     pretraining_dataset: Any = planned(DATA, "A streamed pretraining dataset.")
     chat_template: str | None = Field(
         default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
@@ -77,18 +79,27 @@ class DataSection(Section):
         default="last_run_prepared", description="Folder of the tokenized-dataset cache."
     )
     push_dataset_to_hub: str | None = planned(DATA, "Hub repo to push the prepared data to.")
-    dataset_processes: int | None = planned(DATA, "Processes used to tokenize.")
+    dataset_processes: int | None = Field(
+        default=None, gt=0, description="Processes used to tokenize (default: CPU count)."
+    )
     dataset_keep_in_memory: bool | None = planned(DATA, "Keep the dataset in memory.")
-    shuffle_merged_datasets: bool | None = planned(DATA, "Shuffle after merging the datasets.")
-    dataset_shard_num: int | None = planned(DATA, "Number of shards to split the merged data into.")
-    dataset_shard_idx: int | None = planned(DATA, "Which shard of the merged data to use.")
+    shuffle_merged_datasets: bool | None = Field(
+        default=None, description="Shuffle the rows after merging the datasets."
+    )
+    dataset_shard_num: int | None = Field(
+        default=None, gt=0, description="Split the merged data into this many shards..."
+    )
+    dataset_shard_idx: int | None = Field(
+        default=None, ge=0, description="...and train on this one (default 0)."
+    )
     val_set_size: float = Field(
         default=0.0, ge=0, description="Eval split: a fraction (< 1) or a row count (>= 1)."
     )
     sequence_len: int = Field(default=2048, gt=1, description="Maximum tokens per sample.")
-    excess_length_strategy: Literal["drop", "truncate"] | None = planned(
-        DATA, "What to do with rows longer than sequence_len (default drop)."
+    excess_length_strategy: Literal["drop", "truncate", "raise"] | None = Field(
+        default=None, description="Rows longer than sequence_len: drop (default), truncate, raise."
     )
+    min_sample_len: int = Field(default=2, ge=1, description="Rows shorter than this are dropped.")
     train_on_inputs: bool = Field(
         default=False, description="Also train on prompt tokens instead of masking them."
     )
