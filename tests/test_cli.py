@@ -160,8 +160,8 @@ BAD_CASES = {
     "unknown type": (
         {"datasets": [{"path": "DATA", "type": "alpacca"}]},
         "validate",
-        "`datasets[0].type: alpacca` is not a dataset format newtune knows (did you mean "
-        "`alpaca`?); known formats: alpaca, chat_template, completion",
+        "`datasets[0].type: alpacca` is not a dataset format newtune knows. Did you mean "
+        "`alpaca`? Known formats: alpaca, alpaca_chat, alpaca_chat.load_camel_ai,",
     ),
 }
 

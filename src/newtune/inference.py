@@ -62,7 +62,7 @@ class Generator:
     @property
     def is_chat(self) -> bool:
         """True when prompts are chat conversations (a running history is kept)."""
-        return self.strategy.name == "chat_template"
+        return bool(getattr(self.strategy, "chat", False))
 
     def prompt_ids(self, text: str, history: list[dict[str, str]] | None = None) -> list[int]:
         """The token ids training would have used for this prompt."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from newtune.config.keys import is_off
 from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
-from newtune.data.strategies.registry import known_types
+from newtune.data.strategies.registry import type_problems
 
 
 @dataclass
@@ -124,19 +123,9 @@ def check_unimplemented(cfg: NewtuneConfig) -> list[str]:
     found = _unimplemented_in(cfg, "")
     for i, entry in enumerate(cfg.datasets):
         found += _unimplemented_in(entry, f"datasets[{i}].")
-        if isinstance(entry.type, str) and entry.type not in known_types():
-            match = difflib.get_close_matches(entry.type, known_types(), n=1, cutoff=0.5)
-            hint = f" (did you mean `{match[0]}`?)" if match else ""
-            found.append(
-                f"`datasets[{i}].type: {entry.type}` is not a dataset format newtune "
-                f"knows{hint}; known formats: {', '.join(known_types())}"
-            )
-        if isinstance(entry.type, dict):
-            found.append(
-                f"`datasets[{i}].type` is a mapping (a user-defined format), which "
-                "is not implemented by newtune yet (planned with the data pipeline "
-                "work); use `type: alpaca` with matching columns"
-            )
+        # unknown formats (registry, name.load_fn, plugins, dotted paths), bad `:style`,
+        # bad user-defined `type:` mappings and format keys the type does not read
+        found += type_problems(entry, i)
     return found
 
 

@@ -21,14 +21,14 @@ import datasets
 from filelock import FileLock
 
 from newtune.config.schema import DatasetEntry, NewtuneConfig
-from newtune.data.sources import load_rows, local_files
+from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.tokenize import IGNORE_INDEX, Engine
 from newtune.errors import ConfigError, DataError
 
 ENGINE_VERSION = 2
 HASH_LIMIT_BYTES = 64 << 20  # larger files are identified by size and mtime only
-ROWS_PER_PROCESS = 2000  # below this many rows per process, one process is faster
+ROWS_PER_PROCESS = 500  # below this many rows per process, one process is faster
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +76,7 @@ def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
 def _entries_identity(entries: list[DatasetEntry], key: str) -> list[dict[str, Any]]:
     out = []
     for i, entry in enumerate(entries):
-        files = local_files(entry, i)
+        files = local_files(entry, i, key)
         out.append(
             {
                 "entry": entry.model_dump(mode="json"),
@@ -155,21 +155,32 @@ def _tokenize_entry(
             "Pick the matching `type` or rename the columns."
         )
 
+    def sample_of(row: dict[str, Any], idx: int) -> Any:
+        try:
+            return strategy.sample(row)
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(
+                f"{where} ({entry.path}) row {idx}: {exc}. Fix that row or the "
+                "dataset's `type` and mapping keys."
+            ) from None
+
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": []}
         keys = list(batch)
-        for j, idx in enumerate(indices):
-            row = {k: batch[k][j] for k in keys}
-            try:
-                for tok_row in engine.tokenize(strategy.sample(row)):
-                    out["input_ids"].append(tok_row.input_ids)
-                    out["labels"].append(tok_row.labels)
-            except (DataError, KeyError, TypeError, ValueError) as exc:
-                raise DataError(
-                    f"{where} ({entry.path}) row {idx}: {exc}. Fix that row or the "
-                    "dataset's `type` and mapping keys."
-                ) from None
-        return out
+        samples = [sample_of({k: batch[k][j] for k in keys}, idx) for j, idx in enumerate(indices)]
+        try:
+            per_sample = engine.tokenize_many(samples)
+        except (DataError, KeyError, TypeError, ValueError):
+            # find the row that fails, to name it
+            for sample, idx in zip(samples, indices, strict=True):
+                try:
+                    engine.tokenize(sample)
+                except (DataError, KeyError, TypeError, ValueError) as exc:
+                    raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
+            raise
+        return _columns(
+            [r.input_ids for rs in per_sample for r in rs],
+            [r.labels for rs in per_sample for r in rs],
+        )
 
     return rows.map(
         tokenize_batch,
@@ -182,13 +193,34 @@ def _tokenize_entry(
     )
 
 
-def _pretokenized(rows: datasets.Dataset) -> datasets.Dataset:
-    """A pretokenized dataset as input_ids + labels (labels default to input_ids)."""
-    labels = rows["labels"] if "labels" in rows.column_names else [None] * len(rows)
-    filled = [
-        ids if lab is None else lab for ids, lab in zip(rows["input_ids"], labels, strict=True)
-    ]
-    return datasets.Dataset.from_dict({"input_ids": list(rows["input_ids"]), "labels": filled})
+def _pretokenized(rows: datasets.Dataset, where: str) -> datasets.Dataset:
+    """A checked pretokenized dataset with the saved and bookkeeping columns."""
+    data = pretokenized(rows, where).to_dict()
+    return datasets.Dataset.from_dict(_columns(data["input_ids"], data["labels"]))
+
+
+def _columns(input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, list]:
+    """The saved columns plus `_len`/`_sup` (length, supervised tokens) for filtering and stats."""
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": [[1] * len(ids) for ids in input_ids],
+        "_len": [len(ids) for ids in input_ids],
+        "_sup": [len(lab) - lab.count(IGNORE_INDEX) for lab in labels],
+    }
+
+
+def _ints(ds: datasets.Dataset, name: str) -> list[int]:
+    """An integer column as a list, read in bulk (iterating a column goes row by row)."""
+    return ds.select_columns([name]).to_pandas()[name].tolist() if len(ds) else []
+
+
+def _select(ds: datasets.Dataset, keep: list[int]) -> datasets.Dataset:
+    """`ds.select(keep)` without datasets hashing the whole index list."""
+    if len(keep) == len(ds):
+        return ds
+    digest = hashlib.sha256(str(keep).encode()).hexdigest()[:16]
+    return ds.select(keep, new_fingerprint=f"{ds._fingerprint}-{digest}")
 
 
 def _load_entries(
@@ -202,14 +234,14 @@ def _load_entries(
     parts, report = [], []
     for i, (entry, strategy) in enumerate(zip(entries, strategies, strict=True)):
         where = f"{key}[{i}]"
-        rows = load_rows(entry, i)
+        rows = load_rows(entry, i, key)
         if strategy is None:
-            if "input_ids" not in rows.column_names:
+            if not is_pretokenized(rows):
                 raise ConfigError(
                     f"`{where}.type` is missing for {entry.path}, and the data is not "
                     "pretokenized (no `input_ids` column); set `type:` to its format."
                 )
-            part = _pretokenized(rows)
+            part = _pretokenized(rows, where)
         else:
             engine = _engine_for(entry, config, tokenizer, template)
             part = _tokenize_entry(
@@ -224,7 +256,7 @@ def _load_entries(
 def _apply_lengths(ds: datasets.Dataset, config: NewtuneConfig) -> tuple[datasets.Dataset, dict]:
     """Truncate or drop long rows, drop short rows and rows with no trained token; count all."""
     limit, strategy = config.sequence_len, config.excess_length_strategy or "drop"
-    lengths = [len(x) for x in ds["input_ids"]]
+    lengths = _ints(ds, "_len")
     too_long = [i for i, n in enumerate(lengths) if n > limit]
     if too_long and strategy == "raise":
         raise DataError(
@@ -235,7 +267,9 @@ def _apply_lengths(ds: datasets.Dataset, config: NewtuneConfig) -> tuple[dataset
     counts = {"dropped_too_long": 0, "truncated": 0}
     if too_long and strategy == "truncate":
         ds = ds.map(
-            lambda b: {k: [v[:limit] for v in b[k]] for k in ("input_ids", "labels")},
+            lambda b: _columns(
+                [v[:limit] for v in b["input_ids"]], [v[:limit] for v in b["labels"]]
+            ),
             batched=True,
             desc="Truncating",
         )
@@ -243,7 +277,7 @@ def _apply_lengths(ds: datasets.Dataset, config: NewtuneConfig) -> tuple[dataset
         lengths = [min(n, limit) for n in lengths]
     else:
         counts["dropped_too_long"] = len(too_long)
-    trained = [sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"]]
+    trained = _ints(ds, "_sup")
     keep, short, unsupervised = [], 0, 0
     for i, (n, t) in enumerate(zip(lengths, trained, strict=True)):
         if n > limit:
@@ -258,7 +292,7 @@ def _apply_lengths(ds: datasets.Dataset, config: NewtuneConfig) -> tuple[dataset
     for what, n in counts.items():
         if n:
             log.warning("%s: %d row(s)", what.replace("_", " "), n)
-    return ds.select(keep), counts
+    return _select(ds, keep), counts
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -269,8 +303,8 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 def split_stats(ds: datasets.Dataset) -> dict[str, Any]:
     """Rows, tokens, supervised tokens and length percentiles of one split."""
-    lengths = sorted(len(x) for x in ds["input_ids"])
-    supervised = sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in ds["labels"])
+    lengths = sorted(_ints(ds, "_len"))
+    supervised = sum(_ints(ds, "_sup"))
     return {
         "rows": len(lengths),
         "total_tokens": sum(lengths),
@@ -295,7 +329,7 @@ def _finish(
             f"{config.min_sample_len}, or had no trained token ({counts}). Raise `sequence_len`, "
             "or check the dataset `type` and its masking options."
         )
-    return ds.add_column("attention_mask", [[1] * len(x) for x in ds["input_ids"]]), counts
+    return ds, counts
 
 
 def _build(
@@ -377,7 +411,9 @@ def _save_atomically(
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        datasets.DatasetDict(
+            {name: ds.remove_columns(["_len", "_sup"]) for name, ds in splits.items()}
+        ).save_to_disk(str(tmp))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         (tmp / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))
         if final.exists():  # a stale copy without stats.json: replace it

@@ -56,23 +56,59 @@ class Engine:
 
     def tokenize(self, sample: Sample) -> list[TokenizedRow]:
         """The training rows of a sample (several when a long completion is chunked)."""
-        if isinstance(sample, Segments):
-            row = self._segments(sample)
-            if sample.chunk and self.sequence_len and len(row.input_ids) > self.sequence_len:
-                n = self.sequence_len
-                return [
-                    TokenizedRow(row.input_ids[i : i + n], row.labels[i : i + n])
-                    for i in range(0, len(row.input_ids), n)
+        return self.tokenize_many([sample])[0]
+
+    def tokenize_many(self, samples: list[Sample]) -> list[list[TokenizedRow]]:
+        """Tokenize a batch of samples with one tokenizer call per kind of text."""
+        pieces: list[tuple[str, bool]] = []  # segment texts and whether they get special tokens
+        convs: list[Conversation] = []
+        for sample in samples:
+            if isinstance(sample, Segments):
+                pieces += [
+                    (seg.text, sample.bos and i == 0) for i, seg in enumerate(sample.segments)
                 ]
+            else:
+                convs.append(sample)
+        renders = dict(enumerate(self._render_many_with_spans(convs)))
+        encoded = iter(self._encode_pieces(pieces))
+        convs = iter(self._encode_conversations([renders[k] for k in sorted(renders)]))
+        out: list[list[TokenizedRow]] = []
+        for sample in samples:
+            if isinstance(sample, Segments):
+                row = self._segments(sample, [next(encoded) for _ in sample.segments])
+                out.append(self._chunk(row) if sample.chunk else [row])
+            else:
+                out.append([self._conversation(sample, *next(convs))])
+        return out
+
+    def _chunk(self, row: TokenizedRow) -> list[TokenizedRow]:
+        n = self.sequence_len
+        if not n or len(row.input_ids) <= n:
             return [row]
-        return [self._conversation(sample)]
+        return [
+            TokenizedRow(row.input_ids[i : i + n], row.labels[i : i + n])
+            for i in range(0, len(row.input_ids), n)
+        ]
+
+    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+        """Token ids of each (text, special) piece, in order, batched per special flag."""
+        result: list[list[int]] = [[] for _ in pieces]
+        for special in (True, False):
+            idx = [i for i, (_, sp) in enumerate(pieces) if sp is special]
+            if idx:
+                enc = self.tok([pieces[i][0] for i in idx], add_special_tokens=special)["input_ids"]
+                for i, ids in zip(idx, enc, strict=True):
+                    result[i] = list(ids)
+        return result
 
     def prompt_ids(self, sample: Sample) -> list[int]:
         """Token ids of an inference prompt (no labels, no trailing EOS)."""
         if isinstance(sample, Segments):
-            return self._segments(sample).input_ids
+            return self.tokenize(sample)[0].input_ids
         text = self.render(
-            list(sample.messages), add_generation_prompt=sample.add_generation_prompt
+            list(sample.messages),
+            add_generation_prompt=sample.add_generation_prompt,
+            tools=getattr(sample, "tools", None),
         )
         return self._encode(text)
 
@@ -83,11 +119,7 @@ class Engine:
         tools: list | None = None,
     ) -> str:
         """Render messages (and tool definitions) with the chat template to text."""
-        if self.chat_template is None and not getattr(self.tok, "chat_template", None):
-            raise DataError(
-                "this tokenizer has no chat template; set `chat_template:` in the config "
-                "(e.g. `chat_template: chatml`) to choose one"
-            )
+        self._check_template()
         return self.tok.apply_chat_template(
             messages,
             chat_template=self.chat_template,
@@ -96,33 +128,58 @@ class Engine:
             **({"tools": tools} if tools else {}),
         )
 
+    def _check_template(self) -> None:
+        if self.chat_template is None and not getattr(self.tok, "chat_template", None):
+            raise DataError(
+                "this tokenizer has no chat template; set `chat_template:` in the config "
+                "(e.g. `chat_template: chatml`) to choose one"
+            )
+
     # -- segments ---------------------------------------------------------------------------
 
     def _encode(self, text: str, special: bool = False) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-    def _segments(self, sample: Segments) -> TokenizedRow:
+    def _segments(self, sample: Segments, encoded: list[list[int]]) -> TokenizedRow:
         ids: list[int] = []
         labels: list[int] = []
-        for i, seg in enumerate(sample.segments):
-            seg_ids = self._encode(seg.text, special=sample.bos and i == 0)
+        for i, (seg, seg_ids) in enumerate(zip(sample.segments, encoded, strict=True)):
             if i == 0 and sample.bos and seg_ids and seg_ids[-1] == self.eos_id:
                 seg_ids = seg_ids[:-1]  # tokenizers whose post-processor appends EOS
             ids += seg_ids
             labels += seg_ids if seg.label else [IGNORE_INDEX] * len(seg_ids)
-        if sample.eos and self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
-            ids.append(self.eos_id)
+        wanted = int(sample.eos)  # True -> 1; metharme asks for more
+        if wanted and self.eos_id is not None:
+            missing = wanted - (1 if ids and ids[-1] == self.eos_id else 0)
             last_trained = bool(sample.segments) and sample.segments[-1].label
-            labels.append(self.eos_id if last_trained else IGNORE_INDEX)
+            ids += [self.eos_id] * missing
+            labels += [self.eos_id if last_trained else IGNORE_INDEX] * missing
         return TokenizedRow(ids, labels)
 
     # -- conversations ----------------------------------------------------------------------
 
-    def _conversation(self, conv: Conversation) -> TokenizedRow:
+    def _encode_conversations(self, renders: list[tuple[str, list]]) -> list[tuple]:
+        """(ids, char span -> token span, content spans) per rendered conversation."""
+        if not renders:
+            return []
+        texts = [text for text, _ in renders]
+        if not getattr(self.tok, "is_fast", False):
+            return [
+                (*self._encode_with_offsets(t), spans)
+                for t, (_, spans) in zip(texts, renders, strict=True)
+            ]
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (list(ids), _span_finder(offsets), spans)
+            for ids, offsets, (_, spans) in zip(
+                enc["input_ids"], enc["offset_mapping"], renders, strict=True
+            )
+        ]
+
+    def _conversation(
+        self, conv: Conversation, ids: list[int], char_to_token: Callable, spans: list
+    ) -> TokenizedRow:
         messages = list(conv.messages)
-        tools = getattr(conv, "tools", None)
-        text, spans = self._render_with_spans(messages, tools)
-        ids, char_to_token = self._encode_with_offsets(text)
         labels = [IGNORE_INDEX] * len(ids)
         last_eot = -1
         for i, msg in enumerate(messages):
@@ -146,22 +203,46 @@ class Engine:
             labels[last_eot] = ids[last_eot]
         return TokenizedRow(ids, labels)
 
-    def _render_with_spans(
-        self, messages: list[dict], tools: list | None
-    ) -> tuple[str, list[tuple[int, int] | None]]:
-        """The rendered conversation and each message's content span, from two renders.
+    def _render_many(self, conversations: list[list[dict]], tools: list) -> list[str]:
+        """Render many conversations; one batched template call when none has tools."""
+        if any(tools) or len(conversations) < 2:
+            return [self.render(c, tools=t) for c, t in zip(conversations, tools, strict=True)]
+        self._check_template()
+        return list(
+            self.tok.apply_chat_template(
+                conversations, chat_template=self.chat_template, tokenize=False
+            )
+        )
+
+    def _render_many_with_spans(
+        self, convs: list[Conversation]
+    ) -> list[tuple[str, list[tuple[int, int] | None]]]:
+        """Each conversation's text and content spans, from two (batched) renders.
 
         Contents are wrapped in private-use marker characters and rendered once; removing
         the markers must give exactly the plain rendering, and the marker positions give
         the spans (linear in the conversation length). Templates that rewrite content (e.g.
         `| trim`) fail that check and fall back to one prefix render per message.
         """
-        text = self.render(messages, tools=tools)
-        marked_msgs = [
-            {**m, "content": f"{_START}{m['content']}{_END}"} if m["content"] else m
-            for m in messages
+        if not convs:
+            return []
+        messages = [list(c.messages) for c in convs]
+        tools = [getattr(c, "tools", None) for c in convs]
+        marked = [
+            [{**m, "content": f"{_START}{m['content']}{_END}"} if m["content"] else m for m in ms]
+            for ms in messages
         ]
-        marked = self.render(marked_msgs, tools=tools)
+        texts = self._render_many(messages, tools)
+        marked_texts = self._render_many(marked, tools)
+        return [
+            self._spans(ms, text, mtext, tool)
+            for ms, text, mtext, tool in zip(messages, texts, marked_texts, tools, strict=True)
+        ]
+
+    def _spans(
+        self, messages: list[dict], text: str, marked: str, tools: list | None
+    ) -> tuple[str, list[tuple[int, int] | None]]:
+        """Content spans from the marked rendering, checked against the plain one."""
         spans: list[tuple[int, int] | None] = []
         plain: list[str] = []
         pos = cursor = 0  # pos: in `marked`; cursor: length of the unmarked text so far
@@ -221,20 +302,22 @@ class Engine:
         """Token ids of text and a function from a char span to the token span covering it."""
         if getattr(self.tok, "is_fast", False):
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(enc["input_ids"])
-            starts = [s for s, _ in enc["offset_mapping"]]
-            ends = [e for _, e in enc["offset_mapping"]]
-
-            def span(a: int, b: int) -> tuple[int, int]:
-                # tokens overlapping [a, b): the first whose end is past a, up to the last
-                # whose start is before b
-                first, stop = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
-                return (first, stop) if stop > first else (0, 0)
-
-            return ids, span
+            return list(enc["input_ids"]), _span_finder(enc["offset_mapping"])
         ids = self._encode(text)
 
         def prefix_span(a: int, b: int) -> tuple[int, int]:
             return len(self._encode(text[:a])), len(self._encode(text[:b]))
 
         return ids, prefix_span
+
+
+def _span_finder(offsets: list[tuple[int, int]]) -> Callable[[int, int], tuple[int, int]]:
+    """A function from a char span to the tokens overlapping it (binary search on offsets)."""
+    starts = [s for s, _ in offsets]
+    ends = [e for _, e in offsets]
+
+    def span(a: int, b: int) -> tuple[int, int]:
+        first, stop = bisect.bisect_right(ends, a), bisect.bisect_left(starts, b)
+        return (first, stop) if stop > first else (0, 0)
+
+    return span

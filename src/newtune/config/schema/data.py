@@ -16,19 +16,35 @@ class DatasetEntry(Section):
     type: str | dict[str, Any] | None = Field(
         default=None, description="Prompt format: alpaca, completion, chat_template, ..."
     )
-    ds_type: Literal["json", "jsonl"] | None = Field(
+    ds_type: Literal["json", "jsonl", "csv", "parquet", "arrow", "text"] | None = Field(
         default=None, description="File format when the extension does not say it."
     )
     data_files: str | list[str] | None = Field(default=None, description="Files inside `path`.")
     split: str = Field(default="train", description="Split of the source to read.")
-    name: str | list[str] | None = planned(DATA, "Hub dataset configuration name(s).")
-    train_on_split: str | None = planned(DATA, "Split to train on.")
-    revision: str | None = planned(DATA, "Hub revision of the dataset.")
-    shards: int | None = planned(DATA, "Split the dataset into this many shards and use one.")
+    name: str | list[str] | None = Field(
+        default=None, description="Hub dataset configuration name(s); a list is concatenated."
+    )
+    train_on_split: str | None = Field(
+        default=None, description="Split to train on; overrides `split`."
+    )
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of the dataset."
+    )
+    shards: int | None = Field(
+        default=None, ge=1, description="Split the dataset into this many shards; use the first."
+    )
     field: str | None = Field(default=None, description="completion: the column holding the text.")
-    conversation: str | None = planned(DATA, "sharegpt: conversation style (deprecated).")
-    field_human: str | None = planned(DATA, "sharegpt: the human role name.")
-    field_model: str | None = planned(DATA, "sharegpt: the model role name.")
+    conversation: str | None = Field(
+        default=None,
+        description="alpaca_chat: prompt style (chat, instruct, chatml, phi); sharegpt: chat "
+        "template name (deprecated).",
+    )
+    field_human: str | None = Field(
+        default=None, description="sharegpt: the `from` value of human turns (default human)."
+    )
+    field_model: str | None = Field(
+        default=None, description="sharegpt: the `from` value of model turns (default gpt)."
+    )
     field_messages: str | None = Field(
         default=None, description="chat_template: the column holding the messages list."
     )
@@ -53,14 +69,30 @@ class DatasetEntry(Section):
     field_tools: str | None = planned(DATA, "chat_template: column of tool definitions.")
     chat_template: str | None = planned(DATA, "Chat template for this dataset only.")
     chat_template_jinja: str | None = planned(DATA, "Jinja chat template for this dataset only.")
-    system_prompt: str | None = planned(DATA, "user-defined format: system prompt.")
-    system_format: str | None = planned(DATA, "user-defined format: system prompt format.")
-    field_system: str | None = planned(DATA, "user-defined format: system column.")
-    field_instruction: str | None = planned(DATA, "user-defined format: instruction column.")
-    field_input: str | None = planned(DATA, "user-defined format: input column.")
-    field_output: str | None = planned(DATA, "user-defined format: output column.")
-    format: str | None = planned(DATA, "user-defined format: prompt with input.")
-    no_input_format: str | None = planned(DATA, "user-defined format: prompt without input.")
+    system_prompt: str | None = Field(
+        default=None, description="user_defined: system text when the row has none."
+    )
+    system_format: str | None = Field(
+        default=None, description="user_defined: layout of the system text ({system})."
+    )
+    field_system: str | None = Field(
+        default=None, description="user_defined: the system column (default system)."
+    )
+    field_instruction: str | None = Field(
+        default=None, description="user_defined: the instruction column (default instruction)."
+    )
+    field_input: str | None = Field(
+        default=None, description="user_defined: the input column (default input)."
+    )
+    field_output: str | None = Field(
+        default=None, description="user_defined: the output column (default output)."
+    )
+    format: str | None = Field(
+        default=None, description="user_defined: prompt with input ({instruction}, {input})."
+    )
+    no_input_format: str | None = Field(
+        default=None, description="user_defined: prompt without input ({instruction})."
+    )
 
 
 class DataSection(Section):

@@ -1,9 +1,16 @@
 """Prompt strategies: one small class per dataset format, registered by name."""
 
 from newtune.data.strategies.base import Conversation, Sample, Segment, Segments, Strategy
-from newtune.data.strategies.registry import get_strategy, known_types, register
+from newtune.data.strategies.registry import (
+    ENTRY_POINT_GROUP,
+    get_strategy,
+    known_types,
+    register,
+    type_problems,
+)
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Conversation",
     "Sample",
     "Segment",
@@ -12,4 +19,5 @@ __all__ = [
     "get_strategy",
     "known_types",
     "register",
+    "type_problems",
 ]

@@ -9,6 +9,21 @@ from typing import Any, ClassVar
 from newtune.config.schema import DatasetEntry
 from newtune.errors import DataError
 
+# Dataset-entry keys that only some formats read; a format lists those it reads in `entry_keys`.
+FORMAT_KEYS = (
+    "conversation",
+    "field_human",
+    "field_model",
+    "system_prompt",
+    "system_format",
+    "field_system",
+    "field_instruction",
+    "field_input",
+    "field_output",
+    "format",
+    "no_input_format",
+)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -23,13 +38,14 @@ class Segments:
     """Template-free text: segments tokenized one by one and concatenated.
 
     `bos`: the first segment is tokenized with the tokenizer's special tokens (BOS).
-    `eos`: EOS is appended (and trained when the last segment is).
+    `eos`: EOS is appended (and trained when the last segment is); an int asks for that
+    many EOS tokens (metharme appends 3), an EOS already ending the text counting as one.
     `chunk`: rows longer than sequence_len are split instead of dropped.
     """
 
     segments: tuple[Segment, ...]
     bos: bool = True
-    eos: bool = True
+    eos: bool | int = True
     chunk: bool = False
 
 
@@ -38,12 +54,14 @@ class Conversation:
     """Chat messages (`role`, `content`) rendered by a chat template.
 
     `train` holds, per message, True/False to force training of that message or None
-    to follow `roles_to_train`.
+    to follow `roles_to_train`. `tools`: tool definitions (JSON schemas) handed to the
+    chat template as its `tools` variable.
     """
 
     messages: tuple[dict[str, Any], ...]
     train: tuple[bool | None, ...] = field(default=())
     add_generation_prompt: bool = False
+    tools: list[dict[str, Any]] | None = None
 
 
 Sample = Segments | Conversation
@@ -54,10 +72,17 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1  # bump when the produced samples change: it is in the cache key
+    styles: ClassVar[tuple[str, ...]] = ()  # accepted prompt styles, as in `type: alpaca:chat`
+    # The FORMAT_KEYS this format reads; None (plugins): any. Others set on the entry are errors.
+    entry_keys: ClassVar[frozenset[str] | None] = None
+    chat: ClassVar[bool] = False  # prompts are chat conversations (inference keeps a history)
 
-    def __init__(self, entry: DatasetEntry, train_on_inputs: bool) -> None:
+    def __init__(
+        self, entry: DatasetEntry, train_on_inputs: bool, style: str | None = None
+    ) -> None:
         self.entry = entry
         self.train_on_inputs = train_on_inputs
+        self.style = style
 
     @abstractmethod
     def sample(self, row: dict[str, Any]) -> Sample:
@@ -78,3 +103,19 @@ def text_field(row: dict[str, Any], key: str) -> str:
     if value is None:
         raise DataError(f"column `{key}` is empty (null)")
     return str(value)
+
+
+def optional_field(row: dict[str, Any], key: str) -> str:
+    """The string in `row[key]`, or "" when the column is missing or null."""
+    value = row.get(key)
+    return "" if value is None else str(value)
+
+
+def prompt_and_response(prompt: str, response: str, train_on_inputs: bool) -> Segments:
+    """BOS + prompt (trained only with train_on_inputs) + response (trained) + EOS."""
+    return Segments((Segment(prompt, train_on_inputs), Segment(response, True)), bos=True, eos=True)
+
+
+def prompt_only(prompt: str) -> Segments:
+    """An inference prompt: BOS + prompt, no EOS."""
+    return Segments((Segment(prompt, False),), bos=True, eos=False)

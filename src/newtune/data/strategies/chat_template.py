@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+from newtune.config.schema import DatasetEntry
 from newtune.data.strategies.base import Conversation, Strategy
 from newtune.data.strategies.registry import register
 from newtune.errors import DataError
@@ -23,8 +24,14 @@ DEFAULT_ROLES = {
 class ChatTemplate(Strategy):
     """Map a row's message list onto `role`/`content` dicts; the engine renders and masks."""
 
-    def __init__(self, entry, train_on_inputs: bool) -> None:  # noqa: ANN001
-        super().__init__(entry, train_on_inputs)
+    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
+    chat: ClassVar[bool] = True
+    keep_extra_keys: ClassVar[bool] = False  # pass other message keys (tool_calls, ...) through
+
+    def __init__(
+        self, entry: DatasetEntry, train_on_inputs: bool, style: str | None = None
+    ) -> None:
+        super().__init__(entry, train_on_inputs, style)
         self.field_messages = entry.field_messages or "messages"
         mapping = entry.message_property_mappings or {}
         self.role_key = mapping.get("role", "role")
@@ -37,26 +44,48 @@ class ChatTemplate(Strategy):
     def required_columns(self) -> list[str]:
         return [self.field_messages]
 
-    def sample(self, row: dict[str, Any]) -> Conversation:
-        raw = row[self.field_messages]
+    def messages(
+        self,
+        row: dict[str, Any],
+        column: str | None = None,
+        keys: tuple[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The row's messages as role/content dicts.
+
+        `column` defaults to field_messages, `keys` (role key, content key) to the mapping.
+        """
+        column = column or self.field_messages
+        role_key, content_key = keys or (self.role_key, self.content_key)
+        raw = row.get(column)
         if not isinstance(raw, list) or not raw:
             raise DataError(
-                f"column `{self.field_messages}` must hold a non-empty list of messages, "
+                f"column `{column}` must hold a non-empty list of messages, "
                 f"got {type(raw).__name__}"
             )
         messages = []
         for i, msg in enumerate(raw):
-            if not isinstance(msg, dict) or self.role_key not in msg or self.content_key not in msg:
-                keys = list(msg) if isinstance(msg, dict) else type(msg).__name__
+            if not isinstance(msg, dict) or role_key not in msg or content_key not in msg:
+                found = list(msg) if isinstance(msg, dict) else type(msg).__name__
                 raise DataError(
-                    f"message {i} of `{self.field_messages}` needs keys `{self.role_key}` and "
-                    f"`{self.content_key}` but has {keys}; set `message_property_mappings` "
+                    f"message {i} of `{column}` needs keys `{role_key}` and "
+                    f"`{content_key}` but has {found}; set `message_property_mappings` "
                     "(e.g. {role: from, content: value}) to name them"
                 )
-            role = self.roles.get(msg[self.role_key], msg[self.role_key])
-            content = msg[self.content_key]
-            messages.append({"role": role, "content": "" if content is None else str(content)})
-        return Conversation(tuple(messages))
+            role = self.roles.get(msg[role_key], msg[role_key])
+            content = msg[content_key]
+            out = {"role": role, "content": "" if content is None else str(content)}
+            if self.keep_extra_keys:
+                extra = {
+                    k: v
+                    for k, v in msg.items()
+                    if k not in (role_key, content_key) and v is not None
+                }
+                out = {**extra, **out}
+            messages.append(out)
+        return messages
+
+    def sample(self, row: dict[str, Any]) -> Conversation:
+        return Conversation(tuple(self.messages(row)))
 
     def prompt(self, text: str, history: list[dict[str, str]] | None = None) -> Conversation:
         messages = [*(history or []), {"role": "user", "content": text}]

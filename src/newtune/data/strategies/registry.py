@@ -1,16 +1,42 @@
-"""Registry of prompt strategies: `@register("name")` and lookup by a dataset entry's type."""
+"""Registry of prompt strategies, and lookup of a dataset entry's `type`.
+
+A `type:` string is looked up as: a registered name (`alpaca`, `alpaca_chat.load_qa`), with
+an optional prompt style (`alpaca:chatml`); `name.load` (the same as `name`); an installed
+plugin (entry point group `newtune.strategies`); a dotted import path (`pkg.module.load_fn`,
+`pkg.module.StrategyClass`, or `pkg.module` for its `load`). A plugin is a Strategy subclass,
+or a function `load_fn(entry, train_on_inputs)` returning a Strategy. A `type:` mapping is a
+user-defined format.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
+import importlib
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from newtune.errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # base imports the config schema, whose package imports this module
     from newtune.config.schema import DatasetEntry
     from newtune.data.strategies.base import Strategy
 
+ENTRY_POINT_GROUP = "newtune.strategies"
+BUILTIN_MODULES = (
+    "alpaca",
+    "chat_template",
+    "completion",
+    "context_qa",
+    "creative_acr",
+    "input_output",
+    "instruct_datasets",
+    "metharme",
+    "sharegpt",
+    "trl",
+    "user_defined",
+)
 _REGISTRY: dict[str, type[Strategy]] = {}
 
 
@@ -25,30 +51,195 @@ def register(name: str):  # noqa: ANN201
     return wrap
 
 
-def known_types() -> list[str]:
-    """Names of every registered strategy."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
 def _load_builtin() -> None:
-    from newtune.data.strategies import alpaca, chat_template, completion  # noqa: F401
+    for module in BUILTIN_MODULES:
+        importlib.import_module(f"newtune.data.strategies.{module}")
 
 
-def get_strategy(entry: DatasetEntry, index: int, train_on_inputs: bool) -> Strategy:
-    """Instantiate the strategy named by `datasets[index].type`."""
-    known = known_types()
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def known_types() -> list[str]:
+    """Every registered format (`name.load_fn` variants included) and installed plugin."""
+    _load_builtin()
+    return sorted({*_REGISTRY, *(ep.name for ep in _entry_points())})
+
+
+def _spellings() -> list[str]:
+    """Known names plus `name:style` spellings, for did-you-mean."""
+    styled = [f"{n}:{s}" for n, cls in _REGISTRY.items() for s in cls.styles]
+    return [*known_types(), *styled]
+
+
+@dataclass(frozen=True)
+class _Found:
+    factory: Any  # a Strategy subclass or a load function
+    name: str
+    style: str | None = None
+
+
+def _import_path(path: str) -> Any | None:
+    """The object a dotted path names (a module stands for its `load`); None if no module."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except (ImportError, ValueError):  # a parent is missing or is not a package
+            spec = None
+        if spec is None:
+            continue
+        try:
+            obj = importlib.import_module(module_name)
+        except Exception as exc:  # a plugin's import can fail in any way; report it
+            raise ConfigError(
+                f"importing the plugin module `{module_name}` failed: {exc!r}"
+            ) from exc
+        attrs = parts[cut:] or ["load"]
+        for attr in attrs:
+            if not hasattr(obj, attr):
+                raise ConfigError(f"module `{module_name}` has no `{'.'.join(attrs)}`")
+            obj = getattr(obj, attr)
+        return obj
+    return None
+
+
+def _find(type_name: str) -> _Found | None:
+    """Resolve a `type:` string; None when nothing answers to it."""
+    _load_builtin()
+    if type_name in _REGISTRY:
+        return _Found(_REGISTRY[type_name], type_name)
+    base, colon, style = type_name.partition(":")
+    if colon:
+        if "." in base and base not in _REGISTRY:
+            raise ConfigError(f"plugin paths are written with dots only: `{base}.{style}`")
+        return _with_style(_find(base), base, style)
+    if type_name.endswith(".load") and type_name[: -len(".load")] in _REGISTRY:
+        return _Found(_REGISTRY[type_name[: -len(".load")]], type_name[: -len(".load")])
+    if type_name.split(".")[0] in _REGISTRY:
+        return None  # a variant of a built-in format that does not exist
+    for ep in _entry_points():
+        if ep.name == type_name:
+            try:
+                return _Found(ep.load(), type_name)
+            except Exception as exc:  # a plugin's import can fail in any way; report it
+                raise ConfigError(
+                    f"loading the plugin `{ep.value}` (entry point `{ep.name}` of group "
+                    f"{ENTRY_POINT_GROUP}) failed: {exc!r}"
+                ) from exc
+    if "." in type_name:
+        obj = _import_path(type_name)
+        if obj is not None:
+            return _Found(obj, type_name)
+    return None
+
+
+def _with_style(found: _Found | None, base: str, style: str) -> _Found | None:
+    if found is None:
+        return None
+    styles = getattr(found.factory, "styles", ())
+    if style.startswith("load") and not styles:
+        raise ConfigError(f"loader variants are written with a dot: did you mean `{base}.{style}`?")
+    if style not in styles:
+        what = f"its styles are {', '.join(styles)}" if styles else "it takes no style"
+        raise ConfigError(f"`{base}` has no prompt style `{style}`; {what}")
+    return _Found(found.factory, found.name, style)
+
+
+def _instantiate(found: _Found, entry: DatasetEntry, train_on_inputs: bool) -> Strategy:
+    from newtune.data.strategies.base import Strategy
+
+    factory = found.factory
+    if isinstance(factory, type) and issubclass(factory, Strategy):
+        style = {"style": found.style} if found.style else {}
+        strategy = factory(entry, train_on_inputs, **style)
+    elif callable(factory) and not isinstance(factory, type):
+        try:
+            strategy = factory(entry, train_on_inputs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"`{found.name}` must be callable as load(entry, train_on_inputs): {exc}"
+            ) from exc
+    else:
+        raise ConfigError(
+            f"`{found.name}` names {factory!r}, which is neither a newtune Strategy subclass "
+            "nor a function load(entry, train_on_inputs)"
+        )
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(
+            f"`{found.name}` returned {type(strategy).__name__}, not a newtune Strategy"
+        )
+    if not strategy.name:
+        strategy.name = found.name  # type: ignore[misc]  # plugins without @register
+    return strategy
+
+
+def _check_entry_keys(strategy: Strategy, entry: DatasetEntry, where: str) -> None:
+    """Format keys set on the entry that this format does not read are errors."""
+    from newtune.data.strategies.base import FORMAT_KEYS
+
+    allowed = frozenset() if isinstance(entry.type, dict) else strategy.entry_keys
+    if allowed is None:
+        return
+    unused = [k for k in FORMAT_KEYS if getattr(entry, k, None) is not None and k not in allowed]
+    if not unused:
+        return
+    keys = ", ".join(f"`{where}.{k}`" for k in unused)
+    if isinstance(entry.type, dict):
+        raise ConfigError(f"{keys} set beside a `type:` mapping; move them into the mapping.")
+    raise ConfigError(f"{keys} set, but `type: {entry.type}` does not read it; remove it.")
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?")) else text + "."
+
+
+def get_strategy(
+    entry: DatasetEntry, index: int, train_on_inputs: bool, key: str = "datasets"
+) -> Strategy:
+    """Instantiate the strategy named by `{key}[index].type`; ConfigError when it cannot."""
+    where = f"{key}[{index}]"
     if entry.type is None:
         raise ConfigError(
-            f"`datasets[{index}].type` is missing for {entry.path}; set it to one of: "
-            f"{', '.join(known)}."
+            f"`{where}.type` is missing for {entry.path}; set it to one of: "
+            f"{', '.join(known_types())}."
         )
-    cls = _REGISTRY.get(entry.type)
-    if cls is None:
-        match = difflib.get_close_matches(entry.type, known, n=1, cutoff=0.5)
-        hint = f" Did you mean `{match[0]}`?" if match else ""
+    if isinstance(entry.type, dict):
+        label = f"`{where}.type` (a user-defined format)"
+        _load_builtin()
+        found: _Found | None = _Found(_REGISTRY["user_defined"], "user_defined")
+    else:
+        label = f"`{where}.type: {entry.type}`"
+        try:
+            found = _find(entry.type)
+        except ConfigError as exc:
+            raise ConfigError(_sentence(f"{label}: {exc}")) from None
+    if found is None:
+        variants = [k for k in known_types() if k.startswith(f"{entry.type}.")]
+        match = difflib.get_close_matches(entry.type, _spellings(), n=1, cutoff=0.5)
+        if variants:
+            hint = f" Did you mean one of {', '.join(f'`{v}`' for v in variants)}?"
+        else:
+            hint = f" Did you mean `{match[0]}`?" if match else ""
         raise ConfigError(
-            f"`datasets[{index}].type: {entry.type}` is not a dataset format newtune knows.{hint} "
-            f"Known formats: {', '.join(known)}."
+            f"{label} is not a dataset format newtune knows.{hint} "
+            f"Known formats: {', '.join(known_types())}."
         )
-    return cls(entry, train_on_inputs)
+    try:
+        strategy = _instantiate(found, entry, train_on_inputs)
+    except ConfigError as exc:
+        raise ConfigError(_sentence(f"{label}: {exc}")) from None
+    _check_entry_keys(strategy, entry, where)
+    return strategy
+
+
+def type_problems(entry: DatasetEntry, index: int, key: str = "datasets") -> list[str]:
+    """What is wrong with an entry's `type` (unknown, bad style, bad mapping), for validation."""
+    if entry.type is None:
+        return []
+    try:
+        get_strategy(entry, index, train_on_inputs=False, key=key)
+    except ConfigError as exc:
+        return [str(exc).removesuffix(".")]
+    return []

@@ -1,0 +1,72 @@
+"""TRL's dataset formats: prompt-completion (plain or conversational) and messages (+ tools)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from newtune.data.strategies.base import Conversation, Sample, prompt_and_response, prompt_only
+from newtune.data.strategies.chat_template import ChatTemplate
+from newtune.data.strategies.registry import register
+from newtune.errors import DataError
+
+
+def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The row's `tools` column (a list of JSON schemas, or its JSON text); None when absent."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"column `tools` is not valid JSON: {exc}") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError("column `tools` must hold a list of tool definitions (JSON objects)")
+    return tools
+
+
+@register("messages")
+class Messages(ChatTemplate):
+    """TRL's conversational format: `messages` (role, content, tool_calls, ...) and `tools`."""
+
+    keep_extra_keys = True
+
+    def sample(self, row: dict[str, Any]) -> Conversation:
+        return Conversation(tuple(self.messages(row)), tools=tools_of(row))
+
+
+@register("prompt_completion")
+class PromptCompletion(ChatTemplate):
+    """TRL's prompt-completion format; the completion is trained, the prompt only with
+    train_on_inputs.
+
+    Plain (two strings): BOS + prompt + completion + EOS, as TRL tokenizes it. Conversational
+    (two message lists): the messages rendered with the chat template, completion messages
+    trained. Inference prompts are plain text, or a chat conversation when a history is given.
+    """
+
+    chat: ClassVar[bool] = False
+    keep_extra_keys = True
+
+    def required_columns(self) -> list[str]:
+        return ["prompt", "completion"]
+
+    def sample(self, row: dict[str, Any]) -> Sample:
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt_and_response(prompt, completion, self.train_on_inputs)
+        if isinstance(prompt, list) and isinstance(completion, list):
+            messages = self.messages(row, "prompt") + self.messages(row, "completion")
+            train = (self.train_on_inputs,) * len(prompt) + (True,) * len(completion)
+            return Conversation(tuple(messages), train=train, tools=tools_of(row))
+        raise DataError(
+            "columns `prompt` and `completion` must both be strings (plain) or both be "
+            f"lists of messages (conversational), got {type(prompt).__name__} and "
+            f"{type(completion).__name__}"
+        )
+
+    def prompt(self, text: str, history: list[dict[str, str]] | None = None) -> Sample:
+        if history is None:
+            return prompt_only(text)
+        return super().prompt(text, history)
