@@ -7,6 +7,7 @@ import pytest
 from newtune.config.schema import DatasetEntry
 from newtune.data.strategies import get_strategy
 from newtune.data.tokenize import IGNORE_INDEX, Engine
+from newtune.errors import ConfigError, DataError
 
 M = IGNORE_INDEX
 
@@ -289,3 +290,81 @@ def test_tools_reach_the_template(chat_tokenizer):
         "<|im_start|>system\nTools: search, calc<|im_end|>\n"
     )
     assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Hello!<|im_end|>"
+
+
+def test_per_message_training_field_and_drop_system(chat_tokenizer):
+    convo = [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Hello there!"},
+        {"role": "assistant", "content": "Hello!", "train": False},
+        {"role": "user", "content": "What is the capital of France?", "train": True},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    entry = {
+        "type": "chat_template",
+        "message_field_training": "train",
+        "drop_system_message": True,
+    }
+    (row,) = rows_for(chat_tokenizer, entry, {"messages": convo})
+    text = chat_tokenizer.decode(row.input_ids)
+    assert text.startswith("<|im_start|>user\nHello there!")  # the system turn is gone
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained == "What is the capital of France?<|im_end|>Paris.<|im_end|>"
+
+
+def test_field_tools_column(chat_tokenizer):
+    template = (
+        "{% if tools %}Tools: {{ tools | map(attribute='name') | join(', ') }}\n{% endif %}"
+        + chat_tokenizer.chat_template
+    )
+    convo = CONVERSATION[1:3]
+    from newtune.config.schema import NewtuneConfig
+    from newtune.data.prepare import _engine_for
+
+    cfg = NewtuneConfig(base_model="m", datasets=[{"path": "x.jsonl", "type": "chat_template"}])
+    entry = DatasetEntry(
+        path="x.jsonl", type="chat_template", field_tools="functions", chat_template=template
+    )
+    engine = _engine_for(entry, cfg, chat_tokenizer, chat_tokenizer.chat_template)
+    sample = get_strategy(entry, 0, False).sample(
+        {"messages": convo, "functions": '[{"name": "search"}]'}
+    )
+    (row,) = engine.tokenize(sample)
+    assert chat_tokenizer.decode(row.input_ids).startswith("Tools: search\n<|im_start|>user\n")
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Hello!<|im_end|>"
+
+
+def test_eot_tokens_choose_the_end_of_turn(tokenizer):
+    # tokenizer's EOS is </s>; with chatml the turn ends with <|im_end|>
+    from newtune.data.templates import CHATML
+
+    strategy = get_strategy(DatasetEntry(path="x", type="chat_template"), 0, False)
+    sample = strategy.sample({"messages": CONVERSATION[1:3]})
+    plain = Engine(tokenizer, chat_template=CHATML).tokenize(sample)[0]
+    assert tokenizer.decode([t for t in plain.labels if t != M]) == "Hello!"
+    eot = Engine(tokenizer, chat_template=CHATML, eot_tokens=("<|im_end|>",)).tokenize(sample)[0]
+    assert tokenizer.decode([t for t in eot.labels if t != M]) == "Hello!<|im_end|>"
+    with pytest.raises(DataError, match=r"^eot_tokens: `<\|nope\|>` is not a single token"):
+        Engine(tokenizer, eot_tokens=("<|nope|>",))
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen", "mistral", "gemma", "phi_3", "llama3"])
+def test_named_templates_train_only_assistant_content(chat_tokenizer, name):
+    from newtune.data.templates import resolve_chat_template
+
+    engine = Engine(chat_tokenizer, chat_template=resolve_chat_template(name, None))
+    strategy = get_strategy(DatasetEntry(path="x", type="chat_template"), 0, False)
+    (row,) = engine.tokenize(strategy.sample({"messages": CONVERSATION}))
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained.replace("<|im_end|>", "") == "Hello!Paris."
+    assert "What is the capital of France?" in chat_tokenizer.decode(row.input_ids)
+
+
+def test_jinja_file_template(tmp_path):
+    from newtune.data.templates import CHATML, resolve_chat_template
+
+    path = tmp_path / "t.jinja"
+    path.write_text(CHATML)
+    assert resolve_chat_template(str(path), None) == CHATML
+    with pytest.raises(ConfigError, match="chat template file .*missing.jinja does not exist"):
+        resolve_chat_template(str(tmp_path / "missing.jinja"), None)

@@ -23,6 +23,7 @@ from filelock import FileLock
 from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
+from newtune.data.templates import resolve_chat_template
 from newtune.data.tokenize import IGNORE_INDEX, Engine
 from newtune.errors import ConfigError, DataError
 
@@ -116,13 +117,15 @@ def fingerprint(inputs: dict[str, Any], strategies: list[Strategy | None]) -> st
 
 
 def _engine_for(entry: DatasetEntry, config: NewtuneConfig, tokenizer: Any, template: str | None):
+    own = entry.chat_template_jinja or entry.chat_template  # a per-dataset template wins
     return Engine(
         tokenizer,
-        chat_template=template,
+        chat_template=resolve_chat_template(own, template) if own else template,
         roles_to_train=tuple(entry.roles_to_train or ("assistant",)),
         train_on_eos=entry.train_on_eos or "turn",
         train_on_inputs=config.train_on_inputs,
         sequence_len=config.sequence_len,
+        eot_tokens=tuple(config.eot_tokens or ()),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from newtune.errors import ConfigError
 
 CHATML = (
@@ -21,7 +23,49 @@ LLAMA3 = (
     "{% endif %}"
 )
 
-NAMED_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama3": LLAMA3}
+QWEN = (
+    "{% if messages and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+    "assistant.<|im_end|>\\n' }}{% endif %}" + CHATML
+)
+
+MISTRAL = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set rest = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set rest = messages %}{% endif %}"
+    "{% for message in rest %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system %}{{ '[INST] ' + system + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+GEMMA = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+PHI_3 = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+NAMED_TEMPLATES: dict[str, str] = {
+    "chatml": CHATML,
+    "llama3": LLAMA3,
+    "qwen": QWEN,
+    "mistral": MISTRAL,
+    "gemma": GEMMA,
+    "phi_3": PHI_3,
+}
 TOKENIZER_DEFAULT = "tokenizer_default"
 
 
@@ -33,7 +77,13 @@ def resolve_chat_template(name_or_jinja: str | None, tokenizer_template: str | N
         return NAMED_TEMPLATES[name_or_jinja]
     if "{%" in name_or_jinja or "{{" in name_or_jinja:
         return name_or_jinja
+    if name_or_jinja.endswith((".jinja", ".j2")):
+        path = Path(name_or_jinja).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"chat template file {name_or_jinja} does not exist.")
+        return path.read_text(encoding="utf-8")
     raise ConfigError(
         f"`chat_template: {name_or_jinja}` is not a template newtune knows. Use one of "
-        f"{', '.join([TOKENIZER_DEFAULT, *NAMED_TEMPLATES])}, or a jinja template string."
+        f"{', '.join([TOKENIZER_DEFAULT, *NAMED_TEMPLATES])}, a jinja template string, or the "
+        "path of a .jinja file."
     )

@@ -42,6 +42,7 @@ class Engine:
         train_on_eos: str = "turn",
         train_on_inputs: bool = False,
         sequence_len: int | None = None,
+        eot_tokens: tuple[str, ...] = (),
     ) -> None:
         self.tok = tokenizer
         self.chat_template = chat_template
@@ -51,6 +52,8 @@ class Engine:
         self.sequence_len = sequence_len
         self.eos_id = tokenizer.eos_token_id
         self.eot_ids = {self.eos_id} if self.eos_id is not None else set()
+        if eot_tokens:
+            self.eot_ids = {self._single_token(t) for t in eot_tokens}
 
     # -- public -----------------------------------------------------------------------------
 
@@ -127,6 +130,15 @@ class Engine:
             add_generation_prompt=add_generation_prompt,
             **({"tools": tools} if tools else {}),
         )
+
+    def _single_token(self, token: str) -> int:
+        ids = self._encode(token)
+        if len(ids) != 1:
+            raise DataError(
+                f"eot_tokens: `{token}` is not a single token of this tokenizer (it encodes to "
+                f"{len(ids)} tokens); list the template's real end-of-turn token"
+            )
+        return ids[0]
 
     def _check_template(self) -> None:
         if self.chat_template is None and not getattr(self.tok, "chat_template", None):

@@ -51,9 +51,15 @@ class DatasetEntry(Section):
     message_property_mappings: dict[str, str] | None = Field(
         default=None, description="chat_template: message keys, e.g. {role: from, content: value}."
     )
-    message_field_role: str | None = planned(DATA, "chat_template: legacy role key name.")
-    message_field_content: str | None = planned(DATA, "chat_template: legacy content key name.")
-    message_field_training: str | None = planned(DATA, "chat_template: per-message train flag key.")
+    message_field_role: str | None = Field(
+        default=None, description="chat_template: legacy role key name."
+    )
+    message_field_content: str | None = Field(
+        default=None, description="chat_template: legacy content key name."
+    )
+    message_field_training: str | None = Field(
+        default=None, description="chat_template: message key with a per-message train flag."
+    )
     roles: dict[str, list[str]] | None = Field(
         default=None, description="chat_template: template role -> the names used in the data."
     )
@@ -65,10 +71,18 @@ class DatasetEntry(Section):
         default=None,
         description="chat_template: which end-of-turn tokens are trained (default turn).",
     )
-    drop_system_message: bool | None = planned(DATA, "chat_template: drop the system turn.")
-    field_tools: str | None = planned(DATA, "chat_template: column of tool definitions.")
-    chat_template: str | None = planned(DATA, "Chat template for this dataset only.")
-    chat_template_jinja: str | None = planned(DATA, "Jinja chat template for this dataset only.")
+    drop_system_message: bool | None = Field(
+        default=None, description="chat_template: drop a leading system turn."
+    )
+    field_tools: str | None = Field(
+        default=None, description="chat_template: column of tool definitions (default tools)."
+    )
+    chat_template: str | None = Field(
+        default=None, description="Chat template (name, jinja or .jinja file) for this dataset."
+    )
+    chat_template_jinja: str | None = Field(
+        default=None, description="Jinja chat template for this dataset only."
+    )
     system_prompt: str | None = Field(
         default=None, description="user_defined: system text when the row has none."
     )
@@ -106,7 +120,9 @@ class DataSection(Section):
     chat_template: str | None = Field(
         default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
     )
-    eot_tokens: list[str] | None = planned(DATA, "End-of-turn tokens of the chat template.")
+    eot_tokens: list[str] | None = Field(
+        default=None, description="End-of-turn tokens of the chat template (default: EOS)."
+    )
     dataset_prepared_path: str = Field(
         default="last_run_prepared", description="Folder of the tokenized-dataset cache."
     )

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from newtune.config.schema import DatasetEntry
 from newtune.data.strategies.base import Conversation, Strategy
 from newtune.data.strategies.registry import register
 from newtune.errors import DataError
+
+
+def tools_of(row: dict[str, Any], column: str = "tools") -> list[dict[str, Any]] | None:
+    """Tool definitions in a row's column (JSON schemas, or their JSON text); None when absent."""
+    tools = row.get(column)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"column `{column}` is not valid JSON: {exc}") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"column `{column}` must hold a list of tool definitions (JSON objects)")
+    return tools
+
 
 DEFAULT_ROLES = {
     "human": "user",
@@ -34,8 +51,10 @@ class ChatTemplate(Strategy):
         super().__init__(entry, train_on_inputs, style)
         self.field_messages = entry.field_messages or "messages"
         mapping = entry.message_property_mappings or {}
-        self.role_key = mapping.get("role", "role")
-        self.content_key = mapping.get("content", "content")
+        self.role_key = mapping.get("role", entry.message_field_role or "role")
+        self.content_key = mapping.get("content", entry.message_field_content or "content")
+        self.training_key = entry.message_field_training
+        self.tools_column = entry.field_tools or "tools"
         if entry.roles:
             self.roles = {src: dst for dst, srcs in entry.roles.items() for src in srcs}
         else:
@@ -85,7 +104,20 @@ class ChatTemplate(Strategy):
         return messages
 
     def sample(self, row: dict[str, Any]) -> Conversation:
-        return Conversation(tuple(self.messages(row)))
+        raw = row.get(self.field_messages) or []
+        messages = self.messages(row)
+        train: list[bool | None] = [None] * len(messages)
+        if self.training_key:
+            train = [
+                None
+                if not isinstance(m, dict) or m.get(self.training_key) is None
+                else bool(m[self.training_key])
+                for m in raw
+            ]
+        if self.entry.drop_system_message and messages and messages[0]["role"] == "system":
+            messages, train = messages[1:], train[1:]
+        tools = tools_of(row, self.tools_column) if self.tools_column in row else None
+        return Conversation(tuple(messages), tuple(train), tools=tools)
 
     def prompt(self, text: str, history: list[dict[str, str]] | None = None) -> Conversation:
         messages = [*(history or []), {"role": "user", "content": text}]

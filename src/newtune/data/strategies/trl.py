@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from newtune.data.strategies.base import Conversation, Sample, prompt_and_response, prompt_only
-from newtune.data.strategies.chat_template import ChatTemplate
+from newtune.data.strategies.chat_template import ChatTemplate, tools_of
 from newtune.data.strategies.registry import register
 from newtune.errors import DataError
-
-
-def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The row's `tools` column (a list of JSON schemas, or its JSON text); None when absent."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"column `tools` is not valid JSON: {exc}") from None
-    if tools is None or tools == []:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise DataError("column `tools` must hold a list of tool definitions (JSON objects)")
-    return tools
 
 
 @register("messages")
