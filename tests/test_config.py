@@ -77,19 +77,10 @@ def test_unsupported_key_names_alternative(tmp_path):
     )
 
 
-def test_planned_dataset_key(tmp_path):
+def test_every_dataset_entry_key_is_implemented():
     from newtune.config.schema import DatasetEntry, status_of
 
-    key = next(  # any dataset key still planned (keys move to implemented as work lands)
-        name
-        for name, info in DatasetEntry.model_fields.items()
-        if status_of(info)["status"] == "planned: data pipeline" and info.annotation == str | None
-    )
-    msg = error_of(write(tmp_path, BASE + f"    {key}: chatml\n"))
-    assert (
-        f"`datasets[0].{key}: 'chatml'` is not implemented by newtune yet (planned with the data pipeline work)"
-        in msg
-    )
+    assert {status_of(i)["status"] for i in DatasetEntry.model_fields.values()} == {"implemented"}
 
 
 def test_off_values_and_ignored_keys_are_accepted(tmp_path):
