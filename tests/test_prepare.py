@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import datasets
 import pytest
 from conftest import write_jsonl
 
@@ -221,3 +223,45 @@ def test_concurrent_processes_wait_for_one_writer(tmp_path, tok_dir):
         results = pool.map(_prepare_in_child, [(tmp_path, data, tok_dir)] * 2)
     assert results[0][0] == results[1][0]
     assert sorted(r[1] for r in results) == [False, True]
+
+
+def test_stale_temp_and_incomplete_cache_are_rebuilt(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    first = prepare(config(tmp_path, data), tokenizer, None)
+    # as if a killed run left a temp folder, and a copy without its report
+    (first.path.parent / f".tmp-{first.path.name}-999").mkdir()
+    (first.path / "stats.json").unlink()
+    again = prepare(config(tmp_path, data), tokenizer, None)
+    assert not again.reused and (again.path / "stats.json").is_file()
+    assert len(again.data["train"]) == 10
+
+
+def test_crash_while_saving_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+
+    def crash(self, path, **kwargs):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "partial").write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(tmp_path, data), tokenizer, None)
+    left = [p.name for p in (tmp_path / "prepared").iterdir() if not p.name.endswith(".lock")]
+    assert left == []
+
+
+def test_sharegpt_conversation_style_picks_the_template(tmp_path, tokenizer):
+    rows = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    ]
+    data = write_jsonl(tmp_path / "s.jsonl", rows)
+    cfg = NewtuneConfig(
+        base_model="unused",
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        datasets=[{"path": str(data), "type": "sharegpt", "conversation": "chatml"}],
+    )
+    row = prepare(cfg, tokenizer, None).data["train"][0]
+    assert tokenizer.decode(row["input_ids"]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    )

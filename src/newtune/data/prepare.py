@@ -116,8 +116,17 @@ def fingerprint(inputs: dict[str, Any], strategies: list[Strategy | None]) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _engine_for(entry: DatasetEntry, config: NewtuneConfig, tokenizer: Any, template: str | None):
-    own = entry.chat_template_jinja or entry.chat_template  # a per-dataset template wins
+def _engine_for(
+    entry: DatasetEntry,
+    config: NewtuneConfig,
+    tokenizer: Any,
+    template: str | None,
+    strategy: Strategy | None = None,
+) -> Engine:
+    # a per-dataset template wins; then a strategy's own (sharegpt's `conversation:`)
+    own = entry.chat_template_jinja or entry.chat_template
+    if own is None and config.chat_template is None:
+        own = getattr(strategy, "chat_template", None)
     return Engine(
         tokenizer,
         chat_template=resolve_chat_template(own, template) if own else template,
@@ -246,7 +255,7 @@ def _load_entries(
                 )
             part = _pretokenized(rows, where)
         else:
-            engine = _engine_for(entry, config, tokenizer, template)
+            engine = _engine_for(entry, config, tokenizer, template, strategy)
             part = _tokenize_entry(
                 where, entry, rows, strategy, engine, _num_proc(config, len(rows))
             )
