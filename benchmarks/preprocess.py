@@ -6,7 +6,9 @@ Same tokenizer (SmolLM2-135M-Instruct, from the quickstart's GGUF file), same ma
   * 2k conversations of 20 turns: newtune `type: chat_template` (assistant-only labels);
     TRL `messages` rows (TRL masks assistants only with `{% generation %}` templates, which
     SmolLM2's lacks, so TRL does strictly less work here).
-Both use the same number of processes. newtune's time includes reading the JSONL file and
+A third row, `floor`, times only the Rust tokenizer encoding the already-rendered chat text
+(CPU time / processes): no tool that must produce these ids can beat it, so it bounds the
+speedup any chat preprocessor can show over TRL. Both use the same number of processes. newtune's time includes reading the JSONL file and
 writing the cache; TRL's starts from an in-memory Dataset and writes nothing.
 
 Run: python benchmarks/preprocess.py [--rows 20000 --convs 2000 --procs 2]
@@ -181,6 +183,7 @@ def main() -> None:
         nt = time_newtune(chats, "chat_template", tok, opts.procs, tmp)
         trl = time_trl(chats, tok, opts.procs, tmp)
         same = sum(a == b for a, b in zip(nt[2]["input_ids"], trl[2]["input_ids"], strict=True))
+        floor = encode_floor(chats, tok, opts.procs)
         results.append(
             (
                 f"chat, {opts.convs:,} x {opts.turns} turns",
@@ -203,6 +206,25 @@ def main() -> None:
                 f"{name:<26} {tool:<8} {secs:>8.2f} {n / secs:>9,.0f} {toks / secs:>10,.0f} "
                 f"{speed:>8}  {same if tool == 'newtune' else ''}"
             )
+    secs, toks = floor
+    print(
+        f"{'chat: encode only':<26} {'floor':<8} {secs:>8.2f} {opts.convs / secs:>9,.0f} "
+        f"{toks / secs:>10,.0f} {results[1][3][0] / secs:>7.2f}x  (rendered text -> ids, "
+        f"Rust tokenizer, CPU time / {opts.procs})"
+    )
+
+
+def encode_floor(rows: list[dict], tok, procs: int) -> tuple[float, int]:
+    """The least any tool must spend on chat rows: tokenizing the rendered text, nothing else.
+
+    The conversations are rendered before timing; the raw Rust tokenizer encodes them without
+    offsets in one thread, and the CPU time is divided by `procs` (a perfect parallel split).
+    """
+    texts = tok.apply_chat_template([r["messages"] for r in rows], tokenize=False)
+    start = time.process_time()
+    enc = tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    cpu = time.process_time() - start
+    return cpu / procs, sum(len(e.ids) for e in enc)
 
 
 def trl_labels(ds) -> list[list[int]]:

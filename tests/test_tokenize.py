@@ -243,20 +243,78 @@ def test_inference_prompt_equals_training_prompt(tokenizer, chat_tokenizer):
     assert crow.labels[len(cprompt)] != M
 
 
-def test_chat_spans_come_from_two_renders(chat_tokenizer, monkeypatch):
-    calls = []
-    real = type(chat_tokenizer).apply_chat_template
+def _count_renders(tokenizer, monkeypatch) -> list:
+    calls: list = []
+    real = type(tokenizer).apply_chat_template
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(chat_tokenizer), "apply_chat_template", counting)
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counting)
+    return calls
+
+
+def test_chat_spans_come_from_one_render_when_the_template_only_prints_content(
+    chat_tokenizer, monkeypatch
+):
+    calls = _count_renders(chat_tokenizer, monkeypatch)
     long = [CONVERSATION[0]] + CONVERSATION[1:] * 10  # 21 messages
     (row,) = rows_for(chat_tokenizer, {"type": "chat_template"}, {"messages": long})
-    assert len(calls) == 2
+    assert len(calls) == 1
     trained = chat_tokenizer.decode([t for t in row.labels if t != M])
     assert trained == "Hello!<|im_end|>Paris.<|im_end|>" * 10
+
+
+def test_chat_spans_are_checked_against_a_plain_render_for_other_templates(
+    chat_tokenizer, monkeypatch
+):
+    from newtune.data.templates import LLAMA3
+
+    calls = _count_renders(chat_tokenizer, monkeypatch)
+    long = [CONVERSATION[0]] + CONVERSATION[1:] * 10
+    engine = Engine(chat_tokenizer, chat_template=LLAMA3)
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    (row,) = engine.tokenize(strategy.sample({"messages": long}))
+    assert len(calls) == 2  # marked + plain; `| trim` leaves these contents unchanged
+    trained = chat_tokenizer.decode([t for t in row.labels if t != M])
+    assert trained == "Hello!Paris." * 10  # this tokenizer has no <|eot_id|> token
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (
+            "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '\\n' }}{% endfor %}",
+            True,
+        ),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", True),
+        (
+            "{% for m in messages %}{% if m.content %}{{ m.content ~ '!' }}{% endif %}{% endfor %}",
+            True,
+        ),
+        (
+            "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% endif %}{% endfor %}",
+            True,
+        ),
+        ("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}", False),
+        (
+            "{% for m in messages %}{% if m.content.startswith('<t>') %}x{% endif %}{% endfor %}",
+            False,
+        ),
+        ("{% for m in messages %}{% set c = m.content %}{{ c }}{% endfor %}", False),
+        ("{% for m in messages %}{% if m.content == 'hi' %}x{% endif %}{% endfor %}", False),
+        (
+            "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
+            False,
+        ),
+        ("{{ unclosed", False),
+    ],
+)
+def test_content_only_printed(template, expected):
+    from newtune.data.templates import content_only_printed
+
+    assert content_only_printed(template) is expected
 
 
 def test_chat_template_that_trims_content_falls_back(chat_tokenizer):
@@ -368,3 +426,51 @@ def test_jinja_file_template(tmp_path):
     assert resolve_chat_template(str(path), None) == CHATML
     with pytest.raises(ConfigError, match="chat template file .*missing.jinja does not exist"):
         resolve_chat_template(str(tmp_path / "missing.jinja"), None)
+
+
+def test_byte_level_spans_equal_offset_spans_on_non_ascii_text(chat_tokenizer):
+    convo = [
+        {"role": "system", "content": "Réponds en français 🙂."},
+        {"role": "user", "content": "Où est la tour Eiffel ?"},
+        {"role": "assistant", "content": "À Paris — près de la Seine ✓."},
+        {"role": "user", "content": "Merci!"},
+        {"role": "assistant", "content": "De rien 😀"},
+    ]
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    fast = Engine(chat_tokenizer)
+    assert fast._byte_lengths is not None  # the test tokenizer is byte-level BPE
+    slow = Engine(chat_tokenizer)
+    slow.__dict__["_byte_lengths"] = None  # force the offsets path
+    (a,) = fast.tokenize(strategy.sample({"messages": convo}))
+    (b,) = slow.tokenize(strategy.sample({"messages": convo}))
+    assert a == b
+    trained = chat_tokenizer.decode([t for t in a.labels if t != M])
+    assert trained == "À Paris — près de la Seine ✓.<|im_end|>De rien 😀<|im_end|>"
+
+
+def test_byte_level_spans_fall_back_when_lengths_do_not_tile_the_text(chat_tokenizer):
+    from newtune.data.tokenize import _byte_span_finder
+
+    engine = Engine(chat_tokenizer)
+    text = "hello world"
+    ids = chat_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _byte_span_finder(text, ids, engine._byte_lengths) is not None
+    assert _byte_span_finder(text + " ", ids, engine._byte_lengths) is None
+
+
+def test_a_template_that_skips_a_message_still_gets_the_right_spans(chat_tokenizer):
+    skips_system = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+    )
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    engine = Engine(chat_tokenizer, chat_template=skips_system)
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    (row,) = engine.tokenize(strategy.sample({"messages": convo}))
+    assert "Be brief" not in chat_tokenizer.decode(row.input_ids)
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Paris.<|im_end|>"

@@ -202,6 +202,7 @@ def _tokenize_entry(
         desc=f"Tokenizing {where}",
         load_from_cache_file=False,
         num_proc=num_proc,
+        features=COLUMN_TYPES,  # known types: datasets skips its per-value type inference
     )
 
 
@@ -209,6 +210,17 @@ def _pretokenized(rows: datasets.Dataset, where: str) -> datasets.Dataset:
     """A checked pretokenized dataset with the saved and bookkeeping columns."""
     data = pretokenized(rows, where).to_dict()
     return datasets.Dataset.from_dict(_columns(data["input_ids"], data["labels"]))
+
+
+COLUMN_TYPES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int64")),
+        "attention_mask": datasets.List(datasets.Value("int8")),
+        "_len": datasets.Value("int64"),
+        "_sup": datasets.Value("int64"),
+    }
+)
 
 
 def _columns(input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, list]:

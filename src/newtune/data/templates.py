@@ -87,3 +87,62 @@ def resolve_chat_template(name_or_jinja: str | None, tokenizer_template: str | N
         f"{', '.join([TOKENIZER_DEFAULT, *NAMED_TEMPLATES])}, a jinja template string, or the "
         "path of a .jinja file."
     )
+
+
+# Tests that give the same answer for a content string with or without marker characters.
+_MARKER_BLIND_TESTS = {"string", "defined", "undefined", "none", "sequence", "iterable", "mapping"}
+
+
+def content_only_printed(template: str) -> bool:
+    """True when the template uses message contents only by printing them (maybe `+`-joined).
+
+    Then wrapping every content in marker characters cannot change what the template does,
+    and one marked render gives both the text and the content spans. Anything else done
+    with a content (a filter such as `trim`, a comparison, `set`, a method call) returns
+    False, and the engine checks the marked render against a plain one.
+    """
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateError:
+        return False
+    parents: dict[int, nodes.Node] = {}
+
+    def walk(node: nodes.Node) -> bool:
+        for child in node.iter_child_nodes():
+            parents[id(child)] = node
+            if _is_content(child) and not _printed(child, parents):
+                return False
+            if not walk(child):
+                return False
+        return True
+
+    return walk(ast)
+
+
+def _is_content(node: object) -> bool:
+    from jinja2 import nodes
+
+    if isinstance(node, nodes.Getattr):
+        return node.attr == "content"
+    return (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.arg, nodes.Const)
+        and node.arg.value == "content"
+    )
+
+
+def _printed(node: object, parents: dict) -> bool:
+    """The content node flows only through `+`/`~` into `{{ }}`, or is tested blind to markers."""
+    from jinja2 import nodes
+
+    child, parent = node, parents.get(id(node))
+    if isinstance(parent, nodes.If) and parent.test is child:
+        return True  # truthiness: markers are added to non-empty contents only
+    if isinstance(parent, nodes.Test) and parent.name in _MARKER_BLIND_TESTS:
+        return True
+    while isinstance(parent, (nodes.Add, nodes.Concat)):
+        child, parent = parent, parents.get(id(parent))
+    return isinstance(parent, nodes.Output)

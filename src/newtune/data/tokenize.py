@@ -7,12 +7,16 @@ sample into `input_ids` and `labels` (-100 where no loss is taken).
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from newtune.data.strategies.base import Conversation, Sample, Segments
+from newtune.data.templates import content_only_printed
 from newtune.errors import DataError
 
 IGNORE_INDEX = -100
@@ -180,13 +184,46 @@ class Engine:
                 (*self._encode_with_offsets(t), spans)
                 for t, (_, spans) in zip(texts, renders, strict=True)
             ]
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [
-            (list(ids), _span_finder(offsets), spans)
-            for ids, offsets, (_, spans) in zip(
-                enc["input_ids"], enc["offset_mapping"], renders, strict=True
+        out: list[tuple | None] = [None] * len(texts)
+        if self._byte_lengths is not None:
+            encoded = self.tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+            for i, (text, enc) in enumerate(zip(texts, encoded, strict=True)):
+                finder = _byte_span_finder(text, enc.ids, self._byte_lengths)
+                if finder is not None:
+                    out[i] = (enc.ids, finder, renders[i][1])
+        rest = [i for i, row in enumerate(out) if row is None]
+        if rest:
+            enc = self.tok(
+                [texts[i] for i in rest], add_special_tokens=False, return_offsets_mapping=True
             )
-        ]
+            for i, ids, offsets in zip(rest, enc["input_ids"], enc["offset_mapping"], strict=True):
+                out[i] = (list(ids), _span_finder(offsets), renders[i][1])
+        return out  # type: ignore[return-value]
+
+    @functools.cached_property
+    def _byte_lengths(self) -> np.ndarray | None:
+        """Bytes per token id, for byte-level BPE tokenizers (token spans without offsets).
+
+        In a byte-level BPE vocabulary every character of a token stands for one byte, so a
+        token's length is its byte count; added tokens count their UTF-8 bytes. Each row is
+        checked (the lengths must add up to the text's bytes) and falls back to offsets if not.
+        """
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if (
+            backend is None
+            or backend.normalizer is not None
+            or "ByteLevel" not in repr(backend.pre_tokenizer)
+            or type(backend.model).__name__ != "BPE"
+            or not hasattr(backend, "encode_batch_fast")
+        ):
+            return None
+        vocab = backend.get_vocab(with_added_tokens=True)
+        lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+        for token, idx in vocab.items():
+            lengths[idx] = len(token)
+        for idx, added in backend.get_added_tokens_decoder().items():
+            lengths[idx] = len(added.content.encode("utf-8"))
+        return lengths
 
     def _conversation(
         self, conv: Conversation, ids: list[int], char_to_token: Callable, spans: list
@@ -244,38 +281,50 @@ class Engine:
             [{**m, "content": f"{_START}{m['content']}{_END}"} if m["content"] else m for m in ms]
             for ms in messages
         ]
-        texts = self._render_many(messages, tools)
         marked_texts = self._render_many(marked, tools)
+        if self._single_render:
+            return [
+                self._spans(ms, None, mtext, tool)
+                for ms, mtext, tool in zip(messages, marked_texts, tools, strict=True)
+            ]
+        texts = self._render_many(messages, tools)
         return [
             self._spans(ms, text, mtext, tool)
             for ms, text, mtext, tool in zip(messages, texts, marked_texts, tools, strict=True)
         ]
 
+    @functools.cached_property
+    def _single_render(self) -> bool:
+        """Whether one marked render suffices (the template only prints contents)."""
+        template = self.chat_template or getattr(self.tok, "chat_template", None)
+        return isinstance(template, str) and content_only_printed(template)
+
     def _spans(
-        self, messages: list[dict], text: str, marked: str, tools: list | None
+        self, messages: list[dict], text: str | None, marked: str, tools: list | None
     ) -> tuple[str, list[tuple[int, int] | None]]:
-        """Content spans from the marked rendering, checked against the plain one."""
+        """Content spans from the marked rendering, checked against the plain one if given."""
         spans: list[tuple[int, int] | None] = []
-        plain: list[str] = []
-        pos = cursor = 0  # pos: in `marked`; cursor: length of the unmarked text so far
-        for m in messages:
+        parts = marked.split(_START)
+        plain = [parts[0]]
+        cursor = len(parts[0])  # length of the unmarked text so far
+        contents = iter(parts[1:])
+        complete = len(parts) - 1 == sum(1 for m in messages if m["content"])
+        for m in messages if complete else ():
             if not m["content"]:
                 spans.append(None)
                 continue
-            start = marked.find(_START, pos)
-            end = marked.find(_END, start + 1)
-            if start == -1 or end == -1:
+            inner, *after = next(contents).split(_END)
+            if len(after) != 1 or inner != m["content"]:
+                complete = False  # a marker lost, repeated, or a content moved or rewritten
                 break
-            plain.append(marked[pos:start])
-            cursor += start - pos
-            inner = marked[start + 1 : end]
             spans.append((cursor, cursor + len(inner)))
-            plain.append(inner)
-            cursor += len(inner)
-            pos = end + 1
-        plain.append(marked[pos:])
-        if len(spans) == len(messages) and "".join(plain) == text:
-            return text, spans
+            plain += (inner, after[0])
+            cursor += len(inner) + len(after[0])
+        unmarked = "".join(plain)
+        if complete and (text is None or unmarked == text):
+            return unmarked, spans
+        if text is None:  # not expected for a template that only prints contents
+            text = self._render_many([messages], [tools])[0]
         return text, [self._content_span(messages, i, text, tools) for i in range(len(messages))]
 
     def _content_span(
@@ -321,6 +370,27 @@ class Engine:
             return len(self._encode(text[:a])), len(self._encode(text[:b]))
 
         return ids, prefix_span
+
+
+def _byte_span_finder(
+    text: str, ids: list[int], byte_lengths: np.ndarray
+) -> Callable[[int, int], tuple[int, int]] | None:
+    """Like `_span_finder`, from per-token byte lengths; None when they do not tile the text."""
+    ends = np.cumsum(byte_lengths[np.asarray(ids, dtype=np.int64)])
+    ascii_text = text.isascii()
+    total = len(text) if ascii_text else len(text.encode("utf-8"))
+    if (ends[-1] if len(ends) else 0) != total:
+        return None
+    starts = ends - byte_lengths[np.asarray(ids, dtype=np.int64)]
+
+    def span(a: int, b: int) -> tuple[int, int]:
+        if not ascii_text:
+            a, b = len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))
+        first = int(np.searchsorted(ends, a, side="right"))
+        stop = int(np.searchsorted(starts, b, side="left"))
+        return (first, stop) if stop > first else (0, 0)
+
+    return span
 
 
 def _span_finder(offsets: list[tuple[int, int]]) -> Callable[[int, int], tuple[int, int]]:
