@@ -58,9 +58,9 @@ def test_every_axolotl_key_left_null_validates(tmp_path):
 
 
 def test_planned_key_with_value_names_key_and_piece_of_work(tmp_path):
-    msg = error_of(write(tmp_path, BASE + "sample_packing: true\nload_in_4bit: true\n"))
+    msg = error_of(write(tmp_path, BASE + "push_dataset_to_hub: me/data\nload_in_4bit: true\n"))
     assert (
-        "`sample_packing: True` is not implemented by newtune yet (planned with the sample packing work); remove it or set it to null"
+        "`push_dataset_to_hub: 'me/data'` is not implemented by newtune yet (planned with the data pipeline work); remove it or set it to null"
         in msg
     )
     assert (
@@ -163,9 +163,9 @@ RULES = {
         "adapter: lora\nlora_target_linear: true\nlora_target_modules: [q_proj]\n",
         "`lora_target_modules` and `lora_target_linear` are both set",
     ),
-    "packing eval": (
-        "sample_packing: true\nval_set_size: 2\nmicro_batch_size: 4\n",
-        "`val_set_size: 2` rows cannot fill one packed eval batch",
+    "packing and grouping": (
+        "sample_packing: true\ngroup_by_length: true\n",
+        "`sample_packing` and `group_by_length` are both set; packing already groups samples",
     ),
     "safetensors": (
         "save_safetensors: false\n",

@@ -85,12 +85,16 @@ class Generator:
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def build_generator(
-    config: NewtuneConfig, options: GenerationOptions, base_overridden: bool = False
-) -> Generator:
-    """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
+def choose_model(
+    config: NewtuneConfig, base_overridden: bool = False, base_only: bool = False
+) -> tuple[str, str | None]:
+    """(model, adapter folder or None): `lora_model_dir`, else the trained `output_dir`
+    (an adapter, or a full model unless `base_model` was overridden), else the base model;
+    `base_only` skips what training wrote."""
     adapter_dir = config.lora_model_dir
     model_source = config.base_model
+    if base_only:
+        return model_source, adapter_dir
     if (
         adapter_dir is None
         and config.adapter in ("lora", "qlora")
@@ -104,13 +108,29 @@ def build_generator(
         and _has(config.output_dir, "config.json")
     ):
         model_source = config.output_dir
+    return model_source, adapter_dir
+
+
+def load_trained(
+    config: NewtuneConfig, base_overridden: bool = False, base_only: bool = False
+) -> tuple[Any, Any]:
+    """The model `choose_model` picks (in eval mode) and its tokenizer."""
+    model_source, adapter_dir = choose_model(config, base_overridden, base_only)
     tok_dir = adapter_dir or model_source
     tokenizer = load_tokenizer(config, tok_dir if _has(tok_dir, "tokenizer_config.json") else None)
-    model = load_model(model_source)
+    model = load_model(model_source, attn=config.attn_implementation or "sdpa")
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
     log.info("model: %s%s", model_source, f" + adapter {adapter_dir}" if adapter_dir else "")
     model.eval()
+    return model, tokenizer
+
+
+def build_generator(
+    config: NewtuneConfig, options: GenerationOptions, base_overridden: bool = False
+) -> Generator:
+    """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
+    model, tokenizer = load_trained(config, base_overridden)
     entry = config.datasets[0]
     strategy = get_strategy(entry, 0, config.train_on_inputs)
     engine = Engine(tokenizer, chat_template=tokenizer.chat_template)

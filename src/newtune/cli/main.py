@@ -1,4 +1,4 @@
-"""The `newtune` command: preprocess, train, inference, merge-lora, validate, config-schema.
+"""The `newtune` command: preprocess, train, evaluate, inference, merge-lora, validate, config-schema.
 
 Only the chosen command's module is imported, so `newtune --help` and `newtune validate`
 start without importing torch; the heavy imports happen inside the commands that need them.
@@ -30,6 +30,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "newtune.cli.inference",
         "inference_command",
         "Answer prompts with the trained model: --prompt, piped stdin (one per line), or a loop.",
+    ),
+    "evaluate": (
+        "newtune.cli.evaluate",
+        "evaluate_command",
+        "Print eval metrics (JSON) of the trained model, --base, or --lora_model_dir=DIR.",
     ),
     "merge-lora": (
         "newtune.cli.merge_lora",

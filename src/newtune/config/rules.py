@@ -65,15 +65,14 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
                 "lora_target_linear already adapts every linear layer; keep one",
             )
         )
-    if (
-        cfg.sample_packing
-        and cfg.eval_sample_packing is not False
-        and 1 <= cfg.val_set_size < (cfg.eval_batch_size or cfg.micro_batch_size)
-    ):
+    if cfg.sample_packing and cfg.group_by_length:
         err(
-            f"`val_set_size: {cfg.val_set_size:g}` rows cannot fill one packed eval batch with "
-            "`sample_packing` and `eval_sample_packing`; set `eval_sample_packing: false` or "
-            "raise `val_set_size`"
+            _both(
+                names,
+                "sample_packing",
+                "group_by_length",
+                "packing already groups samples into full rows; keep one",
+            )
         )
     if (
         cfg.attn_implementation == "flash_attention_2"

@@ -21,6 +21,7 @@ import datasets
 from filelock import FileLock
 
 from newtune.config.schema import DatasetEntry, NewtuneConfig
+from newtune.data.packing import Packing, packing_report, sample_lengths
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.templates import resolve_chat_template
@@ -406,13 +407,39 @@ def prepare(
     with FileLock(str(root / f".{fp}.lock")):
         if force and final.exists():
             shutil.rmtree(final)
-        if (final / "stats.json").is_file():
-            stats = json.loads((final / "stats.json").read_text())
-            return PreparedData(final, datasets.load_from_disk(str(final)), stats, reused=True)
-        splits, stats = _build(config, tokenizer, chat_template, strategies, test_strats)
-        stats = {"fingerprint": fp, **stats}
-        _save_atomically(splits, final, stats, inputs)
-    return PreparedData(final, datasets.load_from_disk(str(final)), stats, reused=False)
+        reused = (final / "stats.json").is_file()
+        if not reused:
+            splits, stats = _build(config, tokenizer, chat_template, strategies, test_strats)
+            _save_atomically(splits, final, {"fingerprint": fp, **stats}, inputs)
+        data = datasets.load_from_disk(str(final))
+        stats = _with_packing(final, data, config)
+    return PreparedData(final, data, stats, reused=reused)
+
+
+def _with_packing(final: Path, data: datasets.DatasetDict, config: NewtuneConfig) -> dict:
+    """The saved stats, with this run's packing report (or without one) written back.
+
+    Packing is not part of the fingerprint (the tokens do not change), so the report is
+    recomputed for each run's `sample_packing`/`sequence_len`/`micro_batch_size` settings.
+    """
+    path = final / "stats.json"
+    stats = json.loads(path.read_text())
+    report = None
+    if config.sample_packing:
+        packing = Packing.for_run(
+            config.sequence_len,
+            config.micro_batch_size,
+            config.attn_implementation or "sdpa",
+        )
+        report = packing_report(sample_lengths(data["train"]), packing, config.seed)
+    if stats.get("packing") != report:
+        stats.pop("packing", None)
+        if report is not None:
+            stats["packing"] = report
+        tmp = path.with_name(f".stats-{os.getpid()}.json")
+        tmp.write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, path)
+    return stats
 
 
 def _split(ds: datasets.Dataset, config: NewtuneConfig) -> datasets.DatasetDict:

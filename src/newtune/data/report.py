@@ -25,6 +25,15 @@ def report_table(stats: dict[str, Any]) -> str:
         rows.append((key, f"{stats.get(key, 0):,}"))
     p = stats["length_percentiles"]
     rows.append(("length p50/p90/p99/max", f"{p['p50']}/{p['p90']}/{p['p99']}/{p['max']}"))
+    packing = stats.get("packing")
+    if packing:
+        rows.append(
+            (
+                "packed rows (efficiency)",
+                f"{packing['packed_rows']:,} of {packing['row_capacity']:,} tokens "
+                f"({100 * packing['efficiency']:.2f}%)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -64,6 +64,8 @@ def training_kwargs(
         "save_steps": save_every or defaults["save_steps"].default,
         "save_total_limit": config.save_total_limit,
         "neftune_noise_alpha": config.neftune_noise_alpha,
+        # group_by_length: batches of similar lengths (the train set gets a `length` column)
+        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
         "report_to": "none",
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,

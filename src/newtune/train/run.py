@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import Trainer
 
 from newtune.config.load import LoadedConfig
 from newtune.config.resolve import RunPlan, resolve
+from newtune.config.schema import NewtuneConfig
 from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
+from newtune.data.packing import Packing, sample_lengths
 from newtune.data.prepare import PreparedData, prepare
 from newtune.models.adapters import attach_lora, describe_parameters
 from newtune.models.load import load_model
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args
+from newtune.train.trainer import NewtuneTrainer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,48 @@ def prepare_data(loaded: LoadedConfig, force: bool = False) -> tuple[Any, Prepar
     return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
+def packing_plan(config: NewtuneConfig, plan: RunPlan) -> tuple[Packing | None, Packing | None]:
+    """Train and eval packing for this config (None where samples are padded instead)."""
+    attn = config.attn_implementation or "sdpa"
+    pad = bool(config.pad_to_sequence_len)
+    train = (
+        Packing.for_run(config.sequence_len, config.micro_batch_size, attn, pad)
+        if config.sample_packing
+        else None
+    )
+    eval_packs = config.eval_sample_packing
+    eval_packs = bool(config.sample_packing) if eval_packs is None else eval_packs
+    eval_rows = config.eval_batch_size or config.micro_batch_size
+    return train, (
+        Packing.for_run(config.sequence_len, eval_rows, attn, pad) if eval_packs else None
+    )
+
+
+def _log_packing(config: NewtuneConfig, trainer: NewtuneTrainer, prepared: PreparedData) -> None:
+    batches = len(trainer.packed_train_loader())
+    accum = trainer.args.gradient_accumulation_steps
+    steps = max(batches // accum + int(batches % accum > 0), 1)
+    report = prepared.stats.get("packing", {})
+    log.info(
+        "sample packing: %s samples -> %s rows of %s tokens (efficiency %.1f%%); "
+        "%s micro-batches per rank and %s optimizer steps per epoch",
+        prepared.stats["rows"]["train"],
+        report.get("packed_rows"),
+        report.get("row_capacity"),
+        100 * report.get("efficiency", 0.0),
+        batches,
+        steps,
+    )
+    measured = {
+        "sample_packing_eff_est": report.get("efficiency"),
+        "total_num_tokens": prepared.stats["total_tokens"],
+    }
+    for key, value in measured.items():
+        given = getattr(config, key)
+        if given is not None:
+            log.info("%s: the config says %s, the data measures %s", key, given, value)
+
+
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     """Train as the config says; return the output folder."""
     config = loaded.config
@@ -40,18 +85,30 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     tokenizer, prepared = prepare_data(loaded)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
     model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
+    model.config.use_cache = False  # packed rows are isolated only without a KV cache
     if plan.train_mode in ("lora", "qlora"):
         model = attach_lora(model, config)
     log.info(describe_parameters(model))
     eval_ds = prepared.data.get("test", None)
-    trainer = Trainer(
+    train_ds = prepared.data["train"]
+    if config.group_by_length:
+        train_ds = train_ds.add_column("length", sample_lengths(train_ds).tolist())
+    packing, eval_packing = packing_plan(config, plan)
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    trainer = NewtuneTrainer(
         model=model,
         args=build_training_args(config, plan, has_eval=eval_ds is not None),
-        train_dataset=prepared.data["train"],
+        train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
         processing_class=tokenizer,
+        packing=packing,
+        eval_packing=eval_packing,
+        pad_to=pad_to,
+        epochs=max(1, math.ceil(config.num_epochs)),
     )
+    if packing is not None:
+        _log_packing(config, trainer, prepared)
     result = trainer.train()
     metrics = dict(result.metrics)
     if eval_ds is not None:

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from newtune.config.schema.base import DATA, PACKING, Section, planned
+from newtune.config.schema.base import DATA, Section, planned
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
@@ -151,9 +151,25 @@ class DataSection(Section):
     train_on_inputs: bool = Field(
         default=False, description="Also train on prompt tokens instead of masking them."
     )
-    sample_packing: bool | None = planned(PACKING, "Pack several samples into each row.")
-    eval_sample_packing: bool | None = planned(PACKING, "Pack the eval split too.")
-    sample_packing_eff_est: float | None = planned(PACKING, "Estimated packing efficiency.")
-    total_num_tokens: int | None = planned(PACKING, "Total tokens in the training data.")
-    pad_to_sequence_len: bool | None = planned(PACKING, "Pad every batch to sequence_len.")
-    group_by_length: bool | None = planned(PACKING, "Batch samples of similar length together.")
+    sample_packing: bool | None = Field(
+        default=None,
+        description="Pack several samples into each row (multipack; samples stay isolated).",
+    )
+    eval_sample_packing: bool | None = Field(
+        default=None, description="Pack the eval split too (default: as sample_packing)."
+    )
+    sample_packing_eff_est: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Expected packing efficiency; newtune measures it and logs both.",
+    )
+    total_num_tokens: int | None = Field(
+        default=None, gt=0, description="Training tokens; newtune counts them and logs both."
+    )
+    pad_to_sequence_len: bool | None = Field(
+        default=None, description="Pad every batch to sequence_len (fixed shapes)."
+    )
+    group_by_length: bool | None = Field(
+        default=None, description="Batch samples of similar length together (unpacked runs)."
+    )

@@ -1,0 +1,62 @@
+"""The evaluate command's work: eval loss of the base, trained or adapter model on a split."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from newtune.config.load import LoadedConfig
+from newtune.config.resolve import resolve
+from newtune.errors import DataError
+from newtune.inference import choose_model, load_trained
+from newtune.train.run import packing_plan, prepare_data
+from newtune.train.trainer import loss_metrics, packed_loader, padded_loader, token_loss
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    loaded: LoadedConfig,
+    split: str = "test",
+    base_only: bool = False,
+    base_overridden: bool = False,
+) -> dict[str, Any]:
+    """Eval metrics (trained-token mean loss, perplexity, counts) of the chosen model."""
+    config = loaded.config
+    _, prepared = prepare_data(loaded)
+    if split not in prepared.data:
+        raise DataError(
+            f"the prepared data has no `{split}` split (it has: {', '.join(prepared.data)}). "
+            "Set `val_set_size` or `test_datasets` in the config, or pass --split=train."
+        )
+    dataset = prepared.data[split]
+    model_source, adapter_dir = choose_model(config, base_overridden, base_only)
+    model, tokenizer = load_trained(config, base_overridden, base_only)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    _, eval_packing = packing_plan(config, resolve(config))
+    rows = config.eval_batch_size or config.micro_batch_size
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    if eval_packing is not None:
+        batches = packed_loader(
+            dataset, eval_packing, tokenizer.pad_token_id, seed=config.seed, shuffle=False
+        )
+    else:
+        batches = padded_loader(dataset, rows, tokenizer.pad_token_id, pad_to)
+    total, count = token_loss(model, batches, device)
+    if not count:
+        raise DataError(f"the `{split}` split has no trained token to evaluate")
+    metrics = loss_metrics(total, count)
+    return {
+        "eval_loss": metrics["eval_loss"],
+        "perplexity": metrics["eval_perplexity"],
+        "eval_tokens": count,
+        "eval_rows": len(dataset),
+        "total_tokens": int(sum(len(x) for x in dataset["input_ids"])),
+        "split": split,
+        "model": model_source,
+        "adapter": adapter_dir,
+        "sample_packing": eval_packing is not None,
+    }

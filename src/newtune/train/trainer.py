@@ -1,0 +1,187 @@
+"""newtune's Trainer: multipack batches, and an eval loss that is the trained-token mean."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from newtune.data.collate import BinDataset, PackedCollator, PadCollator
+from newtune.data.packing import MultipackBatchSampler, Packing, sample_lengths
+
+log = logging.getLogger(__name__)
+
+
+def packed_loader(
+    dataset: Any,
+    packing: Packing,
+    pad_id: int,
+    *,
+    seed: int,
+    shuffle: bool,
+    num_replicas: int = 1,
+    rank: int = 0,
+    epochs: int = 1,
+    group_size: int | None = None,
+) -> DataLoader:
+    """A DataLoader of packed micro-batches for one rank."""
+    sampler = MultipackBatchSampler(
+        sample_lengths(dataset),
+        packing.capacity,
+        packing.rows,
+        seed=seed,
+        shuffle=shuffle,
+        num_replicas=num_replicas,
+        rank=rank,
+        epochs=epochs,
+        **({"group_size": group_size} if group_size else {}),
+    )
+    collate = PackedCollator(pad_id, packing.capacity if packing.pad_to_capacity else None)
+    return DataLoader(BinDataset(dataset), batch_sampler=sampler, collate_fn=collate)
+
+
+def padded_loader(
+    dataset: Any,
+    batch_size: int,
+    pad_id: int,
+    pad_to: int | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> DataLoader:
+    """Sequential padded batches for one rank (rank r takes batches r, r + W, ...)."""
+    starts = list(range(0, len(dataset), batch_size))[rank::num_replicas]
+    batches = [list(range(s, min(s + batch_size, len(dataset)))) for s in starts]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=PadCollator(pad_id, pad_to))
+
+
+def token_loss(model: Any, batches: Any, device: Any) -> tuple[float, int]:
+    """Summed cross-entropy over trained tokens, and their count (labels shifted by one)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits
+            for row in range(logits.shape[0]):  # row by row: float32 logits of one row at a time
+                target = labels[row, 1:]
+                total += torch.nn.functional.cross_entropy(
+                    logits[row, :-1].float(), target, ignore_index=-100, reduction="sum"
+                ).double()
+                count += (target != -100).sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+    model.train(was_training)
+    return float(total), int(count)
+
+
+def loss_metrics(total: float, count: int, prefix: str = "eval") -> dict[str, float]:
+    """`{prefix}_loss` (trained-token mean), `{prefix}_perplexity`, `{prefix}_tokens`."""
+    loss = total / count if count else float("nan")
+    return {
+        f"{prefix}_loss": loss,
+        f"{prefix}_perplexity": math.exp(min(loss, 700.0)) if count else float("nan"),
+        f"{prefix}_tokens": count,
+    }
+
+
+class NewtuneTrainer(Trainer):
+    """A transformers Trainer with multipack batches and a token-exact eval loss.
+
+    The training loss is already normalised by the trained tokens of the whole accumulated
+    step across ranks: Trainer counts them (`num_items_in_batch`) and the model divides its
+    summed loss by that count, so packing and micro-batch re-splits do not change gradients.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        packing: Packing | None = None,
+        eval_packing: Packing | None = None,
+        pad_to: int | None = None,
+        epochs: int = 1,
+        group_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.packing, self.eval_packing = packing, eval_packing
+        self.pad_to, self.epochs, self.group_size = pad_to, epochs, group_size
+        self._packed_train: DataLoader | None = None
+
+    @property
+    def _pad_id(self) -> int:
+        return self.processing_class.pad_token_id
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Packed batches when `sample_packing`, else Trainer's own (padded) loader."""
+        if self.packing is None:
+            return super().get_train_dataloader()
+        loader = self.packed_train_loader()
+        prepared = self.accelerator.prepare(loader)
+        # The sampler already gives this rank its own batches; accelerate's shard wrapper
+        # would shard them again, so make it a pass-through (as Trainer does for its own
+        # rank-aware BatchRebalanceSampler).
+        wrapper = getattr(prepared, "batch_sampler", None)
+        if wrapper is not None and getattr(wrapper, "batch_sampler", None) is loader.batch_sampler:
+            wrapper.num_processes, wrapper.process_index = 1, 0
+        return prepared
+
+    def packed_train_loader(self) -> DataLoader:
+        """This rank's packed training loader (packed once, reused by every call)."""
+        if self._packed_train is None:
+            self._packed_train = packed_loader(
+                self.train_dataset,
+                self.packing,
+                self._pad_id,
+                seed=self.args.seed,
+                shuffle=True,
+                num_replicas=self.args.world_size,
+                rank=self.args.process_index,
+                epochs=self.epochs,
+                group_size=self.group_size,
+            )
+        return self._packed_train
+
+    def eval_loader(self, dataset: Any) -> DataLoader:
+        """This rank's eval batches: packed if `eval_sample_packing`, else padded; no repeats."""
+        if self.eval_packing is not None:
+            return packed_loader(
+                dataset,
+                self.eval_packing,
+                self._pad_id,
+                seed=self.args.seed,
+                shuffle=False,
+                num_replicas=self.args.world_size,
+                rank=self.args.process_index,
+            )
+        return padded_loader(
+            dataset,
+            self.args.per_device_eval_batch_size,
+            self._pad_id,
+            self.pad_to,
+            self.args.world_size,
+            self.args.process_index,
+        )
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Eval loss as the mean over trained tokens (packing-independent), logged as usual."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        total, count = token_loss(self.model, self.eval_loader(dataset), self.args.device)
+        metrics = loss_metrics(total, count, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
