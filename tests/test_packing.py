@@ -273,3 +273,110 @@ def test_packing_report_in_stats(tmp_path, model_dir, capsys):
     preprocess_command(str(cfg2))
     stats = json.loads((Path(path) / "stats.json").read_text())
     assert "packing" not in stats
+
+
+def test_train_packed_then_evaluate_packed_equals_unpacked(tmp_path, model_dir, capsys):
+    from test_cli import CHATS, make_config
+
+    from newtune.cli.evaluate import evaluate_command
+    from newtune.cli.train import train_command
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    cfg = make_config(
+        tmp_path,
+        model_dir,
+        data,
+        "chat_template",
+        sample_packing=True,
+        val_set_size=4,
+        adapter="lora",
+        lora_r=2,
+        lora_target_linear=True,
+        max_steps=2,
+    )
+    train_command(str(cfg))
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["packing"]["packed_rows"] < stats["rows"]["train"] == 12
+    results = json.loads((out / "train_results.json").read_text())
+    capsys.readouterr()
+
+    def evaluate(**kw) -> dict:
+        evaluate_command(str(cfg), **kw)
+        return json.loads(capsys.readouterr().out)
+
+    packed = evaluate()
+    unpacked = evaluate(eval_sample_packing=False)
+    base = evaluate(base=True)
+    assert packed["sample_packing"] and not unpacked["sample_packing"]
+    assert packed["adapter"] == str(out) and base["adapter"] is None
+    assert packed["eval_tokens"] == unpacked["eval_tokens"] == results["eval_tokens"] > 0
+    assert packed["eval_loss"] == pytest.approx(unpacked["eval_loss"], abs=1e-6)
+    assert packed["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-5)
+    assert packed["perplexity"] == pytest.approx(np.exp(packed["eval_loss"]), rel=1e-9)
+    assert base["eval_loss"] != pytest.approx(packed["eval_loss"], abs=1e-4)
+    assert packed["eval_rows"] == 4
+
+
+def test_evaluate_without_an_eval_split_says_what_to_set(tmp_path, model_dir):
+    from test_cli import CHATS, cli, make_config
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    cfg = make_config(tmp_path, model_dir, data, "chat_template")
+    proc = cli("-m", "newtune.cli.main", "evaluate", str(cfg), "--base")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "the prepared data has no `test` split (it has: train). Set `val_set_size`" in (
+        proc.stderr.replace("\n", " ")
+    )
+
+
+def test_accelerate_two_cpu_ranks_train_packed_batches(tmp_path, model_dir):
+    from test_cli import ALPACA, cli, make_config
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 2)  # 24 rows
+    cfg = make_config(
+        tmp_path,
+        model_dir,
+        data,
+        "alpaca",
+        adapter="lora",
+        lora_r=2,
+        sample_packing=True,
+        max_steps=None,
+        num_epochs=1,
+        micro_batch_size=1,
+        val_set_size=4,
+    )
+    proc = cli(
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "newtune.cli.train",
+        str(cfg),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prepared = next(p for p in (tmp_path / "prepared").iterdir() if not p.name.startswith("."))
+    lengths = sample_lengths(datasets.load_from_disk(str(prepared))["train"])
+    per_rank = len(MultipackBatchSampler(lengths, 64, 1, seed=42, num_replicas=2))
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    # each rank runs its own share of the packed batches: one optimizer step per batch
+    assert history[-1]["step"] == per_rank
+    assert history[-1]["epoch"] == pytest.approx(1.0)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert evals and all(np.isfinite(evals))  # eval sums reduced over both ranks
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    test = datasets.load_from_disk(str(prepared))["test"]
+    trained = sum(sum(1 for t in labels[1:] if t != M) for labels in test["labels"])
+    assert results["eval_tokens"] == trained > 0  # every eval row once, over both ranks
+    assert f"{per_rank} micro-batches per rank and {per_rank} optimizer steps per epoch" in (
+        proc.stderr
+    )
