@@ -265,3 +265,39 @@ def test_sharegpt_conversation_style_picks_the_template(tmp_path, tokenizer):
     assert tokenizer.decode(row["input_ids"]) == (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     )
+
+
+def test_tokenizer_threads_are_enabled_only_in_this_process_and_restored(monkeypatch):
+    import os
+
+    from newtune.data import prepare as prep
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with prep._tokenizer_threads(True):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setattr(prep, "_IMPORT_PID", -1)  # as if forked after import
+    with prep._tokenizer_threads(True):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_small_data_tokenizes_in_process_large_data_in_workers():
+    from newtune.config.schema import NewtuneConfig
+    from newtune.data.prepare import ROWS_PER_PROCESS, _num_proc
+
+    cfg = NewtuneConfig(base_model="m", datasets=[{"path": "x.jsonl"}], dataset_processes=4)
+    assert _num_proc(cfg, 20_000) is None
+    assert _num_proc(cfg, 2 * ROWS_PER_PROCESS) == 2
+    assert _num_proc(cfg, 100 * ROWS_PER_PROCESS) == 4
+
+
+def test_worker_processes_give_the_same_rows_as_one_process(tmp_path, tokenizer, monkeypatch):
+    from newtune.data import prepare as prep
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS * 3)
+    one = prepare(config(tmp_path, data, dataset_processes=1), tokenizer, None, force=True)
+    expected = one.data["train"].to_dict()
+    monkeypatch.setattr(prep, "ROWS_PER_PROCESS", 5)  # 30 rows -> 2 worker processes
+    assert prep._num_proc(config(tmp_path, data, dataset_processes=2), 30) == 2
+    two = prepare(config(tmp_path, data, dataset_processes=2), tokenizer, None, force=True)
+    assert two.data["train"].to_dict() == expected

@@ -8,11 +8,13 @@ columns `input_ids`, `attention_mask`, `labels`, plus `stats.json` (the data rep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,12 @@ from newtune.errors import ConfigError, DataError
 
 ENGINE_VERSION = 2
 HASH_LIMIT_BYTES = 64 << 20  # larger files are identified by size and mtime only
-ROWS_PER_PROCESS = 500  # below this many rows per process, one process is faster
+# Below this many rows per process, one process whose tokenizer runs on every CPU (Rust
+# threads) beats worker processes (start-up, pickling, shard merging, and on SMT machines
+# the workers' contention for shared cores).
+ROWS_PER_PROCESS = 25_000
 log = logging.getLogger(__name__)
+_IMPORT_PID = os.getpid()  # a different pid later means this is a forked child
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,36 @@ def _strategy_for(entry: DatasetEntry, i: int, key: str, config: NewtuneConfig) 
 
 
 def _num_proc(config: NewtuneConfig, rows: int) -> int | None:
-    wanted = config.dataset_processes or os.cpu_count() or 1
-    n = min(wanted, rows // ROWS_PER_PROCESS)
+    """Worker processes for the tokenizing map (None: in this process)."""
+    n = min(_cpus(config), rows // ROWS_PER_PROCESS)
     return n if n > 1 else None
+
+
+def _cpus(config: NewtuneConfig) -> int:
+    return config.dataset_processes or os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _tokenizer_threads(enabled: bool) -> Iterator[None]:
+    """Let the Rust tokenizer use its thread pool while tokenizing in this process.
+
+    The CLI sets TOKENIZERS_PARALLELISM=false (forked workers must not inherit a busy
+    pool); it is restored afterwards, so later forks stay safe and quiet. Never in a
+    process forked after this module was imported: a pool the parent started does not
+    survive a fork, and using it there would hang.
+    """
+    if not enabled or os.getpid() != _IMPORT_PID:
+        yield
+        return
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def _tokenize_entry(
@@ -269,9 +302,9 @@ def _load_entries(
             part = _pretokenized(rows, where)
         else:
             engine = _engine_for(entry, config, tokenizer, template, strategy)
-            part = _tokenize_entry(
-                where, entry, rows, strategy, engine, _num_proc(config, len(rows))
-            )
+            procs = _num_proc(config, len(rows))
+            with _tokenizer_threads(procs is None and _cpus(config) > 1):
+                part = _tokenize_entry(where, entry, rows, strategy, engine, procs)
         report.append({"path": entry.path, "type": entry.type or "pretokenized", "rows": len(part)})
         parts.append(part)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
