@@ -232,3 +232,50 @@ def test_accelerate_launch_two_cpu_ranks_share_the_data(tmp_path, model_dir):
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     # 3 steps x 2 rows x 2 ranks = 12 rows = one epoch
     assert history[-1]["step"] == 3 and history[-1]["epoch"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_evals_per_epoch_uses_the_real_steps_per_epoch(tmp_path, model_dir, packing):
+    """Regression: steps per epoch was taken as 1, so evals_per_epoch evaluated every step."""
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 2)  # 24 rows, 4 held out
+    cfg = make_config(
+        tmp_path,
+        model_dir,
+        data,
+        "alpaca",
+        max_steps=None,
+        num_epochs=1,
+        val_set_size=4,
+        evals_per_epoch=2,
+        micro_batch_size=1 if packing else 2,
+        sequence_len=128 if packing else 64,
+        sample_packing=packing,
+    )
+    train_command(str(cfg))
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    steps = max(h["step"] for h in history)
+    evals = [h["step"] for h in history if "eval_loss" in h]
+    assert steps >= 4 and evals[:2] == [steps // 2, steps]
+
+
+def test_group_by_length_trains_with_similar_lengths_together(tmp_path, model_dir):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from newtune.train import run
+
+    seen = {}
+    real = run.NewtuneTrainer._get_train_sampler
+
+    def spy(self, *args, **kwargs):
+        seen["sampler"] = real(self, *args, **kwargs)
+        return seen["sampler"]
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    cfg = make_config(tmp_path, model_dir, data, "alpaca", group_by_length=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run.NewtuneTrainer, "_get_train_sampler", spy)
+        train_command(str(cfg))
+    assert isinstance(seen["sampler"], LengthGroupedSampler)
+    prepared = next(p for p in (tmp_path / "prepared").iterdir() if not p.name.startswith("."))
+    train = datasets.load_from_disk(str(prepared))["train"]
+    assert seen["sampler"].lengths == [len(ids) for ids in train["input_ids"]]

@@ -57,3 +57,9 @@ def test_unknown_optimizer_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^`optimizer` is not valid for transformers: "):
         args_for(output_dir=str(tmp_path), optimizer="adamw_nope")
+
+
+def test_group_by_length_picks_the_length_grouped_sampler(tmp_path):
+    assert args_for(output_dir=str(tmp_path)).train_sampling_strategy == "random"
+    args = args_for(output_dir=str(tmp_path), group_by_length=True)
+    assert (args.train_sampling_strategy, args.length_column_name) == ("group_by_length", "length")

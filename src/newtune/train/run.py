@@ -23,7 +23,7 @@ from newtune.models.adapters import attach_lora, describe_parameters
 from newtune.models.load import load_model
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args
-from newtune.train.trainer import NewtuneTrainer
+from newtune.train.trainer import NewtuneTrainer, packed_loader
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,25 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
         train_ds = train_ds.add_column("length", sample_lengths(train_ds).tolist())
     packing, eval_packing = packing_plan(config, plan)
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    packed = None
+    if packing is not None:
+        packed = packed_loader(
+            train_ds,
+            packing,
+            tokenizer.pad_token_id,
+            seed=config.seed,
+            shuffle=True,
+            num_replicas=plan.world_size,
+            rank=plan.rank,
+            epochs=max(1, math.ceil(config.num_epochs)),
+        )
+        batches = len(packed)
+    else:
+        batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
+    steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
     trainer = NewtuneTrainer(
         model=model,
-        args=build_training_args(config, plan, has_eval=eval_ds is not None),
+        args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
@@ -105,7 +121,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
         packing=packing,
         eval_packing=eval_packing,
         pad_to=pad_to,
-        epochs=max(1, math.ceil(config.num_epochs)),
+        packed_train=packed,
     )
     if packing is not None:
         _log_packing(config, trainer, prepared)

@@ -107,13 +107,13 @@ class NewtuneTrainer(Trainer):
         eval_packing: Packing | None = None,
         pad_to: int | None = None,
         epochs: int = 1,
-        group_size: int | None = None,
+        packed_train: DataLoader | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.packing, self.eval_packing = packing, eval_packing
-        self.pad_to, self.epochs, self.group_size = pad_to, epochs, group_size
-        self._packed_train: DataLoader | None = None
+        self.pad_to, self.epochs = pad_to, epochs
+        self._packed_train = packed_train
 
     @property
     def _pad_id(self) -> int:
@@ -145,7 +145,6 @@ class NewtuneTrainer(Trainer):
                 num_replicas=self.args.world_size,
                 rank=self.args.process_index,
                 epochs=self.epochs,
-                group_size=self.group_size,
             )
         return self._packed_train
 
