@@ -474,3 +474,50 @@ def test_a_template_that_skips_a_message_still_gets_the_right_spans(chat_tokeniz
     (row,) = engine.tokenize(strategy.sample({"messages": convo}))
     assert "Be brief" not in chat_tokenizer.decode(row.input_ids)
     assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Paris.<|im_end|>"
+
+
+SHAPES = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "Anything else? ✓"},
+    ],
+    [{"role": "user", "content": "a\ue000b"}, {"role": "assistant", "content": "marker inside"}],
+    [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Yo"}],
+]
+
+
+def test_skeleton_renders_equal_full_renders_and_are_reused(chat_tokenizer, monkeypatch):
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    samples = [strategy.sample({"messages": m}) for m in SHAPES * 5]
+    full = Engine(chat_tokenizer)
+    full.__dict__["_single_render"] = False  # marked + plain renders for every conversation
+    expected = full.tokenize_many(samples)
+    fast = Engine(chat_tokenizer)
+    assert fast._single_render
+    assert fast.tokenize_many(samples) == expected  # the marker row takes the full path
+    calls = _count_renders(chat_tokenizer, monkeypatch)
+    fresh = Engine(chat_tokenizer)
+    plain = [s for s in samples if "\ue000" not in s.messages[0]["content"]]
+    assert fresh.tokenize_many(plain) == [
+        e for s, e in zip(samples, expected, strict=True) if s in plain
+    ]
+    assert len(calls) == 2  # one render per shape: 2 turns (two rows share it), 5 turns
+    assert len(fresh._skeletons) == 2
+
+
+def test_a_template_printing_a_content_twice_falls_back_to_full_renders(chat_tokenizer):
+    twice = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    engine = Engine(chat_tokenizer, chat_template=twice)
+    strategy = get_strategy(DatasetEntry(path="x.jsonl", type="chat_template"), 0, False)
+    (row,) = engine.tokenize(strategy.sample({"messages": SHAPES[0]}))
+    assert chat_tokenizer.decode(row.input_ids).endswith(
+        "Hi<|im_end|>\nHi<|im_start|>assistant\nHello!<|im_end|>\n"
+    )
+    assert chat_tokenizer.decode([t for t in row.labels if t != M]) == "Hello!<|im_end|>"

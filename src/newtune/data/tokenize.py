@@ -9,7 +9,9 @@ from __future__ import annotations
 import bisect
 import functools
 import gc
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from newtune.data.templates import content_only_printed
 from newtune.errors import DataError
 
 IGNORE_INDEX = -100
+SKELETON_CACHE = 4096  # conversation shapes whose placeholder render is kept
 EOT_WINDOW = 3  # an end-of-turn token must follow the content within this many tokens
 _SENTINEL = "\u2063NEWTUNE_CONTENT\u2063"
 _START, _END = "\ue000", "\ue001"  # private-use characters that wrap contents in one render
@@ -276,6 +279,79 @@ class Engine:
         )
 
     def _render_many_with_spans(
+        self, convs: list[Conversation]
+    ) -> list[tuple[str, list[tuple[int, int] | None]]]:
+        """Each conversation's text and content spans: from a cached skeleton when the
+        template only prints contents, else from marked (and plain) renders."""
+        out: list[tuple[str, list] | None] = [None] * len(convs)
+        if self._single_render:
+            for i, conv in enumerate(convs):
+                out[i] = self._from_skeleton(conv)
+        rest = [i for i, r in enumerate(out) if r is None]
+        for i, rendered in zip(rest, self._render_marked([convs[i] for i in rest]), strict=True):
+            out[i] = rendered
+        return out  # type: ignore[return-value]
+
+    def _from_skeleton(self, conv: Conversation) -> tuple[str, list] | None:
+        """Text and spans by filling contents into the rendering of the conversation's shape.
+
+        A template that only prints contents renders the same text around them whatever
+        they are, so conversations of one shape (roles and every field but the content,
+        which contents are empty, the tools) share one render with numbered placeholders;
+        the contents are then joined in. None when this does not apply to `conv`.
+        """
+        messages = conv.messages
+        tools = getattr(conv, "tools", None)
+        contents = [m["content"] for m in messages]
+        if any(not isinstance(c, str) or _START in c or _END in c for c in contents):
+            return None
+        try:
+            key = json.dumps(
+                [
+                    [[k, v] for k, v in m.items() if k != "content"] + [bool(m["content"])]
+                    for m in messages
+                ]
+                + [tools],
+                sort_keys=True,
+            )
+        except (TypeError, ValueError):
+            return None
+        if key not in self._skeletons:
+            if len(self._skeletons) >= SKELETON_CACHE:
+                self._skeletons.clear()
+            self._skeletons[key] = self._skeleton(list(messages), tools)
+        skeleton = self._skeletons[key]
+        if skeleton is None:
+            return None
+        literals, order = skeleton
+        spans: list[tuple[int, int] | None] = [None] * len(messages)
+        parts = [literals[0]]
+        at = len(literals[0])
+        for idx, literal in zip(order, literals[1:], strict=True):
+            text = contents[idx]
+            spans[idx] = (at, at + len(text))
+            parts += (text, literal)
+            at += len(text) + len(literal)
+        return "".join(parts), spans
+
+    def _skeleton(self, messages: list[dict], tools: list | None) -> tuple | None:
+        """(literal texts, message index of each gap) of a placeholder render, or None."""
+        shaped = [
+            {**m, "content": f"{_START}{i}{_END}"} if m["content"] else m
+            for i, m in enumerate(messages)
+        ]
+        rendered = self._render_many([shaped], [tools])[0]
+        pieces = re.split(f"{_START}(\\d+){_END}", rendered)
+        literals, order = pieces[0::2], [int(x) for x in pieces[1::2]]
+        if len(set(order)) != len(order) or any(_START in t or _END in t for t in literals):
+            return None  # a content printed twice, or a marker mangled: use full renders
+        return literals, order
+
+    @functools.cached_property
+    def _skeletons(self) -> dict[str, tuple | None]:
+        return {}
+
+    def _render_marked(
         self, convs: list[Conversation]
     ) -> list[tuple[str, list[tuple[int, int] | None]]]:
         """Each conversation's text and content spans, from two (batched) renders.
