@@ -60,6 +60,26 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def train_on_two_cpu_ranks(cfg: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with two CPU processes (gloo DDP) running `newtune.cli.train`."""
+    return cli(
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "newtune.cli.train",
+        str(cfg),
+    )
+
+
 def test_lora_preprocess_train_merge_inference(tmp_path, model_dir, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
     cfg = make_config(
@@ -212,22 +232,7 @@ def test_accelerate_launch_two_cpu_ranks_share_the_data(tmp_path, model_dir):
     """Regression: without use_cpu, each CPU rank trained alone on all the data."""
     data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)  # 12 rows
     cfg = make_config(tmp_path, model_dir, data, "alpaca", adapter="lora", lora_r=2)
-    proc = cli(
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "newtune.cli.train",
-        str(cfg),
-    )
+    proc = train_on_two_cpu_ranks(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     # 3 steps x 2 rows x 2 ranks = 12 rows = one epoch

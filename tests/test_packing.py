@@ -331,7 +331,7 @@ def test_evaluate_without_an_eval_split_says_what_to_set(tmp_path, model_dir):
 
 
 def test_accelerate_two_cpu_ranks_train_packed_batches(tmp_path, model_dir):
-    from test_cli import ALPACA, cli, make_config
+    from test_cli import ALPACA, make_config, train_on_two_cpu_ranks
 
     data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA * 2)  # 24 rows
     cfg = make_config(
@@ -347,22 +347,7 @@ def test_accelerate_two_cpu_ranks_train_packed_batches(tmp_path, model_dir):
         micro_batch_size=1,
         val_set_size=4,
     )
-    proc = cli(
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "newtune.cli.train",
-        str(cfg),
-    )
+    proc = train_on_two_cpu_ranks(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prepared = next(p for p in (tmp_path / "prepared").iterdir() if not p.name.startswith("."))
     lengths = sample_lengths(datasets.load_from_disk(str(prepared))["train"])
