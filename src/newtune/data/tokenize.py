@@ -203,7 +203,7 @@ class Engine:
         if self._byte_lengths is not None:
             encoded = self.tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
             for i, (text, enc) in enumerate(zip(texts, encoded, strict=True)):
-                finder = _byte_span_finder(text, enc.ids, self._byte_lengths)
+                finder = _byte_span_finder(text, enc.ids, self._byte_lengths, renders[i][1])
                 if finder is not None:
                     out[i] = (enc.ids, finder, renders[i][1])
         rest = [i for i, row in enumerate(out) if row is None]
@@ -461,22 +461,42 @@ class Engine:
 
 
 def _byte_span_finder(
-    text: str, ids: list[int], byte_lengths: np.ndarray
+    text: str, ids: list[int], byte_lengths: np.ndarray, spans: list | None = None
 ) -> Callable[[int, int], tuple[int, int]] | None:
-    """Like `_span_finder`, from per-token byte lengths; None when they do not tile the text."""
-    ends = np.cumsum(byte_lengths[np.asarray(ids, dtype=np.int64)])
+    """Like `_span_finder`, from per-token byte lengths; None when they do not tile the text.
+
+    The char `spans` known in advance are looked up in one vectorised search.
+    """
+    sizes = byte_lengths[np.asarray(ids, dtype=np.int64)]
+    ends = np.cumsum(sizes)
     ascii_text = text.isascii()
     total = len(text) if ascii_text else len(text.encode("utf-8"))
     if (ends[-1] if len(ends) else 0) != total:
         return None
-    starts = ends - byte_lengths[np.asarray(ids, dtype=np.int64)]
+    starts = ends - sizes
+
+    def to_bytes(a: int) -> int:
+        return a if ascii_text else len(text[:a].encode("utf-8"))
+
+    def lookup(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        first = np.searchsorted(ends, a, side="right")
+        stop = np.searchsorted(starts, b, side="left")
+        empty = stop <= first
+        return np.where(empty, 0, first), np.where(empty, 0, stop)
+
+    known: dict[tuple[int, int], tuple[int, int]] = {}
+    wanted = [sp for sp in spans or () if sp is not None]
+    if wanted:
+        firsts, stops = lookup(
+            np.array([to_bytes(a) for a, _ in wanted]), np.array([to_bytes(b) for _, b in wanted])
+        )
+        known = dict(zip(wanted, zip(firsts.tolist(), stops.tolist(), strict=True), strict=True))
 
     def span(a: int, b: int) -> tuple[int, int]:
-        if not ascii_text:
-            a, b = len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))
-        first = int(np.searchsorted(ends, a, side="right"))
-        stop = int(np.searchsorted(starts, b, side="left"))
-        return (first, stop) if stop > first else (0, 0)
+        if (a, b) in known:
+            return known[(a, b)]
+        first, stop = lookup(np.array([to_bytes(a)]), np.array([to_bytes(b)]))
+        return int(first[0]), int(stop[0])
 
     return span
 
