@@ -365,3 +365,16 @@ def test_accelerate_two_cpu_ranks_train_packed_batches(tmp_path, model_dir):
     assert f"{per_rank} micro-batches per rank and {per_rank} optimizer steps per epoch" in (
         proc.stderr
     )
+
+
+def test_eval_sampler_deals_batches_without_repeats_even_to_idle_ranks():
+    lengths = np.array([4, 4, 4])  # one bin per sample at capacity 6
+    got = []
+    for rank in range(4):
+        s = MultipackBatchSampler(
+            lengths, 6, 1, shuffle=False, num_replicas=4, rank=rank, even=False
+        )
+        batches = list(s)
+        assert len(batches) == len(s) == (1 if rank < 3 else 0)
+        got += [i for b in batches for bin in b for i in bin]
+    assert got == [0, 1, 2]

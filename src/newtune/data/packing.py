@@ -160,7 +160,9 @@ class MultipackBatchSampler:
     """Batches of packed bins for one rank: `rows` bins of `capacity` tokens per batch.
 
     Yields, for each batch, a list of bins (each a list of dataset indices). `len()` is the
-    same every epoch. `shuffle=False` packs the whole dataset in one group in order (eval).
+    same every epoch. `shuffle=False` packs the whole dataset in one group in order, and
+    `even=False` lets ranks have different numbers of batches, none of them repeated or
+    split (eval: a rank may get none).
     """
 
     def __init__(
@@ -174,7 +176,9 @@ class MultipackBatchSampler:
         rank: int = 0,
         epochs: int = 1,
         group_size: int = DEFAULT_GROUP_SIZE,
+        even: bool = True,
     ) -> None:
+        self.even = even
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.capacity, self.rows, self.seed, self.shuffle = capacity, rows, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
@@ -213,6 +217,8 @@ class MultipackBatchSampler:
 
     def __len__(self) -> int:
         """Batches per rank per epoch: enough for the epoch that packs into the most bins."""
+        if not self.even:
+            return len(self.batch_bounds(0)[self.rank :: self.num_replicas])
         if self._batches is None:
             epochs = range(self.epochs if self.shuffle else 1)
             most = max(len(self.packed(e)[1]) for e in epochs)
@@ -225,6 +231,9 @@ class MultipackBatchSampler:
         The bins are dealt into exactly `len(self) * W` batches of at most `rows` bins,
         the short ones last; bins are split first if there are fewer bins than batches.
         """
+        if not self.even:
+            bounds = self.packed(epoch)[1]
+            return [bounds[i : i + self.rows] for i in range(0, len(bounds), self.rows)]
         total = len(self) * self.num_replicas
         bounds = split_to(self.packed(epoch)[1], total)
         sizes = np.full(total, self.rows)

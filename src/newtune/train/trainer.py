@@ -28,7 +28,7 @@ def packed_loader(
     epochs: int = 1,
     group_size: int | None = None,
 ) -> DataLoader:
-    """A DataLoader of packed micro-batches for one rank."""
+    """A DataLoader of packed micro-batches for one rank (evenly dealt when shuffled)."""
     sampler = MultipackBatchSampler(
         sample_lengths(dataset),
         packing.capacity,
@@ -38,6 +38,7 @@ def packed_loader(
         num_replicas=num_replicas,
         rank=rank,
         epochs=epochs,
+        even=shuffle,  # training needs equal batch counts per rank; eval needs no repeats
         **({"group_size": group_size} if group_size else {}),
     )
     collate = PackedCollator(pad_id, packing.capacity if packing.pad_to_capacity else None)
