@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,8 @@ import torch
 
 from newtune.models.adapters import load_adapter
 from newtune.models.load import DTYPES, load_model
+from newtune.models.location import locate
+from newtune.models.streaming_merge import base_shards, merge_shards, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +22,61 @@ log = logging.getLogger(__name__)
 def merge_lora(
     base_model: str, adapter_dir: str, out_dir: Path, dtype: str, tokenizer: Any
 ) -> Path:
-    """Merge in fp32, cast to `dtype`, and write model + tokenizer to `out_dir` atomically."""
+    """Merge the adapter and write model + tokenizer to `out_dir` atomically.
+
+    Safetensors bases are merged shard by shard (bounded memory, each tensor keeps its
+    dtype); other bases (.gguf, .bin) and adapters only peft can merge are merged in memory
+    in fp32 and cast to `dtype`.
+    """
+    folder = _local_folder(base_model)
+    if folder is not None and base_shards(folder) is not None:
+        config = json.loads((folder / "config.json").read_text())
+        plan = plan_merge(Path(adapter_dir), tied=bool(config.get("tie_word_embeddings", True)))
+        if plan is not None:
+            tmp = _temp_dir(out_dir)
+            try:
+                count = merge_shards(folder, plan, tmp)
+                tokenizer.save_pretrained(tmp)
+                _replace_dir(tmp, out_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("merged %d tensors shard by shard from %s", count, folder)
+            return out_dir
+        log.info("this adapter needs peft's merge: merging in memory")
+    return _merge_in_memory(base_model, adapter_dir, out_dir, dtype, tokenizer)
+
+
+def _local_folder(base_model: str) -> Path | None:
+    """The local folder of a base model (a hub id from the local cache), if it has one."""
+    loc = locate(base_model)
+    if loc.gguf_file:
+        return None
+    if loc.is_local:
+        return Path(loc.name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(loc.name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 - the in-memory path reports hub problems clearly
+        return None
+
+
+def _temp_dir(out_dir: Path) -> Path:
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _merge_in_memory(
+    base_model: str, adapter_dir: str, out_dir: Path, dtype: str, tokenizer: Any
+) -> Path:
+    """peft's merge_and_unload in fp32, cast to `dtype`, written atomically."""
     model = load_model(base_model, "float32")
     model = load_adapter(model, adapter_dir).merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.name_or_path = str(out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temp_dir(out_dir)
     with torch.no_grad():
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
