@@ -175,3 +175,14 @@ def test_a_failed_merge_leaves_no_merged_folder(tmp_path, monkeypatch):
 def _shard_of(base, name: str) -> str:
     index = base / "model.safetensors.index.json"
     return json.loads(index.read_text())["weight_map"][name]
+
+
+def test_an_adapter_for_another_model_is_a_clear_error(tmp_path):
+    from newtune.errors import ModelError
+
+    base, adapter = build(tmp_path, llama(), QV)
+    other = tmp_path / "other"
+    gpt2().save_pretrained(other)
+    with pytest.raises(ModelError, match="the adapter changes tensors the base model does not"):
+        merge_lora(str(other), str(adapter), tmp_path / "merged", "float32", _Tok())
+    assert not (tmp_path / "merged").exists()

@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from newtune.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
@@ -104,7 +106,7 @@ def merge_shards(base: Path, plan: MergePlan, out: Path) -> int:
     """Write the merged shards, index and config to `out`; return the merged tensor count."""
     shards = base_shards(base)
     if shards is None:
-        raise ValueError(f"{base} has no safetensors weights")
+        raise ModelError(f"{base} has no safetensors weights to merge into")
     done = 0
     weight_map: dict[str, str] = {}
     total = 0
@@ -124,8 +126,9 @@ def merge_shards(base: Path, plan: MergePlan, out: Path) -> int:
         del tensors
     missing = (set(plan.deltas) | set(plan.replace)) - set(weight_map)
     if missing:
-        raise ValueError(
-            f"the adapter changes tensors the base model does not have: {sorted(missing)[:3]}"
+        raise ModelError(
+            f"the adapter changes tensors the base model does not have ({sorted(missing)[:3]}); "
+            "check that `base_model` is the model the adapter was trained on"
         )
     if len(shards) > 1 or (base / INDEX).is_file():
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
