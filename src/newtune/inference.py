@@ -112,10 +112,9 @@ def choose_model(
 
 
 def load_trained(
-    config: NewtuneConfig, base_overridden: bool = False, base_only: bool = False
+    config: NewtuneConfig, model_source: str, adapter_dir: str | None
 ) -> tuple[Any, Any]:
-    """The model `choose_model` picks (in eval mode) and its tokenizer."""
-    model_source, adapter_dir = choose_model(config, base_overridden, base_only)
+    """A model (in eval mode) with its adapter, as `choose_model` picked them, and its tokenizer."""
     tok_dir = adapter_dir or model_source
     tokenizer = load_tokenizer(config, tok_dir if _has(tok_dir, "tokenizer_config.json") else None)
     model = load_model(model_source, attn=config.attn_implementation or "sdpa")
@@ -130,7 +129,7 @@ def build_generator(
     config: NewtuneConfig, options: GenerationOptions, base_overridden: bool = False
 ) -> Generator:
     """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
-    model, tokenizer = load_trained(config, base_overridden)
+    model, tokenizer = load_trained(config, *choose_model(config, base_overridden))
     entry = config.datasets[0]
     strategy = get_strategy(entry, 0, config.train_on_inputs)
     engine = Engine(tokenizer, chat_template=tokenizer.chat_template)

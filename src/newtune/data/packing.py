@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from newtune.config.schema import NewtuneConfig
 from newtune.errors import DataError
 
 DEFAULT_GROUP_SIZE = 100_000
@@ -272,3 +273,20 @@ class Packing:
         if attn.startswith("flash_attention"):
             return cls(sequence_len * micro_batch_size, 1, pad)
         return cls(sequence_len, micro_batch_size, pad)
+
+
+def packing_plan(config: NewtuneConfig) -> tuple[Packing | None, Packing | None]:
+    """Train and eval packing for this config (None where samples are padded instead)."""
+    attn = config.attn_implementation or "sdpa"
+    pad = bool(config.pad_to_sequence_len)
+    train = (
+        Packing.for_run(config.sequence_len, config.micro_batch_size, attn, pad)
+        if config.sample_packing
+        else None
+    )
+    eval_packs = config.eval_sample_packing
+    eval_packs = bool(config.sample_packing) if eval_packs is None else eval_packs
+    eval_rows = config.eval_batch_size or config.micro_batch_size
+    return train, (
+        Packing.for_run(config.sequence_len, eval_rows, attn, pad) if eval_packs else None
+    )

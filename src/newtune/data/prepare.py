@@ -23,7 +23,7 @@ import datasets
 from filelock import FileLock
 
 from newtune.config.schema import DatasetEntry, NewtuneConfig
-from newtune.data.packing import Packing, packing_report, sample_lengths
+from newtune.data.packing import packing_plan, packing_report, sample_lengths
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.templates import resolve_chat_template
@@ -458,12 +458,8 @@ def _with_packing(final: Path, data: datasets.DatasetDict, config: NewtuneConfig
     path = final / "stats.json"
     stats = json.loads(path.read_text())
     report = None
-    if config.sample_packing:
-        packing = Packing.for_run(
-            config.sequence_len,
-            config.micro_batch_size,
-            config.attn_implementation or "sdpa",
-        )
+    packing = packing_plan(config)[0]
+    if packing is not None:
         report = packing_report(sample_lengths(data["train"]), packing, config.seed)
     if stats.get("packing") != report:
         stats.pop("packing", None)

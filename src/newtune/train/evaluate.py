@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from newtune.config.load import LoadedConfig
-from newtune.config.resolve import resolve
+from newtune.data.packing import packing_plan, sample_lengths
 from newtune.errors import DataError
 from newtune.inference import choose_model, load_trained
-from newtune.train.run import packing_plan, prepare_data
+from newtune.train.run import prepare_data
 from newtune.train.trainer import loss_metrics, packed_loader, padded_loader, token_loss
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,10 @@ def evaluate(
         )
     dataset = prepared.data[split]
     model_source, adapter_dir = choose_model(config, base_overridden, base_only)
-    model, tokenizer = load_trained(config, base_overridden, base_only)
+    model, tokenizer = load_trained(config, model_source, adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    _, eval_packing = packing_plan(config, resolve(config))
+    _, eval_packing = packing_plan(config)
     rows = config.eval_batch_size or config.micro_batch_size
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
     if eval_packing is not None:
@@ -54,7 +54,7 @@ def evaluate(
         "perplexity": metrics["eval_perplexity"],
         "eval_tokens": count,
         "eval_rows": len(dataset),
-        "total_tokens": int(sum(len(x) for x in dataset["input_ids"])),
+        "total_tokens": int(sample_lengths(dataset).sum()),
         "split": split,
         "model": model_source,
         "adapter": adapter_dir,

@@ -17,7 +17,7 @@ from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
-from newtune.data.packing import Packing, sample_lengths
+from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare
 from newtune.models.adapters import attach_lora, describe_parameters
 from newtune.models.load import load_model
@@ -36,27 +36,7 @@ def prepare_data(loaded: LoadedConfig, force: bool = False) -> tuple[Any, Prepar
     return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
-def packing_plan(config: NewtuneConfig, plan: RunPlan) -> tuple[Packing | None, Packing | None]:
-    """Train and eval packing for this config (None where samples are padded instead)."""
-    attn = config.attn_implementation or "sdpa"
-    pad = bool(config.pad_to_sequence_len)
-    train = (
-        Packing.for_run(config.sequence_len, config.micro_batch_size, attn, pad)
-        if config.sample_packing
-        else None
-    )
-    eval_packs = config.eval_sample_packing
-    eval_packs = bool(config.sample_packing) if eval_packs is None else eval_packs
-    eval_rows = config.eval_batch_size or config.micro_batch_size
-    return train, (
-        Packing.for_run(config.sequence_len, eval_rows, attn, pad) if eval_packs else None
-    )
-
-
-def _log_packing(config: NewtuneConfig, trainer: NewtuneTrainer, prepared: PreparedData) -> None:
-    batches = len(trainer.packed_train_loader())
-    accum = trainer.args.gradient_accumulation_steps
-    steps = max(batches // accum + int(batches % accum > 0), 1)
+def _log_packing(config: NewtuneConfig, prepared: PreparedData, batches: int, steps: int) -> None:
     report = prepared.stats.get("packing", {})
     log.info(
         "sample packing: %s samples -> %s rows of %s tokens (efficiency %.1f%%); "
@@ -93,7 +73,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     train_ds = prepared.data["train"]
     if config.group_by_length:
         train_ds = train_ds.add_column("length", sample_lengths(train_ds).tolist())
-    packing, eval_packing = packing_plan(config, plan)
+    packing, eval_packing = packing_plan(config)
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
     packed = None
     if packing is not None:
@@ -124,15 +104,24 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
         packed_train=packed,
     )
     if packing is not None:
-        _log_packing(config, trainer, prepared)
+        _log_packing(config, prepared, batches, steps_per_epoch)
     result = trainer.train()
     metrics = dict(result.metrics)
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_eval(trainer))
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
         save_outputs(trainer.model, tokenizer, loaded, prepared, metrics, out, trainer.state)
     return out
+
+
+def _final_eval(trainer: NewtuneTrainer) -> dict[str, Any]:
+    """Eval metrics of the final weights: the last eval if it ran at the last step, else a new one."""
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def save_outputs(
