@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from newtune.config.resolve import RunPlan
+from newtune.config.schema import NewtuneConfig
 from newtune.models.location import ModelLocation, hub_error, locate
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,18 @@ def load_model(
         raise hub_error(key, value, exc) from exc
     if loc.gguf_file:
         model = _plain_from_gguf(model, loc, DTYPES[dtype], attn)
+    return model
+
+
+def build_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
+    """The model to train: loaded as the config says, with its adapter attached."""
+    from newtune.models.adapters import attach_lora, describe_parameters
+
+    model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
+    model.config.use_cache = False  # packed rows are isolated only without a KV cache
+    if plan.train_mode in ("lora", "qlora"):
+        model = attach_lora(model, config)
+    log.info(describe_parameters(model))
     return model
 
 

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError
+from newtune.train.distributed import distributed_kwargs
 
 
 def _per_epoch(count: int | None, steps_per_epoch: int) -> int | None:
@@ -71,6 +72,7 @@ def training_kwargs(
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": plan.device == "cuda",
         "use_cpu": plan.device == "cpu",  # also makes CPU DDP (gloo) under a launcher work
+        **distributed_kwargs(config, plan),  # deepspeed, fsdp, fsdp_config, ddp_*
     }
 
 

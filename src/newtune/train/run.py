@@ -19,8 +19,7 @@ from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare
-from newtune.models.adapters import attach_lora, describe_parameters
-from newtune.models.load import load_model
+from newtune.models.load import build_model
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args
 from newtune.train.trainer import NewtuneTrainer, packed_loader
@@ -64,11 +63,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     plan = plan or resolve(config)
     tokenizer, prepared = prepare_data(loaded)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
-    model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
-    model.config.use_cache = False  # packed rows are isolated only without a KV cache
-    if plan.train_mode in ("lora", "qlora"):
-        model = attach_lora(model, config)
-    log.info(describe_parameters(model))
+    model = build_model(config, plan, tokenizer)
     eval_ds = prepared.data.get("test", None)
     train_ds = prepared.data["train"]
     if config.group_by_length:
