@@ -58,13 +58,15 @@ def test_every_axolotl_key_left_null_validates(tmp_path):
 
 
 def test_planned_key_with_value_names_key_and_piece_of_work(tmp_path):
-    msg = error_of(write(tmp_path, BASE + "push_dataset_to_hub: me/data\nload_in_4bit: true\n"))
+    msg = error_of(
+        write(tmp_path, BASE + "push_dataset_to_hub: me/data\ndataset_keep_in_memory: true\n")
+    )
     assert (
         "`push_dataset_to_hub: 'me/data'` is not implemented by newtune yet (planned with the data pipeline work); remove it or set it to null"
         in msg
     )
     assert (
-        "`load_in_4bit: True` is not implemented by newtune yet (planned with the models and training work)"
+        "`dataset_keep_in_memory: True` is not implemented by newtune yet (planned with the data pipeline work)"
         in msg
     )
 

@@ -66,7 +66,9 @@ def peft_merged(base, adapter, cls, resize: int | None = None) -> dict:
 def streamed(tmp_path, base, adapter, cls, monkeypatch, streaming: bool = True) -> dict:
     calls = []
     real = merge_mod._merge_in_memory
-    monkeypatch.setattr(merge_mod, "_merge_in_memory", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        merge_mod, "_merge_in_memory", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     out = merge_lora(str(base), str(adapter), tmp_path / "merged", "float32", _Tok())
     assert (not calls) is streaming
     return {k: v.detach() for k, v in cls.from_pretrained(out).state_dict().items()}

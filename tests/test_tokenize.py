@@ -377,13 +377,13 @@ def test_field_tools_column(chat_tokenizer):
     )
     convo = CONVERSATION[1:3]
     from newtune.config.schema import NewtuneConfig
-    from newtune.data.prepare import _engine_for
+    from newtune.data.prepare import engine_for
 
     cfg = NewtuneConfig(base_model="m", datasets=[{"path": "x.jsonl", "type": "chat_template"}])
     entry = DatasetEntry(
         path="x.jsonl", type="chat_template", field_tools="functions", chat_template=template
     )
-    engine = _engine_for(entry, cfg, chat_tokenizer, chat_tokenizer.chat_template)
+    engine = engine_for(entry, cfg, chat_tokenizer, chat_tokenizer.chat_template)
     sample = get_strategy(entry, 0, False).sample(
         {"messages": convo, "functions": '[{"name": "search"}]'}
     )

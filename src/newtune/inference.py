@@ -11,12 +11,14 @@ from typing import Any, TextIO
 
 import torch
 
+from newtune.config.resolve import resolve
 from newtune.config.schema import NewtuneConfig
+from newtune.data.prepare import engine_for
 from newtune.data.strategies import Conversation, get_strategy
 from newtune.data.tokenize import Engine
 from newtune.models.adapters import load_adapter
-from newtune.models.load import load_model
-from newtune.models.tokenizer import load_tokenizer
+from newtune.models.load import ModelOptions, load_model
+from newtune.models.tokenizer import load_tokenizer, resize_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,12 @@ def load_trained(
     """A model (in eval mode) with its adapter, as `choose_model` picked them, and its tokenizer."""
     tok_dir = adapter_dir or model_source
     tokenizer = load_tokenizer(config, tok_dir if _has(tok_dir, "tokenizer_config.json") else None)
-    model = load_model(model_source, attn=config.attn_implementation or "sdpa")
+    plan = resolve(config)
+    options = ModelOptions.from_config(config, plan)
+    model = load_model(model_source, plan.dtype, options=options)
+    resize_embeddings(model, tokenizer, config)  # as training did, before the adapter loads
+    if options.quantize is None and options.device_map is None and plan.device != "cpu":
+        model = model.to(plan.device)
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
     log.info("model: %s%s", model_source, f" + adapter {adapter_dir}" if adapter_dir else "")
@@ -132,7 +139,7 @@ def build_generator(
     model, tokenizer = load_trained(config, *choose_model(config, base_overridden))
     entry = config.datasets[0]
     strategy = get_strategy(entry, 0, config.train_on_inputs)
-    engine = Engine(tokenizer, chat_template=tokenizer.chat_template)
+    engine = engine_for(entry, config, tokenizer, tokenizer.chat_template, strategy)
     return Generator(model, tokenizer, engine, strategy, options)
 
 

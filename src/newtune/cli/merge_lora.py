@@ -21,7 +21,12 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     tok_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else None
     tokenizer = load_tokenizer(cfg, tok_source)
     out = merge_lora(
-        cfg.base_model, adapter_dir, Path(cfg.output_dir) / "merged", resolve(cfg).dtype, tokenizer
+        cfg.base_model,
+        adapter_dir,
+        Path(cfg.output_dir) / "merged",
+        resolve(cfg).dtype,
+        tokenizer,
+        config=cfg,
     )
     log.info("merged model written to %s", out)
     print(out)

@@ -113,6 +113,12 @@ def fingerprint_inputs(
         "dataset_shard_idx": config.dataset_shard_idx,
         "seed": config.seed,
         "engine_version": ENGINE_VERSION,
+        # only when set, so caches made before the key existed stay valid
+        **(
+            {"default_system_message": config.default_system_message}
+            if config.default_system_message
+            else {}
+        ),
     }
 
 
@@ -123,13 +129,14 @@ def fingerprint(inputs: dict[str, Any], strategies: list[Strategy | None]) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _engine_for(
+def engine_for(
     entry: DatasetEntry,
     config: NewtuneConfig,
     tokenizer: Any,
     template: str | None,
     strategy: Strategy | None = None,
 ) -> Engine:
+    """The tokenizing engine for one dataset entry (shared by preprocess and inference)."""
     # a per-dataset template wins; then a strategy's own (sharegpt's `conversation:`)
     own = entry.chat_template_jinja or entry.chat_template
     if own is None and config.chat_template is None:
@@ -142,6 +149,7 @@ def _engine_for(
         train_on_inputs=config.train_on_inputs,
         sequence_len=config.sequence_len,
         eot_tokens=tuple(config.eot_tokens or ()),
+        system_message=config.default_system_message,
     )
 
 
@@ -301,7 +309,7 @@ def _load_entries(
                 )
             part = _pretokenized(rows, where)
         else:
-            engine = _engine_for(entry, config, tokenizer, template, strategy)
+            engine = engine_for(entry, config, tokenizer, template, strategy)
             procs = _num_proc(config, len(rows))
             with _tokenizer_threads(procs is None and _cpus(config) > 1):
                 part = _tokenize_entry(where, entry, rows, strategy, engine, procs)

@@ -7,6 +7,7 @@ sample into `input_ids` and `labels` (-100 where no loss is taken).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import gc
 import json
@@ -51,8 +52,10 @@ class Engine:
         train_on_inputs: bool = False,
         sequence_len: int | None = None,
         eot_tokens: tuple[str, ...] = (),
+        system_message: str | None = None,
     ) -> None:
         self.tok = tokenizer
+        self.system_message = system_message
         self.chat_template = chat_template
         self.roles_to_train = set(roles_to_train)
         self.train_on_eos = train_on_eos
@@ -90,18 +93,30 @@ class Engine:
                     (seg.text, sample.bos and i == 0) for i, seg in enumerate(sample.segments)
                 ]
             else:
-                convs.append(sample)
+                convs.append(self._with_system(sample))
         renders = dict(enumerate(self._render_many_with_spans(convs)))
         encoded = iter(self._encode_pieces(pieces))
         convs = iter(self._encode_conversations([renders[k] for k in sorted(renders)]))
         out: list[list[TokenizedRow]] = []
         for sample in samples:
+            if isinstance(sample, Conversation):
+                sample = self._with_system(sample)
             if isinstance(sample, Segments):
                 row = self._segments(sample, [next(encoded) for _ in sample.segments])
                 out.append(self._chunk(row) if sample.chunk else [row])
             else:
                 out.append([self._conversation(sample, *next(convs))])
         return out
+
+    def _with_system(self, conv: Conversation) -> Conversation:
+        """The conversation with `default_system_message` first when it has no system turn."""
+        if not self.system_message or (
+            conv.messages and conv.messages[0].get("role") == "system"
+        ):
+            return conv
+        train = (False, *conv.train) if conv.train else ()
+        system = {"role": "system", "content": self.system_message}
+        return dataclasses.replace(conv, messages=(system, *conv.messages), train=train)
 
     def _chunk(self, row: TokenizedRow) -> list[TokenizedRow]:
         n = self.sequence_len
@@ -127,6 +142,7 @@ class Engine:
         """Token ids of an inference prompt (no labels, no trailing EOS)."""
         if isinstance(sample, Segments):
             return self.tokenize(sample)[0].input_ids
+        sample = self._with_system(sample)
         text = self.render(
             list(sample.messages),
             add_generation_prompt=sample.add_generation_prompt,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, PeftModel, get_peft_model
+import torch
+from peft import LoftQConfig, LoraConfig, PeftModel, get_peft_model
 
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
@@ -14,32 +18,100 @@ from newtune.errors import ConfigError, ModelError
 log = logging.getLogger(__name__)
 
 
-def lora_config(config: NewtuneConfig) -> LoraConfig:
-    """peft's LoraConfig for this config's `lora_*` keys."""
-    if config.lora_target_linear:
-        targets: Any = "all-linear"
-    else:
-        targets = config.lora_target_modules
+def _module_name(model: Any, module: Any) -> str | None:
+    """The last component of `module`'s name in `model` (e.g. `embed_tokens`, `lm_head`)."""
+    if module is None:
+        return None
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def embedding_modules(model: Any) -> list[str]:
+    """Names of the input and output embedding modules (one name when they are the same)."""
+    names = [
+        _module_name(model, model.get_input_embeddings()),
+        _module_name(model, model.get_output_embeddings()),
+    ]
+    return [n for i, n in enumerate(names) if n and n not in names[:i]]
+
+
+def _peft_extras(config: NewtuneConfig) -> dict[str, Any]:
+    """The `peft:` mapping as LoraConfig arguments (`loftq_config` becomes a LoftQConfig)."""
+    extras = dict(config.peft or {})
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key in extras:
+        if key not in fields:
+            match = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            raise ConfigError(f"`peft.{key}` is not a peft LoraConfig option.{hint}")
+    if "loftq_config" in extras:
+        loftq = extras["loftq_config"] or {}
+        if importlib.util.find_spec("scipy") is None:
+            raise ConfigError(
+                "`peft.loftq_config` needs scipy (peft uses it): `pip install scipy`."
+            )
+        try:
+            extras["loftq_config"] = LoftQConfig(**loftq)
+        except TypeError as exc:
+            raise ConfigError(f"`peft.loftq_config` is not valid: {exc}") from exc
+        extras.setdefault("init_lora_weights", "loftq")
+    return extras
+
+
+def lora_config(config: NewtuneConfig, model: Any = None, new_tokens: bool = False) -> LoraConfig:
+    """peft's LoraConfig for this config's `lora_*` and `peft_*` keys.
+
+    With `new_tokens` (the config added tokens), the embedding modules are trained in full
+    (added to `lora_modules_to_save`), or the new tokens' rows would stay untrained.
+    """
+    targets: Any = "all-linear" if config.lora_target_linear else config.lora_target_modules
+    to_save = list(config.lora_modules_to_save or [])
+    tied = bool(model is not None and getattr(model.config, "tie_word_embeddings", False))
+    if new_tokens and model is not None:
+        missing = [n for n in embedding_modules(model) if n not in to_save]
+        if missing:
+            log.warning(
+                "the config adds tokens and trains a LoRA adapter: training %s in full "
+                "(added to lora_modules_to_save) so the new tokens' embeddings are learned",
+                ", ".join(missing),
+            )
+            to_save += missing
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        modules_to_save=to_save or None,
+        fan_in_fan_out=bool(config.lora_fan_in_fan_out),
+        layers_to_transform=config.peft_layers_to_transform,
+        use_rslora=bool(config.peft_use_rslora),
+        use_dora=bool(config.peft_use_dora),
+        ensure_weight_tying=tied and bool(to_save),
         bias="none",
         task_type="CAUSAL_LM",
+        **_peft_extras(config),
     )
 
 
-def attach_lora(model: Any, config: NewtuneConfig) -> Any:
+def attach_lora(model: Any, config: NewtuneConfig, new_tokens: bool = False) -> Any:
     """Wrap the model with a new LoRA adapter, or continue the one in `lora_model_dir`."""
     if config.lora_model_dir:
         return load_adapter(model, config.lora_model_dir, trainable=True)
-    try:
-        peft_model = get_peft_model(model, lora_config(config))
-    except ValueError as exc:
+    lora = lora_config(config, model, new_tokens)
+    if lora.init_lora_weights == "loftq" and not torch.cuda.is_available():
         raise ConfigError(
-            f"Could not attach LoRA: {exc}. Check `lora_target_modules` against the model's "
-            "module names, or set `lora_target_linear: true`."
+            "`peft.loftq_config` needs a CUDA GPU: peft computes the LoftQ initialisation on "
+            "cuda. Run on a GPU machine, or remove `peft.loftq_config` to start LoRA from zero."
+        )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"Could not attach LoRA: {exc}. Check `lora_target_modules`, "
+            "`lora_modules_to_save` and `peft_layers_to_transform` against the model's module "
+            "names, or set `lora_target_linear: true`."
         ) from exc
     return peft_model
 

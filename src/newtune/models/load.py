@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
+from newtune.errors import ConfigError, ModelError
 from newtune.models.location import ModelLocation, hub_error, locate
 
 log = logging.getLogger(__name__)
@@ -17,35 +23,244 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(
-    value: str, dtype: str = "float32", key: str = "base_model", attn: str = "sdpa"
-) -> Any:
-    """A causal LM from a folder, hub id or .gguf file, in `dtype`, with attention `attn`."""
-    loc = locate(value, key)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            loc.name_or_path, dtype=DTYPES[dtype], attn_implementation=attn, **loc.kwargs()
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load a model, from the config's model keys (everything but the location)."""
+
+    attn: str = "sdpa"
+    model_type: str | None = None
+    config_source: str | None = None  # base_model_config
+    revision: str | None = None
+    trust_remote_code: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None  # "4bit" | "8bit"
+    bnb_kwargs: dict[str, Any] = field(default_factory=dict)
+    device_map: Any = None
+    max_memory: dict[Any, Any] | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: NewtuneConfig, plan: RunPlan | None = None, quantize: bool = True
+    ) -> ModelOptions:
+        """The options a config asks for; `quantize=False` loads full weights (merging)."""
+        bits = "4bit" if config.load_in_4bit else ("8bit" if config.load_in_8bit else None)
+        return cls(
+            attn=config.attn_implementation or "sdpa",
+            model_type=config.model_type,
+            config_source=config.base_model_config,
+            revision=config.revision_of_model,
+            trust_remote_code=bool(config.trust_remote_code),
+            overrides=dict(config.overrides_of_model_config or {}),
+            quantize=bits if quantize else None,
+            bnb_kwargs=dict(config.bnb_config_kwargs or {}),
+            device_map=_device_map(config, plan, bits if quantize else None),
+            max_memory=_max_memory(config),
         )
+
+
+def _device_map(config: NewtuneConfig, plan: RunPlan | None, bits: str | None) -> Any:
+    """`device_map` from the config; quantized models need one, one device per rank."""
+    if config.device_map is not None:
+        return config.device_map
+    if bits is None:
+        return None  # Trainer places the model
+    device = plan.device if plan is not None else "cpu"
+    if device == "cuda":
+        return {"": plan.local_rank if plan is not None else 0}
+    return {"": device}
+
+
+def _max_memory(config: NewtuneConfig) -> dict[Any, Any] | None:
+    """`max_memory`, or `gpu_memory_limit` applied to every visible GPU."""
+    if config.max_memory is not None:
+        return dict(config.max_memory)
+    if config.gpu_memory_limit is None:
+        return None
+    limit = config.gpu_memory_limit
+    if isinstance(limit, int) or str(limit).isdigit():
+        limit = f"{limit}GiB"
+    gpus = torch.cuda.device_count()
+    return {i: limit for i in range(gpus)} or None
+
+
+def _model_class(name: str | None) -> Any:
+    """The transformers class `model_type` names (default AutoModelForCausalLM)."""
+    if not name:
+        return AutoModelForCausalLM
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(
+            f"`model_type: {name}` is not a transformers model class; use e.g. "
+            "AutoModelForCausalLM or LlamaForCausalLM, or remove the key."
+        )
+    return cls
+
+
+def quantization_config(options: ModelOptions, dtype: torch.dtype) -> Any:
+    """bitsandbytes settings for `load_in_4bit` (NF4, double quant) or `load_in_8bit`."""
+    if options.quantize is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"`load_in_{options.quantize}: true` needs bitsandbytes, which is not installed; "
+            "run `pip install 'newtune[bnb]'` (or `pip install bitsandbytes`)."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if options.quantize == "4bit":
+        kwargs: dict[str, Any] = {
+            "load_in_4bit": True,
+            "bnb_4bit_compute_dtype": dtype,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_quant_storage": dtype,
+        }
+    else:
+        kwargs = {"load_in_8bit": True}
+    kwargs.update(options.bnb_kwargs)
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"`bnb_config_kwargs` is not valid for BitsAndBytesConfig: {exc}"
+        ) from exc
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
+    """Set `overrides_of_model_config` values; a mapping updates a mapping value.
+
+    transformers 5 keeps RoPE settings in `rope_parameters`: `rope_theta` and `rope_scaling`
+    (Axolotl's spellings) update it, as they did the old attributes.
+    """
+    for name, new in overrides.items():
+        old = getattr(config, name, None)
+        rope = getattr(config, "rope_parameters", None)
+        if name in ("rope_theta", "rope_scaling") and isinstance(rope, dict):
+            update = dict(new or {}) if name == "rope_scaling" else {"rope_theta": new}
+            if "type" in update:
+                update.setdefault("rope_type", update.pop("type"))
+            config.rope_parameters = new = {**rope, **update}
+            name = "rope_parameters"
+        else:
+            if isinstance(old, dict) and isinstance(new, dict):
+                new = {**old, **new}
+            setattr(config, name, new)
+        log.info("model config: %s = %r (was %r)", name, new, old)
+
+
+def _model_config(loc: ModelLocation, options: ModelOptions, key: str, value: str) -> Any:
+    """The model config (from `base_model_config` if given), with the overrides applied."""
+    source = options.config_source
+    where = locate(source, "base_model_config") if source else loc
+    try:
+        config = AutoConfig.from_pretrained(
+            where.name_or_path,
+            revision=options.revision,
+            trust_remote_code=options.trust_remote_code,
+            **where.kwargs(),
+        )
+    except (OSError, ValueError) as exc:
+        raise hub_error("base_model_config" if source else key, source or value, exc) from exc
+    apply_overrides(config, options.overrides)
+    if loc.gguf_file and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def load_model(
+    value: str,
+    dtype: str = "float32",
+    key: str = "base_model",
+    attn: str = "sdpa",
+    options: ModelOptions | None = None,
+) -> Any:
+    """A causal LM from a folder, hub id or .gguf file, in `dtype`, loaded as `options` say."""
+    options = options or ModelOptions(attn=attn)
+    loc = locate(value, key)
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "attn_implementation": options.attn,
+        "revision": options.revision,
+        "trust_remote_code": options.trust_remote_code,
+    }
+    if options.config_source or options.overrides:
+        kwargs["config"] = _model_config(loc, options, key, value)
+    if options.device_map is not None:
+        kwargs["device_map"] = options.device_map
+    if options.max_memory is not None:
+        kwargs["max_memory"] = options.max_memory
+    quant = quantization_config(options, torch_dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    cls = _model_class(options.model_type)
+    try:
+        model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
         raise hub_error(key, value, exc) from exc
     if loc.gguf_file:
-        model = _plain_from_gguf(model, loc, DTYPES[dtype], attn)
+        model = _plain_from_gguf(model, loc, torch_dtype, options)
     return model
 
 
-def build_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
-    """The model to train: loaded as the config says, with its adapter attached."""
-    from newtune.models.adapters import attach_lora, describe_parameters
+def enable_gradient_checkpointing(model: Any, config: NewtuneConfig) -> None:
+    """Recompute activations in backward; `offload` also keeps saved activations on the CPU."""
+    kwargs = {"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if kwargs["use_reentrant"]:
+        # reentrant checkpoints need an input that requires grad when the embeddings are frozen
+        model.enable_input_require_grads()
+    if config.gradient_checkpointing in ("offload", "unsloth"):
+        _offload_activations(model)
 
-    model = load_model(config.base_model, plan.dtype, attn=config.attn_implementation or "sdpa")
+
+def _offload_activations(model: Any) -> None:
+    """Run the forward under `save_on_cpu`: tensors kept for backward wait in (pinned) CPU memory."""
+    forward = model.forward
+    pin = torch.cuda.is_available()
+
+    @functools.wraps(forward)
+    def offloaded(*args: Any, **kwargs: Any) -> Any:
+        ctx = (
+            torch.autograd.graph.save_on_cpu(pin_memory=pin)
+            if torch.is_grad_enabled()
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return forward(*args, **kwargs)
+
+    model.forward = offloaded
+
+
+def build_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
+    """The model to train: loaded as the config says, resized for new tokens, adapter attached."""
+    from newtune.models.adapters import attach_lora, describe_parameters
+    from newtune.models.tokenizer import resize_embeddings
+
+    if config.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    options = ModelOptions.from_config(config, plan)
+    model = load_model(config.base_model, plan.dtype, options=options)
     model.config.use_cache = False  # packed rows are isolated only without a KV cache
+    resize_embeddings(model, tokenizer, config)
+    if options.quantize is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, config)
     if plan.train_mode in ("lora", "qlora"):
-        model = attach_lora(model, config)
+        model = attach_lora(
+            model, config, new_tokens=bool(getattr(tokenizer, "newtune_new_ids", []))
+        )
     log.info(describe_parameters(model))
     return model
 
 
-def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype, attn: str) -> Any:
+def _plain_from_gguf(
+    model: Any, loc: ModelLocation, dtype: torch.dtype, options: ModelOptions
+) -> Any:
     """Rebuild a dequantized GGUF model as a plain (non-quantized) model of the same class.
 
     transformers marks GGUF-loaded models as quantized, which stops Trainer and peft from
@@ -55,14 +270,15 @@ def _plain_from_gguf(model: Any, loc: ModelLocation, dtype: torch.dtype, attn: s
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = f"{loc.name_or_path}/{loc.gguf_file}"
-    plain = type(model)._from_config(config, dtype=dtype, attn_implementation=attn)
+    apply_overrides(config, options.overrides)
+    plain = type(model)._from_config(config, dtype=dtype, attn_implementation=options.attn)
     result = plain.load_state_dict(model.state_dict(), strict=False)
     plain.tie_weights()
     unexpected = [k for k in result.missing_keys if "lm_head" not in k]
     if unexpected or result.unexpected_keys:
-        raise RuntimeError(
-            f"GGUF conversion mismatch: missing {unexpected[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]}"
+        raise ModelError(
+            f"GGUF conversion of {loc.name_or_path}/{loc.gguf_file} failed: missing "
+            f"{unexpected[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     plain.generation_config = model.generation_config
     return plain.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,31 +12,41 @@ from typing import Any
 
 import torch
 
+from newtune.config.schema import NewtuneConfig
 from newtune.models.adapters import load_adapter
-from newtune.models.load import DTYPES, load_model
+from newtune.models.load import DTYPES, ModelOptions, load_model
 from newtune.models.location import locate
 from newtune.models.streaming_merge import base_shards, merge_shards, plan_merge
+from newtune.models.tokenizer import resize_embeddings
 
 log = logging.getLogger(__name__)
 
 
 def merge_lora(
-    base_model: str, adapter_dir: str, out_dir: Path, dtype: str, tokenizer: Any
+    base_model: str,
+    adapter_dir: str,
+    out_dir: Path,
+    dtype: str,
+    tokenizer: Any,
+    config: NewtuneConfig | None = None,
 ) -> Path:
     """Merge the adapter and write model + tokenizer to `out_dir` atomically.
 
     Safetensors bases are merged shard by shard (bounded memory, each tensor keeps its
     dtype); other bases (.gguf, .bin) and adapters only peft can merge are merged in memory
-    in fp32 and cast to `dtype`.
+    in fp32 and cast to `dtype`. `config` supplies the loading keys (revision, model class,
+    `base_model_ignore_patterns`, added tokens) and `lora_on_cpu`.
     """
-    folder = _local_folder(base_model)
+    ignore = (config.base_model_ignore_patterns if config else None) or None
+    folder = _local_folder(base_model, ignore)
     if folder is not None and base_shards(folder) is not None:
-        config = json.loads((folder / "config.json").read_text())
-        plan = plan_merge(Path(adapter_dir), tied=bool(config.get("tie_word_embeddings", True)))
+        base_config = json.loads((folder / "config.json").read_text())
+        tied = bool(base_config.get("tie_word_embeddings", True))
+        plan = plan_merge(Path(adapter_dir), tied=tied)
         if plan is not None:
             tmp = _temp_dir(out_dir)
             try:
-                count = merge_shards(folder, plan, tmp)
+                count = merge_shards(folder, plan, tmp, device=_merge_device(config))
                 tokenizer.save_pretrained(tmp)
                 _replace_dir(tmp, out_dir)
             finally:
@@ -43,10 +54,17 @@ def merge_lora(
             log.info("merged %d tensors shard by shard from %s", count, folder)
             return out_dir
         log.info("this adapter needs peft's merge: merging in memory")
-    return _merge_in_memory(base_model, adapter_dir, out_dir, dtype, tokenizer)
+    return _merge_in_memory(base_model, adapter_dir, out_dir, dtype, tokenizer, config)
 
 
-def _local_folder(base_model: str) -> Path | None:
+def _merge_device(config: NewtuneConfig | None) -> str:
+    """Where the delta matmuls run: a GPU when there is one, unless `lora_on_cpu`."""
+    if (config is not None and config.lora_on_cpu) or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def _local_folder(base_model: str, ignore: str | list[str] | None = None) -> Path | None:
     """The local folder of a base model (a hub id from the local cache), if it has one."""
     loc = locate(base_model)
     if loc.gguf_file:
@@ -56,7 +74,13 @@ def _local_folder(base_model: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(loc.name_or_path, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(
+            snapshot_download(
+                loc.name_or_path,
+                allow_patterns=["*.json", "*.safetensors"],
+                ignore_patterns=ignore,
+            )
+        )
     except Exception:  # noqa: BLE001 - the in-memory path reports hub problems clearly
         return None
 
@@ -69,10 +93,21 @@ def _temp_dir(out_dir: Path) -> Path:
 
 
 def _merge_in_memory(
-    base_model: str, adapter_dir: str, out_dir: Path, dtype: str, tokenizer: Any
+    base_model: str,
+    adapter_dir: str,
+    out_dir: Path,
+    dtype: str,
+    tokenizer: Any,
+    config: NewtuneConfig | None = None,
 ) -> Path:
-    """peft's merge_and_unload in fp32, cast to `dtype`, written atomically."""
-    model = load_model(base_model, "float32")
+    """peft's merge_and_unload in fp32 on the CPU, cast to `dtype`, written atomically."""
+    options = ModelOptions()
+    if config is not None:  # never quantized: QLoRA adapters merge into the full weights
+        full = ModelOptions.from_config(config, quantize=False)
+        options = dataclasses.replace(full, device_map=None, max_memory=None)
+    model = load_model(base_model, "float32", options=options)
+    if config is not None:
+        resize_embeddings(model, tokenizer, config)
     model = load_adapter(model, adapter_dir).merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.name_or_path = str(out_dir)

@@ -102,7 +102,7 @@ def plan_merge(adapter_dir: Path, tied: bool) -> MergePlan | None:
     return plan
 
 
-def merge_shards(base: Path, plan: MergePlan, out: Path) -> int:
+def merge_shards(base: Path, plan: MergePlan, out: Path, device: str = "cpu") -> int:
     """Write the merged shards, index and config to `out`; return the merged tensor count."""
     shards = base_shards(base)
     if shards is None:
@@ -116,7 +116,7 @@ def merge_shards(base: Path, plan: MergePlan, out: Path) -> int:
         with safe_open(str(base / shard), "pt") as f:
             metadata = f.metadata()
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                tensors[name] = _merged(name, f.get_tensor(name), plan)
+                tensors[name] = _merged(name, f.get_tensor(name), plan, device)
                 done += name in plan.deltas or name in plan.replace
                 weight_map[name] = shard
                 total += tensors[name].numel() * tensors[name].element_size()
@@ -143,11 +143,12 @@ def merge_shards(base: Path, plan: MergePlan, out: Path) -> int:
     return done
 
 
-def _merged(name: str, tensor: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+def _merged(name: str, tensor: torch.Tensor, plan: MergePlan, device: str) -> torch.Tensor:
     if name in plan.replace:
         tensor = plan.replace[name].to(tensor.dtype)
     if name in plan.deltas:
         b, a, scale, transpose = plan.deltas[name]
-        delta = (b.float() @ a.float()) * scale
-        tensor = (tensor.float() + (delta.T if transpose else delta)).to(tensor.dtype)
+        delta = (b.to(device).float() @ a.to(device).float()) * scale
+        merged = tensor.to(device).float() + (delta.T if transpose else delta)
+        tensor = merged.to(tensor.dtype).cpu()
     return tensor.contiguous()

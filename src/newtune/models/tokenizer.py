@@ -1,32 +1,116 @@
-"""Load the tokenizer a config asks for and give it the configured chat template."""
+"""Load the tokenizer a config asks for: class, special and added tokens, chat template."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-from transformers import AutoTokenizer
+import transformers
+from transformers import AddedToken, AutoTokenizer
 
 from newtune.config.schema import NewtuneConfig
 from newtune.data.templates import resolve_chat_template
+from newtune.errors import ConfigError
 from newtune.models.location import hub_error, locate
 
 log = logging.getLogger(__name__)
 
+SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def _tokenizer_class(name: str | None) -> Any:
+    if not name:
+        return AutoTokenizer
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(
+            f"`tokenizer_type: {name}` is not a transformers tokenizer class; use e.g. "
+            "AutoTokenizer or PreTrainedTokenizerFast, or remove the key."
+        )
+    return cls
+
 
 def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
-    """The tokenizer from `source`, `tokenizer_config` or `base_model`, ready for training."""
+    """The tokenizer from `source`, `tokenizer_config` or `base_model`, ready for training.
+
+    A `source` folder written by newtune already holds the special and added tokens; they
+    are applied again (a no-op) so a tokenizer from elsewhere gets them too.
+    """
     key = "tokenizer_config" if config.tokenizer_config and source is None else "base_model"
     value = source or config.tokenizer_config or config.base_model
     loc = locate(value, key)
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(config.trust_remote_code)}
+    if config.tokenizer_use_fast is not None:
+        kwargs["use_fast"] = config.tokenizer_use_fast
+    if config.tokenizer_legacy is not None:
+        kwargs["legacy"] = config.tokenizer_legacy
+    if key == "base_model" and source is None and config.revision_of_model:
+        kwargs["revision"] = config.revision_of_model
     try:
-        tok = AutoTokenizer.from_pretrained(loc.name_or_path, **loc.kwargs())
+        tok = _tokenizer_class(config.tokenizer_type).from_pretrained(
+            loc.name_or_path, **kwargs, **loc.kwargs()
+        )
     except (OSError, ValueError) as exc:
         raise hub_error(key, value, exc) from exc
+    tok.newtune_new_ids = add_tokens(tok, config)  # what build_model must make trainable
     if config.chat_template is not None:
         tok.chat_template = resolve_chat_template(config.chat_template, tok.chat_template)
     if tok.pad_token is None:
-        # Labels are masked explicitly, so a pad id equal to EOS never hides EOS from the loss.
         tok.pad_token = tok.unk_token or tok.eos_token
-        log.info("tokenizer has no pad token; using %s for padding", tok.pad_token)
+        if tok.pad_token == tok.eos_token:
+            log.warning(
+                "the tokenizer has no pad token; padding with the EOS token %r. newtune masks "
+                "padding by position (attention mask and -100 labels), never by token id, so "
+                "EOS is still learned. Set `special_tokens: {pad_token: ...}` to choose another.",
+                tok.eos_token,
+            )
     return tok
+
+
+def add_tokens(tok: Any, config: NewtuneConfig) -> list[int]:
+    """Apply `special_tokens` and add `tokens`; return the ids new to the vocabulary."""
+    before = len(tok)
+    special = dict(config.special_tokens or {})
+    unknown = sorted(set(special) - set(SPECIAL_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"`special_tokens` has unknown key(s) {', '.join(unknown)}; use "
+            f"{', '.join(SPECIAL_KEYS)}."
+        )
+    if special:
+        tok.add_special_tokens(
+            {k: AddedToken(v, special=True, normalized=False) for k, v in special.items()}
+        )
+    if config.tokens:
+        tok.add_tokens(
+            [AddedToken(t, rstrip=False, lstrip=False, normalized=False) for t in config.tokens]
+        )
+    added = list(range(before, len(tok)))
+    if added:
+        log.info("added %d token(s) to the vocabulary (now %d)", len(added), len(tok))
+    return added
+
+
+def resize_embeddings(model: Any, tokenizer: Any, config: NewtuneConfig) -> None:
+    """Grow the embeddings to fit the tokenizer (when it has more tokens than rows).
+
+    The matrix is padded to a multiple of 32 (`resize_token_embeddings_to_32x`) or 64, which
+    keeps matmuls on tensor-core friendly shapes; new rows start at the mean embedding.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size <= rows:
+        return
+    multiple = 32 if config.resize_token_embeddings_to_32x else 64
+    target = math.ceil(size / multiple) * multiple
+    model.resize_token_embeddings(size, pad_to_multiple_of=multiple)
+    log.info("resized the embeddings from %d to %d rows for %d tokens", rows, target, size)
