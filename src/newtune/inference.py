@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Iterable
@@ -71,7 +72,11 @@ class Generator:
         return self.engine.prompt_ids(self.strategy.prompt(text, history))
 
     def answer(
-        self, text: str, history: list[dict[str, str]] | None = None, stream: Any = None
+        self,
+        text: str,
+        history: list[dict[str, str]] | None = None,
+        stream: Any = None,
+        options: GenerationOptions | None = None,
     ) -> str:
         """Generate the model's answer to one prompt."""
         ids = torch.tensor([self.prompt_ids(text, history)], device=self.model.device)
@@ -82,7 +87,7 @@ class Generator:
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
                 streamer=stream,
-                **self.options.kwargs(),
+                **(options or self.options).kwargs(),
             )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -191,6 +196,65 @@ def interactive(gen: Generator, inp: TextIO = sys.stdin, out: TextIO = sys.stdou
             ]
 
 
+def _history_messages(history: list[Any]) -> list[dict[str, str]]:
+    """Gradio's chat history (message dicts, or [user, bot] pairs) as role/content messages."""
+    out: list[dict[str, str]] = []
+    for item in history:
+        if isinstance(item, dict):
+            content = item.get("content")
+            if isinstance(content, list):  # gradio 6: a list of typed parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            out.append({"role": str(item.get("role")), "content": str(content or "")})
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            out += [
+                {"role": "user", "content": str(item[0] or "")},
+                {"role": "assistant", "content": str(item[1] or "")},
+            ]
+    return out
+
+
+def serve_gradio(
+    gen: Generator,
+    title: str,
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share: bool = False,
+) -> None:
+    """Serve a chat page (gradio) that answers with the same prompts as the CLI; blocks."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        from newtune.errors import ConfigError
+
+        raise ConfigError(
+            "`--gradio` needs gradio, which is not installed; run `pip install 'newtune[gradio]'`."
+        )
+    import threading
+
+    import gradio as gr
+    from transformers import TextIteratorStreamer
+
+    def chat(message: str, history: list[Any], max_new_tokens: float) -> Any:
+        past = _history_messages(history) if gen.is_chat else None
+        streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        options = dataclasses.replace(gen.options, max_new_tokens=int(max_new_tokens))
+        worker = threading.Thread(
+            target=gen.answer, args=(message, past), kwargs={"stream": streamer, "options": options}
+        )
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text.strip()
+        worker.join()
+
+    budget = gr.Slider(1, 4096, value=gen.options.max_new_tokens, step=1, label="max new tokens")
+    page = gr.ChatInterface(
+        chat, title=title, additional_inputs=[budget], api_name="chat", analytics_enabled=False
+    )
+    page.launch(server_name=server_name, server_port=server_port, share=share)
+
+
 __all__ = [
     "Conversation",
     "GenerationOptions",
@@ -198,4 +262,5 @@ __all__ = [
     "answer_lines",
     "build_generator",
     "interactive",
+    "serve_gradio",
 ]

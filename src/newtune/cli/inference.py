@@ -10,13 +10,28 @@ import fire
 from newtune.cli.common import load, run_command
 
 
-def _inference(config: str, prompt: str | None, options: dict[str, Any], overrides: dict) -> None:
+def _inference(
+    config: str,
+    prompt: str | None,
+    options: dict[str, Any],
+    overrides: dict,
+    gradio: bool = False,
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share: bool = False,
+) -> None:
     from newtune.inference import GenerationOptions, answer_lines, build_generator, interactive
 
     loaded = load(config, overrides)
-    opts = GenerationOptions(**{k: v for k, v in options.items() if v is not None})
+    from_config = {k: getattr(loaded.config, k) for k in options}
+    chosen = {k: options[k] if options[k] is not None else from_config[k] for k in options}
+    opts = GenerationOptions(**{k: v for k, v in chosen.items() if v is not None})
     gen = build_generator(loaded.config, opts, base_overridden="base_model" in overrides)
-    if prompt is not None:
+    if gradio:
+        from newtune.inference import serve_gradio
+
+        serve_gradio(gen, f"newtune: {loaded.config.base_model}", server_name, server_port, share)
+    elif prompt is not None:
         print(gen.answer(str(prompt)), flush=True)
     elif sys.stdin.isatty():
         interactive(gen)
@@ -33,10 +48,15 @@ def inference_command(
     top_k: int | None = None,
     repetition_penalty: float | None = None,
     do_sample: bool | None = None,
+    gradio: bool = False,
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share: bool = False,
     debug: bool = False,
     **overrides: Any,
 ) -> None:
-    """Answer prompts with the trained model: --prompt, piped stdin (one per line), or a loop."""
+    """Answer prompts with the trained model: --prompt, piped stdin (one per line), a loop,
+    or a chat page with --gradio [--server_name 127.0.0.1 --server_port 7860 --share]."""
     options = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -45,7 +65,18 @@ def inference_command(
         "repetition_penalty": repetition_penalty,
         "do_sample": do_sample,
     }
-    run_command(_inference, debug, config, prompt, options, overrides)
+    run_command(
+        _inference,
+        debug,
+        config,
+        prompt,
+        options,
+        overrides,
+        gradio,
+        server_name,
+        server_port,
+        share,
+    )
 
 
 def main() -> None:

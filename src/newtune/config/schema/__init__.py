@@ -4,6 +4,7 @@ from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.base import status_of
 from newtune.config.schema.data import DataSection, DatasetEntry
 from newtune.config.schema.distributed import DistributedSection
+from newtune.config.schema.inference import InferenceSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.training import TrainingSection
@@ -12,6 +13,7 @@ from newtune.config.schema.unsupported import UnsupportedSection
 
 class NewtuneConfig(
     UnsupportedSection,
+    InferenceSection,
     LoggingSection,
     DistributedSection,
     TrainingSection,
