@@ -55,8 +55,10 @@ def inference_command(
     debug: bool = False,
     **overrides: Any,
 ) -> None:
-    """Answer prompts with the trained model: --prompt, piped stdin (one per line), a loop,
-    or a chat page with --gradio [--server_name 127.0.0.1 --server_port 7860 --share]."""
+    """Answer prompts with the trained model: --prompt, piped stdin (one per line), or a loop.
+
+    `--gradio` serves a chat page instead (`--server_name`, `--server_port`, `--share`).
+    """
     options = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,

@@ -264,20 +264,31 @@ def format_validation_error(
     )
 
 
-def load_config(source: str, overrides: dict[str, Any] | None = None) -> LoadedConfig:
-    """Read, override, key-check, validate and rule-check a config; raise ConfigError."""
-    text = read_text(str(source))
-    data, lines = parse_yaml(text, str(source))
+def validate_data(
+    data: dict[str, Any],
+    source: str,
+    lines: dict[str, int] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> LoadedConfig:
+    """Override, key-check, validate and rule-check config data (a YAML file's or a dict)."""
+    lines = lines or {}
     data = apply_overrides(data, overrides or {})
-    data, spelled, notes = map_legacy(data, str(source), lines)
-    check_keys(data, str(source), lines)
+    data, spelled, notes = map_legacy(data, source, lines)
+    check_keys(data, source, lines)
     try:
         config = NewtuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise format_validation_error(exc, str(source), lines) from None
+        raise format_validation_error(exc, source, lines) from None
     findings = check_rules(config, lambda key: spelled.get(key, key))
     problems = findings.errors + check_unimplemented(config)
     if problems:
         raise ConfigError(f"{source} asks for what newtune cannot do: " + "; ".join(problems) + ".")
     notes += [f"warning: {w}." for w in findings.warnings] + ignored_keys(config)
-    return LoadedConfig(config=config, source=str(source), raw=data, notes=notes)
+    return LoadedConfig(config=config, source=source, raw=data, notes=notes)
+
+
+def load_config(source: str, overrides: dict[str, Any] | None = None) -> LoadedConfig:
+    """Read, override, key-check, validate and rule-check a config; raise ConfigError."""
+    text = read_text(str(source))
+    data, lines = parse_yaml(text, str(source))
+    return validate_data(data, str(source), lines, overrides)
