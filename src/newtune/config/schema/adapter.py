@@ -25,13 +25,26 @@ class AdapterSection(Section):
     lora_target_linear: bool | None = Field(
         default=None, description="Adapt every linear layer except the output head."
     )
-    lora_modules_to_save: list[str] | None = Field(default=None, description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).")
-    lora_fan_in_fan_out: bool | None = Field(default=None, description="Weights stored as (fan_in, fan_out).")
-    lora_on_cpu: bool | None = Field(default=None, description="merge-lora: do the merge math on the CPU even when a GPU is present.")
-    peft_layers_to_transform: list[int] | None = Field(default=None, description="Only adapt these layer indices.")
+    lora_modules_to_save: list[str] | None = Field(
+        default=None,
+        description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
+    )
+    lora_fan_in_fan_out: bool | None = Field(
+        default=None, description="Weights stored as (fan_in, fan_out)."
+    )
+    lora_on_cpu: bool | None = Field(
+        default=None,
+        description="merge-lora: do the merge math on the CPU even when a GPU is present.",
+    )
+    peft_layers_to_transform: list[int] | None = Field(
+        default=None, description="Only adapt these layer indices."
+    )
     peft_use_rslora: bool | None = Field(default=None, description="Rank-stabilised LoRA scaling.")
     peft_use_dora: bool | None = Field(default=None, description="Weight-decomposed LoRA (DoRA).")
-    peft: dict[str, Any] | None = Field(default=None, description="Extra peft LoraConfig options, e.g. {loftq_config: {loftq_bits: 4}}.")
+    peft: dict[str, Any] | None = Field(
+        default=None,
+        description="Extra peft LoraConfig options, e.g. {loftq_config: {loftq_bits: 4}}.",
+    )
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -15,24 +15,50 @@ class ModelSection(Section):
     base_model: str = Field(
         description="Hub id, local folder, or a .gguf file of the model to fine-tune."
     )
-    base_model_config: str | None = Field(default=None, description="Where to read the model config from.")
-    base_model_ignore_patterns: str | list[str] | None = Field(default=None, description="File patterns to skip when merge-lora fetches a hub base model."
+    base_model_config: str | None = Field(
+        default=None, description="Where to read the model config from."
     )
-    revision_of_model: str | None = Field(default=None, description="Hub revision (branch, tag, commit) of the model."
+    base_model_ignore_patterns: str | list[str] | None = Field(
+        default=None, description="File patterns to skip when merge-lora fetches a hub base model."
     )
-    model_type: str | None = Field(default=None, description="transformers class to load, e.g. AutoModelForCausalLM (default) or LlamaForCausalLM.")
+    revision_of_model: str | None = Field(
+        default=None, description="Hub revision (branch, tag, commit) of the model."
+    )
+    model_type: str | None = Field(
+        default=None,
+        description="transformers class to load, e.g. AutoModelForCausalLM (default) or LlamaForCausalLM.",
+    )
     tokenizer_config: str | None = Field(
         default=None, description="Where to load the tokenizer from; defaults to base_model."
     )
-    tokenizer_type: str | None = Field(default=None, description="transformers tokenizer class to load (default AutoTokenizer).")
-    tokenizer_use_fast: bool | None = Field(default=None, description="Use the fast (Rust) tokenizer.")
-    tokenizer_legacy: bool | None = Field(default=None, description="Legacy mode of Llama/T5 tokenizers.")
-    trust_remote_code: bool | None = Field(default=None, description="Allow code from the model repository.")
-    special_tokens: dict[str, str] | None = Field(default=None, description="Special tokens to set: bos_token, eos_token, pad_token, unk_token, ...")
-    tokens: list[str] | None = Field(default=None, description="Tokens to add to the vocabulary (the embeddings grow; with LoRA they train in full).")
-    resize_token_embeddings_to_32x: bool | None = Field(default=None, description="When tokens are added, pad the embedding matrix to a multiple of 32 (default 64)."
+    tokenizer_type: str | None = Field(
+        default=None, description="transformers tokenizer class to load (default AutoTokenizer)."
     )
-    default_system_message: str | None = Field(default=None, description="System message put first in every chat that has none (training and inference).")
+    tokenizer_use_fast: bool | None = Field(
+        default=None, description="Use the fast (Rust) tokenizer."
+    )
+    tokenizer_legacy: bool | None = Field(
+        default=None, description="Legacy mode of Llama/T5 tokenizers."
+    )
+    trust_remote_code: bool | None = Field(
+        default=None, description="Allow code from the model repository."
+    )
+    special_tokens: dict[str, str] | None = Field(
+        default=None,
+        description="Special tokens to set: bos_token, eos_token, pad_token, unk_token, ...",
+    )
+    tokens: list[str] | None = Field(
+        default=None,
+        description="Tokens to add to the vocabulary (the embeddings grow; with LoRA they train in full).",
+    )
+    resize_token_embeddings_to_32x: bool | None = Field(
+        default=None,
+        description="When tokens are added, pad the embedding matrix to a multiple of 32 (default 64).",
+    )
+    default_system_message: str | None = Field(
+        default=None,
+        description="System message put first in every chat that has none (training and inference).",
+    )
     bf16: bool | Literal["auto"] | None = Field(
         default=None, description="Train in bfloat16; `auto` uses it when the device supports it."
     )
@@ -42,15 +68,31 @@ class ModelSection(Section):
         default=None,
         description="Attention kernel: eager, sdpa (default) or flash_attention_2.",
     )
-    device_map: str | dict[str, Any] | None = Field(default=None, description="Where to place model layers.")
+    device_map: str | dict[str, Any] | None = Field(
+        default=None, description="Where to place model layers."
+    )
     max_memory: dict[str, Any] | None = Field(default=None, description="Memory cap per device.")
-    gpu_memory_limit: int | str | None = Field(default=None, description="Memory cap per GPU (GiB as a number, or e.g. \"20GiB\"); used with device_map: auto.")
-    overrides_of_model_config: dict[str, Any] | None = Field(default=None, description="Values that replace entries of the model config (e.g. rope_scaling)."
+    gpu_memory_limit: int | str | None = Field(
+        default=None,
+        description='Memory cap per GPU (GiB as a number, or e.g. "20GiB"); used with device_map: auto.',
     )
-    gradient_checkpointing: bool | Literal["unsloth", "offload"] | None = Field(default=None, description="Recompute activations in the backward pass to save memory; `offload` (or `unsloth`) also keeps the saved activations in CPU memory."
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Values that replace entries of the model config (e.g. rope_scaling).",
     )
-    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(default=None, description="Options of gradient checkpointing, e.g. {use_reentrant: false}."
+    gradient_checkpointing: bool | Literal["unsloth", "offload"] | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass to save memory; `offload` (or `unsloth`) also keeps the saved activations in CPU memory.",
     )
-    load_in_8bit: bool | None = Field(default=None, description="Load the base model in 8-bit (bitsandbytes).")
-    load_in_4bit: bool | None = Field(default=None, description="Load the base model in 4-bit (bitsandbytes).")
-    bnb_config_kwargs: dict[str, Any] | None = Field(default=None, description="Extra BitsAndBytesConfig options.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Options of gradient checkpointing, e.g. {use_reentrant: false}."
+    )
+    load_in_8bit: bool | None = Field(
+        default=None, description="Load the base model in 8-bit (bitsandbytes)."
+    )
+    load_in_4bit: bool | None = Field(
+        default=None, description="Load the base model in 4-bit (bitsandbytes)."
+    )
+    bnb_config_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extra BitsAndBytesConfig options."
+    )
