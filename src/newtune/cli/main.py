@@ -93,6 +93,12 @@ def command_table(chosen: str | None = None) -> dict[str, Callable[..., Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `newtune` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["train"] and "--" in args:
+        # `newtune train cfg.yml --launcher X -- ARGS`: fire would read ARGS as its own flags
+        from newtune.cli.train import main as train_main
+
+        train_main(args[1:])
+        return
     fire.Fire(command_table(args[0] if args else None), command=args, name="newtune")
 
 
