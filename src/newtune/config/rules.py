@@ -56,6 +56,23 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
         )
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
         err("`adapter: qlora` requires `load_in_4bit: true`")
+    bits = "load_in_4bit" if cfg.load_in_4bit else ("load_in_8bit" if cfg.load_in_8bit else None)
+    if bits and cfg.adapter is None:
+        err(
+            f"`{names(bits)}: true` without `adapter`: quantized weights cannot be trained in "
+            "full; set `adapter: qlora` (4-bit) or `adapter: lora` (8-bit), or remove the key"
+        )
+    if bits and str(cfg.base_model).endswith(".gguf"):
+        err(
+            f"`{names(bits)}: true` with a .gguf `base_model`: bitsandbytes quantizes "
+            "safetensors weights; convert the GGUF file to a model folder (load it and "
+            "`save_pretrained`), or train without quantization"
+        )
+    if bits and (cfg.peft or {}).get("loftq_config") is not None:
+        err(
+            f"`{names(bits)}` and `peft.loftq_config` are both set; LoftQ quantizes the base "
+            "weights itself and needs them unquantized: remove the load_in key"
+        )
     if cfg.lora_target_linear and cfg.lora_target_modules:
         err(
             _both(
@@ -88,6 +105,8 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
             "`save_safetensors: false` asks for pickle weights; newtune always writes "
             "safetensors (loadable everywhere, safe to open); remove the key"
         )
+    out.errors += _training_rules(cfg, names)
+    out.errors += _reporting_rules(cfg, names, out.warnings)
     if cfg.adapter is None:
         set_lora = sorted(
             k for k in cfg.model_fields_set if k.startswith("lora_") and k != "lora_model_dir"
@@ -97,7 +116,168 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
                 f"{', '.join(f'`{k}`' for k in set_lora)} set without `adapter`; "
                 "they are ignored and all weights are trained"
             )
+    _distributed_rules(cfg, names, out)
     return out
+
+
+def _distributed_rules(cfg: NewtuneConfig, names: Callable[[str], str], out: Findings) -> None:
+    """DeepSpeed / FSDP: one engine at a time, and the package DeepSpeed needs."""
+    fsdp_on = bool(cfg.fsdp) or bool(cfg.fsdp_config)
+    if cfg.deepspeed and fsdp_on:
+        key = "fsdp" if cfg.fsdp else "fsdp_config"
+        out.errors.append(_both(names, "deepspeed", key, "choose DeepSpeed or FSDP"))
+    if cfg.fsdp_version is not None and not fsdp_on:
+        out.errors.append(
+            f"`{names('fsdp_version')}` is set but FSDP is off; add `fsdp_config` (and `fsdp`) "
+            "or remove it"
+        )
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        out.errors.append(
+            f"`{names('deepspeed')}` needs the deepspeed package, which is not installed; run "
+            "`pip install 'newtune[deepspeed]'` (on a GPU machine after torch), or remove the key"
+        )
+
+
+# optimizer name prefix -> (module it imports, pip package)
+OPTIMIZER_PACKAGES = [
+    (("galore_",), "galore_torch", "galore-torch"),
+    (("apollo_",), "apollo_torch", "apollo-torch"),
+    (("lomo", "adalomo"), "lomo_optim", "lomo-optim"),
+    (("grokadamw",), "grokadamw", "grokadamw"),
+    (("schedule_free_",), "schedulefree", "schedulefree"),
+    (("adamw_torch_4bit", "adamw_torch_8bit"), "torchao", "torchao"),
+    (("adamw_anyprecision",), "torchdistx", "torchdistx"),
+    (("stable_adamw",), "optimi", "torch-optimi"),
+    (
+        ("adamw_bnb", "adamw_8bit", "lion_", "paged_", "ademamix", "rmsprop_bnb"),
+        "bitsandbytes",
+        "bitsandbytes",
+    ),
+]
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
+WANDB_VALUES = {
+    "wandb_mode": ("online", "offline", "disabled"),
+    "wandb_log_model": ("false", "checkpoint", "end"),
+    "wandb_watch": ("false", "gradients", "parameters", "all"),
+}
+
+
+def _optimizer_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = []
+    for prefixes, module, pip in OPTIMIZER_PACKAGES:
+        if cfg.optimizer.startswith(prefixes) and importlib.util.find_spec(module) is None:
+            errors.append(
+                f"`{names('optimizer')}: {cfg.optimizer}` needs the {pip} package, which is not "
+                f"installed; run `pip install {pip}` or choose another optimizer (adamw_torch)"
+            )
+    projected = cfg.optimizer.startswith(("galore_", "apollo_"))
+    if projected and not cfg.optim_target_modules:
+        errors.append(
+            f"`{names('optimizer')}: {cfg.optimizer}` projects the gradients of chosen modules: "
+            f"set `{names('optim_target_modules')}` (e.g. [attn, mlp] or all-linear)"
+        )
+    if cfg.optim_target_modules and not projected:
+        errors.append(
+            f"`{names('optim_target_modules')}` only applies to the galore_*/apollo_* optimizers, "
+            f"not `{names('optimizer')}: {cfg.optimizer}`; remove it"
+        )
+    return errors
+
+
+def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = _optimizer_rules(cfg, names)
+    cosine_keys = ("cosine_min_lr_ratio", "cosine_constant_lr_ratio", "lr_quadratic_warmup")
+    for key in cosine_keys:
+        if not is_off(getattr(cfg, key)) and cfg.lr_scheduler != "cosine":
+            errors.append(
+                f"`{names(key)}` shapes the cosine schedule, but `{names('lr_scheduler')}` is "
+                f"{cfg.lr_scheduler}; set `lr_scheduler: cosine` or remove `{names(key)}`"
+            )
+    if cfg.cosine_constant_lr_ratio is not None and cfg.cosine_min_lr_ratio is None:
+        errors.append(
+            f"`{names('cosine_constant_lr_ratio')}` holds the lr at `cosine_min_lr_ratio` for the "
+            f"rest of training; set `{names('cosine_min_lr_ratio')}` too (e.g. 0.1)"
+        )
+    if cfg.lr_div_factor is not None and cfg.lr_scheduler != "one_cycle":
+        errors.append(
+            f"`{names('lr_div_factor')}` applies to `lr_scheduler: one_cycle`, not "
+            f"`{names('lr_scheduler')}: {cfg.lr_scheduler}`; remove it"
+        )
+    if cfg.loss_watchdog_patience is not None and cfg.loss_watchdog_threshold is None:
+        errors.append(
+            f"`{names('loss_watchdog_patience')}` is set without "
+            f"`{names('loss_watchdog_threshold')}`; set the threshold (about 2x the first loss)"
+        )
+    if cfg.early_stopping_patience is not None and not (cfg.val_set_size or cfg.test_datasets):
+        errors.append(
+            f"`{names('early_stopping_patience')}` stops on the eval loss, but there is no eval "
+            "split; set `val_set_size` (e.g. 0.05) or `test_datasets`"
+        )
+    if cfg.liger_cross_entropy and cfg.liger_fused_linear_cross_entropy:
+        errors.append(
+            _both(
+                names,
+                "liger_cross_entropy",
+                "liger_fused_linear_cross_entropy",
+                "the fused kernel already computes the cross-entropy; keep one",
+            )
+        )
+    others = [p for p in cfg.plugins or [] if p != LIGER_PLUGIN]
+    if others:
+        errors.append(
+            f"`{names('plugins')}`: {', '.join(others)} are Axolotl plugins newtune does not run; "
+            f"only {LIGER_PLUGIN} is understood (its liger_* keys work without it); remove them"
+        )
+    liger = [k for k in type(cfg).model_fields if k.startswith("liger_") and getattr(cfg, k)]
+    if liger and importlib.util.find_spec("liger_kernel") is None:
+        errors.append(
+            f"{', '.join(f'`{names(k)}`' for k in liger)} need liger-kernel, which is not "
+            "installed; on a CUDA machine run `pip install 'newtune[liger]'` (or "
+            "`pip install liger-kernel`), or remove the liger_* keys"
+        )
+    return errors
+
+
+def _reporting_rules(
+    cfg: NewtuneConfig, names: Callable[[str], str], warnings: list[str]
+) -> list[str]:
+    errors = []
+    for key, allowed in WANDB_VALUES.items():
+        value = getattr(cfg, key)
+        if value is not None and str(value).lower() not in allowed:
+            errors.append(f"`{names(key)}: {value}` is not one of {', '.join(allowed)}")
+    wandb_set = sorted(
+        k for k in cfg.model_fields_set if k.startswith("wandb_") and getattr(cfg, k) is not None
+    )
+    if wandb_set and not cfg.wandb_project:
+        warnings.append(
+            f"{', '.join(f'`{names(k)}`' for k in wandb_set)} set without `wandb_project`; "
+            "nothing is reported to Weights & Biases"
+        )
+    wanted = {
+        "wandb": bool(cfg.wandb_project) and cfg.wandb_mode != "disabled",
+        "mlflow": bool(cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name),
+        "tensorboard": bool(cfg.use_tensorboard),
+    }
+    for tracker, on in wanted.items():
+        if on and importlib.util.find_spec(TRACKERS[tracker]) is None:
+            errors.append(
+                f"the config reports to {tracker}, which is not installed; run "
+                f"`pip install {tracker}` (or `pip install 'newtune[{tracker}]'`), or remove the "
+                f"{tracker} keys"
+            )
+    if cfg.hf_mlflow_log_artifacts and not wanted["mlflow"]:
+        warnings.append(
+            f"`{names('hf_mlflow_log_artifacts')}` set without `mlflow_tracking_uri` or "
+            "`mlflow_experiment_name`; nothing is logged to MLflow"
+        )
+    if cfg.hub_strategy is not None and cfg.hub_model_id is None:
+        errors.append(
+            f"`{names('hub_strategy')}` is set without `{names('hub_model_id')}`; name the hub "
+            "repo to push to, or remove hub_strategy"
+        )
+    return errors
 
 
 def _unimplemented_in(model: NewtuneConfig | DatasetEntry, prefix: str) -> list[str]:

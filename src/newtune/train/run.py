@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import set_seed
 
 from newtune.config.load import LoadedConfig
 from newtune.config.resolve import RunPlan, resolve
@@ -19,9 +20,25 @@ from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare
+from newtune.errors import ModelError
 from newtune.models.load import build_model
 from newtune.models.tokenizer import load_tokenizer
-from newtune.train.args import build_training_args
+from newtune.train.args import build_training_args, schedule_for
+from newtune.train.callbacks import (
+    LossWatchdogCallback,
+    build_callbacks,
+    check_resume_data,
+    resume_checkpoint,
+)
+from newtune.train.distributed import gather_weights
+from newtune.train.kernels import apply_liger
+from newtune.train.report import (
+    LOSS_PLOT,
+    MODEL_CARD,
+    model_card,
+    tracker_environment,
+    write_loss_plot,
+)
 from newtune.train.trainer import NewtuneTrainer, packed_loader
 
 log = logging.getLogger(__name__)
@@ -57,13 +74,22 @@ def _log_packing(config: NewtuneConfig, prepared: PreparedData, batches: int, st
             log.info("%s: the config says %s, the data measures %s", key, given, value)
 
 
+def _fingerprint(prepared: PreparedData) -> str:
+    return str(prepared.stats.get("fingerprint") or prepared.path.name)
+
+
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     """Train as the config says; return the output folder."""
     config = loaded.config
     plan = plan or resolve(config)
+    checkpoint = resume_checkpoint(config)  # a missing folder fails before any work
     tokenizer, prepared = prepare_data(loaded)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
+    if checkpoint is not None:
+        check_resume_data(checkpoint, _fingerprint(prepared))
+    set_seed(config.seed)  # adapter init (LoRA A matrices) is reproducible from `seed`
     model = build_model(config, plan, tokenizer)
+    apply_liger(model, config)
     eval_ds = prepared.data.get("test", None)
     train_ds = prepared.data["train"]
     if config.group_by_length:
@@ -86,35 +112,91 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     else:
         batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
     steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
-    trainer = NewtuneTrainer(
-        model=model,
-        args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
-        processing_class=tokenizer,
-        packing=packing,
-        eval_packing=eval_packing,
-        pad_to=pad_to,
-        packed_train=packed,
-    )
-    if packing is not None:
-        _log_packing(config, prepared, batches, steps_per_epoch)
-    result = trainer.train()
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(_final_eval(trainer))
+    callbacks = build_callbacks(config, _fingerprint(prepared))
+    with tracker_environment(config):
+        trainer = NewtuneTrainer(
+            model=model,
+            args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            packing=packing,
+            eval_packing=eval_packing,
+            pad_to=pad_to,
+            packed_train=packed,
+            schedule=schedule_for(config),
+        )
+        if packing is not None:
+            _log_packing(config, prepared, batches, steps_per_epoch)
+        if checkpoint is not None:
+            log.info("resuming from %s (step %s)", checkpoint, _checkpoint_step(checkpoint))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        _raise_if_aborted(callbacks, config.output_dir)
+        metrics = dict(result.metrics)
+        if eval_ds is not None:
+            metrics.update(_final_eval(trainer))
     out = Path(config.output_dir)
+    weights = gather_weights(trainer)  # ZeRO-3 / FSDP shards -> whole tensors (every rank)
     if trainer.is_world_process_zero():
-        save_outputs(trainer.model, tokenizer, loaded, prepared, metrics, out, trainer.state)
+        save_outputs(
+            trainer.model,
+            tokenizer,
+            loaded,
+            prepared,
+            metrics,
+            out,
+            trainer.state,
+            trainer.args,
+            state_dict=weights,
+        )
+        if trainer.args.push_to_hub:
+            push_final(trainer, out)
     return out
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
+    state = Path(checkpoint) / "trainer_state.json"
+    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
+
+
+def _raise_if_aborted(callbacks: list[Any], output_dir: str) -> None:
+    for callback in callbacks:
+        if isinstance(callback, LossWatchdogCallback) and callback.tripped is not None:
+            raise callback.error(output_dir)
+
+
+def push_final(trainer: NewtuneTrainer, out: Path) -> None:
+    """Upload the final output folder to `hub_model_id` (checkpoints go with hub_strategy)."""
+    from huggingface_hub import HfApi
+
+    if hasattr(trainer, "_finish_current_push"):
+        trainer._finish_current_push()  # checkpoint pushes Trainer started (hub_strategy)
+    repo = trainer.hub_model_id or trainer.args.hub_model_id  # as Trainer resolved it
+    try:
+        HfApi().upload_folder(
+            repo_id=repo,
+            folder_path=str(out),
+            commit_message="newtune: end of training",
+            ignore_patterns=["checkpoint-*", "last-checkpoint/*", "runs/*", "wandb/*", ".tmp-*"],
+        )
+    except Exception as exc:  # noqa: BLE001 - any hub failure: the trained model is safe locally
+        raise ModelError(
+            f"`hub_model_id: {repo}`: pushing the trained model failed ({type(exc).__name__}: "
+            f"{exc}); it is saved in {out}. Check HF_TOKEN (or `hf auth login`) and the repo "
+            "name, then upload the folder with `hf upload`"
+        ) from exc
+    log.info("pushed %s to the hub as %s", out, repo)
 
 
 def _final_eval(trainer: NewtuneTrainer) -> dict[str, Any]:
     """Eval metrics of the final weights: the last eval if it ran at the last step, else a new one."""
     state = trainer.state
     last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
-    if last is not None and last.get("step") == state.global_step:
+    best = state.best_global_step if trainer.args.load_best_model_at_end else None
+    reloaded = best is not None and best != state.global_step  # early stopping: best weights
+    if last is not None and last.get("step") == state.global_step and not reloaded:
         return {k: v for k, v in last.items() if k.startswith("eval_")}
     return trainer.evaluate()
 
@@ -127,18 +209,28 @@ def save_outputs(
     metrics: dict[str, Any],
     out: Path,
     state: Any,
+    args: Any = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write weights (or adapter), tokenizer, config and reports to a temp folder, then move."""
+    """Write weights (or adapter), tokenizer, config, stats, loss plot and model card to a temp
+    folder, then move them into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-save-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:  # gathered from shards by train.distributed.gather_weights
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     resolved = redact(loaded.config.model_dump(mode="json"))
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
     (tmp / "stats.json").write_text(json.dumps(prepared.stats, indent=2))
     (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))
     (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=2))
+    plot = write_loss_plot(state.log_history, tmp / LOSS_PLOT)
+    if args is not None:
+        card = model_card(loaded.config, args, metrics, state.log_history, prepared.stats, plot)
+        (tmp / MODEL_CARD).write_text(card)
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()

@@ -12,6 +12,8 @@ from transformers import Trainer
 
 from newtune.data.collate import BinDataset, PackedCollator, PadCollator
 from newtune.data.packing import MultipackBatchSampler, Packing, sample_lengths
+from newtune.errors import ModelError
+from newtune.train.schedules import Schedule, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +111,40 @@ class NewtuneTrainer(Trainer):
         pad_to: int | None = None,
         epochs: int = 1,
         packed_train: DataLoader | None = None,
+        schedule: Schedule | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.packing, self.eval_packing = packing, eval_packing
         self.pad_to, self.epochs = pad_to, epochs
         self._packed_train = packed_train
+        self.schedule = schedule
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create or reach `hub_model_id` before training; failures are ModelErrors."""
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as exc:  # noqa: BLE001 - any hub failure is the same user problem
+            raise ModelError(
+                f"`hub_model_id: {self.args.hub_model_id}`: the hub repo cannot be created or "
+                f"reached ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "set HF_TOKEN (or run `hf auth login`) with write access and check the network, "
+                "or remove hub_model_id to train without pushing"
+            ) from exc
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """transformers' scheduler, or newtune's (one_cycle, cosine variants) when configured."""
+        if self.schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = build_scheduler(
+            self.schedule,
+            optimizer if optimizer is not None else self.optimizer,
+            num_training_steps,
+            self.args.get_warmup_steps(num_training_steps),
+            self.args.learning_rate,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     @property
     def _pad_id(self) -> int:

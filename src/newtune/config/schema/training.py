@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from newtune.config.schema.base import MODELS, Section, ignored, planned
+from newtune.config.schema.base import Section, ignored
 
 
 class TrainingSection(Section):
@@ -32,22 +32,40 @@ class TrainingSection(Section):
     optim_args: str | dict[str, Any] | None = Field(
         default=None, description="Extra optimizer arguments (`k=v,...` or a mapping)."
     )
-    optim_target_modules: list[str] | str | None = planned(
-        MODELS, "Modules for GaLore-style optimizers."
+    optim_target_modules: list[str] | str | None = Field(
+        default=None,
+        description="Modules the GaLore/APOLLO optimizers project (names or regexes; "
+        "`all-linear`).",
     )
     weight_decay: float | None = Field(default=None, ge=0, description="AdamW weight decay.")
     adam_beta1: float | None = Field(default=None, gt=0, lt=1, description="AdamW beta1.")
     adam_beta2: float | None = Field(default=None, gt=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float | None = Field(default=None, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(default=None, ge=0, description="Gradient clipping norm.")
-    lr_scheduler: str = Field(default="cosine", description="A transformers scheduler name.")
+    lr_scheduler: str = Field(
+        default="cosine",
+        description="A transformers scheduler name (cosine, linear, constant, "
+        "constant_with_warmup, polynomial, ...) or `one_cycle` (torch OneCycleLR).",
+    )
     lr_scheduler_kwargs: dict[str, Any] | None = Field(
         default=None, description="Extra scheduler arguments."
     )
-    cosine_min_lr_ratio: float | None = planned(MODELS, "Cosine decays to this ratio of the peak.")
-    cosine_constant_lr_ratio: float | None = planned(MODELS, "Cosine with a constant tail.")
-    lr_quadratic_warmup: bool | None = planned(MODELS, "Quadratic instead of linear warmup.")
-    lr_div_factor: float | None = planned(MODELS, "one_cycle: initial lr = peak / factor.")
+    cosine_min_lr_ratio: float | None = Field(
+        default=None, ge=0, le=1, description="Cosine decays to this ratio of the peak lr."
+    )
+    cosine_constant_lr_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Cosine reaches cosine_min_lr_ratio at this fraction of the steps, then "
+        "stays constant (needs cosine_min_lr_ratio).",
+    )
+    lr_quadratic_warmup: bool | None = Field(
+        default=None, description="Cosine warmup rises quadratically instead of linearly."
+    )
+    lr_div_factor: float | None = Field(
+        default=None, gt=0, description="one_cycle: initial lr = peak / factor (default 25)."
+    )
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup steps.")
     warmup_ratio: float | None = Field(
         default=None, gt=0, lt=1, description="Warmup as a fraction of all steps."
@@ -72,14 +90,56 @@ class TrainingSection(Section):
     neftune_noise_alpha: float | None = Field(
         default=None, gt=0, description="NEFTune noise on the input embeddings."
     )
-    early_stopping_patience: int | None = planned(MODELS, "Stop after N evals without improvement.")
-    loss_watchdog_threshold: float | None = planned(MODELS, "Abort when the loss exceeds this.")
-    loss_watchdog_patience: int | None = planned(MODELS, "Steps above the threshold before abort.")
-    torch_compile: bool | Literal["auto"] | None = planned(MODELS, "Compile the model.")
-    torch_compile_backend: str | None = planned(MODELS, "torch.compile backend.")
-    resume_from_checkpoint: str | None = planned(MODELS, "Checkpoint folder to resume from.")
-    auto_resume_from_checkpoints: bool | None = planned(
-        MODELS, "Resume from the newest checkpoint in output_dir."
+    early_stopping_patience: int | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after N evaluations without a lower eval loss; the best checkpoint is "
+        "the final model (needs an eval split).",
+    )
+    loss_watchdog_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="Abort when the logged training loss stays above this (about 2x the "
+        "starting loss); the last checkpoint is kept.",
+    )
+    loss_watchdog_patience: int | None = Field(
+        default=None,
+        gt=0,
+        description="Logged losses in a row above loss_watchdog_threshold before the abort "
+        "(default 3).",
+    )
+    torch_compile: bool | Literal["auto"] | None = Field(
+        default=None,
+        description="Compile the model with torch.compile; `auto`: on CUDA with triton.",
+    )
+    torch_compile_backend: str | None = Field(
+        default=None, description="torch.compile backend (default inductor)."
+    )
+    resume_from_checkpoint: str | None = Field(
+        default=None,
+        description="A `checkpoint-N` folder to resume from: weights, optimizer, scheduler, "
+        "RNG and data position.",
+    )
+    auto_resume_from_checkpoints: bool | None = Field(
+        default=None, description="Resume from the newest `checkpoint-N` in output_dir, if any."
+    )
+    plugins: list[str] | None = Field(
+        default=None,
+        description="Axolotl plugins; only axolotl.integrations.liger.LigerPlugin is understood "
+        "(the liger_* keys do its work).",
+    )
+    liger_rope: bool | None = Field(default=None, description="liger-kernel fused RoPE.")
+    liger_rms_norm: bool | None = Field(default=None, description="liger-kernel RMSNorm.")
+    liger_layer_norm: bool | None = Field(default=None, description="liger-kernel LayerNorm.")
+    liger_glu_activation: bool | None = Field(
+        default=None, description="liger-kernel SwiGLU/GeGLU MLP."
+    )
+    liger_cross_entropy: bool | None = Field(
+        default=None, description="liger-kernel cross-entropy."
+    )
+    liger_fused_linear_cross_entropy: bool | None = Field(
+        default=None,
+        description="liger-kernel fused lm_head + cross-entropy (no full logits in memory).",
     )
     strict: bool | None = Field(
         default=None, description="Overrides may only change keys present in the YAML."
