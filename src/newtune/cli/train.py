@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import fire
@@ -29,30 +28,8 @@ LAUNCHERS: dict[str, list[str]] = {
 }
 
 
-def _pin_deepspeed_path(loaded: Any) -> None:
-    """Make a relative `deepspeed:` path absolute (working dir, config's folder, or shipped)."""
-    from newtune.train.distributed import find_deepspeed_file
-
-    value = loaded.config.deepspeed
-    if not isinstance(value, str):
-        return
-    source = str(loaded.source)
-    config_dir = None if "://" in source else Path(source).resolve().parent
-    loaded.config.deepspeed = str(find_deepspeed_file(value, config_dir))
-
-
-def check_distributed(loaded: Any) -> None:
-    """Fail now, not after preprocessing, on DeepSpeed/FSDP settings that cannot run."""
-    from newtune.config.resolve import resolve
-    from newtune.train.distributed import distributed_kwargs
-
-    _pin_deepspeed_path(loaded)
-    distributed_kwargs(loaded.config, resolve(loaded.config))
-
-
 def _train(config: str, overrides: dict[str, Any]) -> None:
     loaded = load(config, overrides)
-    check_distributed(loaded)
     from newtune.train.run import train
 
     out = train(loaded)
@@ -88,6 +65,8 @@ def _relaunch(
             f"{os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} under a launcher; "
             "drop `--launcher` when you start newtune with accelerate/torchrun yourself."
         )
+    from newtune.train.distributed import check_distributed
+
     check_distributed(load(config, overrides))
     log.info("re-executing under %s: %s", launcher, " ".join(argv))
     logging.shutdown()

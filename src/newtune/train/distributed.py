@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from newtune.config.resolve import RunPlan
+from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.config.schema.distributed import fsdp_config_key, fsdp_option_list
 from newtune.errors import ConfigError
@@ -229,3 +229,19 @@ def gather_weights(trainer: Any) -> dict[str, Any] | None:
     if trainer.is_fsdp_enabled:
         return accelerator.get_state_dict(trainer.model_wrapped)
     return None
+
+
+def _pin_deepspeed_path(loaded: Any) -> None:
+    """Make a relative `deepspeed:` path absolute (working dir, config's folder, or shipped)."""
+    value = loaded.config.deepspeed
+    if not isinstance(value, str):
+        return
+    source = str(loaded.source)
+    config_dir = None if "://" in source else Path(source).resolve().parent
+    loaded.config.deepspeed = str(find_deepspeed_file(value, config_dir))
+
+
+def check_distributed(loaded: Any) -> None:
+    """Fail now, not after preprocessing, on DeepSpeed/FSDP settings that cannot run."""
+    _pin_deepspeed_path(loaded)
+    distributed_kwargs(loaded.config, resolve(loaded.config))

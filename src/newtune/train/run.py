@@ -30,7 +30,7 @@ from newtune.train.callbacks import (
     check_resume_data,
     resume_checkpoint,
 )
-from newtune.train.distributed import gather_weights
+from newtune.train.distributed import check_distributed, gather_weights
 from newtune.train.kernels import apply_liger
 from newtune.train.report import (
     LOSS_PLOT,
@@ -81,6 +81,7 @@ def _fingerprint(prepared: PreparedData) -> str:
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     """Train as the config says; return the output folder."""
     config = loaded.config
+    check_distributed(loaded)  # DeepSpeed/FSDP settings fail before any data is prepared
     plan = plan or resolve(config)
     checkpoint = resume_checkpoint(config)  # a missing folder fails before any work
     tokenizer, prepared = prepare_data(loaded)
