@@ -245,6 +245,29 @@ def test_one_step_packed_equals_unpacked_and_resplits_agree(model_dir):
         assert torch.allclose(value, packed[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize("packing", [None, Packing(80, 1)], ids=["padded", "packed"])
+def test_head_on_trained_positions_only_gives_the_same_step(model_dir, monkeypatch, packing):
+    import newtune.train.trainer as trainer_mod
+
+    ds = _dataset(_samples(4, seed=7))
+    kw = {"per_device_train_batch_size": 4 if packing is None else 1}
+    seen = []
+    real = trainer_mod.trained_positions_only
+    monkeypatch.setattr(
+        trainer_mod, "trained_positions_only", lambda inputs: seen.append(1) or real(inputs)
+    )
+    skipped = _one_step(model_dir, ds, kw, packing)
+    assert seen  # the output head ran on trained positions only
+    monkeypatch.setattr(trainer_mod, "head_can_skip", lambda model: False)
+    full = _one_step(model_dir, ds, kw, packing)
+    for key, value in full.items():
+        assert torch.allclose(value, skipped[key], atol=1e-6), key
+    mask = trainer_mod.trained_positions_only(
+        {"labels": torch.tensor([[M, M, 7, 8], [M, 5, M, M]])}
+    )["logits_to_keep"]
+    assert mask.tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
 def test_sample_lengths_reads_the_arrow_column(tmp_path):
     ds = _dataset(_samples(6, seed=1))
     expected = [len(s["input_ids"]) for s in _samples(6, seed=1)]

@@ -61,4 +61,6 @@ def apply_liger(model: Any, config: NewtuneConfig) -> None:
         )
     flags = liger_flags(config)
     liger._apply_liger_kernel_to_instance(model=base, **flags)
+    # liger's fused head+loss replaces the model's forward: newtune leaves the head to it
+    base._newtune_fused_head = bool(flags.get("fused_linear_cross_entropy"))
     log.info("liger-kernel applied to %s: %s", model_type, ", ".join(keys))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any
@@ -12,6 +13,7 @@ from transformers import Trainer
 
 from newtune.data.collate import BinDataset, PackedCollator, PadCollator
 from newtune.data.packing import MultipackBatchSampler, Packing, sample_lengths
+from newtune.data.tokenize import IGNORE_INDEX
 from newtune.errors import ModelError
 from newtune.train.schedules import Schedule, build_scheduler
 
@@ -85,6 +87,28 @@ def token_loss(model: Any, batches: Any, device: Any) -> tuple[float, int]:
     return float(total), int(count)
 
 
+def head_can_skip(model: Any) -> bool:
+    """True when the causal LM takes `logits_to_keep` (and no fused kernel owns its head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_newtune_fused_head", False):
+        return False
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def trained_positions_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Inputs that make the model project to the vocabulary only at trained positions.
+
+    Position p predicts token p + 1, so p is kept where `labels[p + 1]` is trained. The model
+    gets a boolean `logits_to_keep` mask and the matching targets as `shift_labels`: the summed
+    loss is the same, and the head's matmul and the softmax skip prompts and padding.
+    """
+    labels = inputs["labels"]
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    keep = target != IGNORE_INDEX
+    kept = target[keep]
+    return {**inputs, "labels": kept, "shift_labels": kept, "logits_to_keep": keep}
+
+
 def loss_metrics(total: float, count: int, prefix: str = "eval") -> dict[str, float]:
     """`{prefix}_loss` (trained-token mean), `{prefix}_perplexity`, `{prefix}_tokens`."""
     loss = total / count if count else float("nan")
@@ -119,6 +143,27 @@ class NewtuneTrainer(Trainer):
         self.pad_to, self.epochs = pad_to, epochs
         self._packed_train = packed_train
         self.schedule = schedule
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The training loss, with the output head applied only where a label is trained."""
+        if model.training and not return_outputs and self._head_on_trained_only(model):
+            inputs = trained_positions_only(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _head_on_trained_only(self, model: Any) -> bool:
+        if getattr(self, "_trained_only", None) is None:
+            self._trained_only = (
+                self.label_smoother is None
+                and self.compute_loss_func is None
+                and head_can_skip(self.accelerator.unwrap_model(model))
+            )
+        return self._trained_only
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create or reach `hub_model_id` before training; failures are ModelErrors."""
