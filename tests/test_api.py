@@ -302,7 +302,7 @@ def test_save_writes_a_loadable_model(stepper, tmp_path):
     assert yaml.safe_load((out / "newtune_config.yml").read_text())["sequence_len"] == 32
     stepper.step(texts=[TEXT])
     stepper.save(out)  # a previous save is replaced as a whole
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep me")

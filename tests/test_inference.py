@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_jsonl
+from test_cli import make_config
 
 from newtune.config.load import load_config
 from newtune.inference import GenerationOptions, build_generator
@@ -22,16 +23,7 @@ from newtune.train.run import prepare_data
 def setup(tmp_path: Path, model_dir: Path, rows: list[dict], entry: dict, **extra):
     """(generator, prepared training rows) for one dataset entry on the tiny model."""
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    cfg = {
-        "base_model": str(model_dir),
-        "datasets": [{"path": str(data), **entry}],
-        "dataset_prepared_path": str(tmp_path / "prepared"),
-        "output_dir": str(tmp_path / "out"),
-        "sequence_len": 128,
-        **extra,
-    }
-    path = tmp_path / "cfg.yml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = make_config(tmp_path, model_dir, data, entry["type"], sequence_len=128, **extra)
     loaded = load_config(path)
     _, prepared = prepare_data(loaded)
     gen = build_generator(loaded.config, GenerationOptions(max_new_tokens=2))

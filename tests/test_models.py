@@ -12,6 +12,7 @@ import transformers
 import yaml
 from conftest import write_jsonl
 from safetensors.torch import load_file
+from test_cli import make_config
 
 from newtune.config.load import load_config
 from newtune.config.resolve import resolve
@@ -39,20 +40,9 @@ def from_dict(tmp_path: Path, cfg: dict):
 
 
 def config_of(tmp_path: Path, model_dir: Path, **extra):
+    """(path, validated config) of a chat_template run on the tiny model (2 steps)."""
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
-    cfg = {
-        "base_model": str(model_dir),
-        "datasets": [{"path": str(data), "type": "chat_template"}],
-        "dataset_prepared_path": str(tmp_path / "prepared"),
-        "output_dir": str(tmp_path / "out"),
-        "sequence_len": 64,
-        "micro_batch_size": 2,
-        "max_steps": 2,
-        "learning_rate": 0.01,
-        **extra,
-    }
-    path = tmp_path / "cfg.yml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = make_config(tmp_path, model_dir, data, "chat_template", **{"max_steps": 2, **extra})
     return path, load_config(path).config
 
 

@@ -110,9 +110,7 @@ class Engine:
 
     def _with_system(self, conv: Conversation) -> Conversation:
         """The conversation with `default_system_message` first when it has no system turn."""
-        if not self.system_message or (
-            conv.messages and conv.messages[0].get("role") == "system"
-        ):
+        if not self.system_message or (conv.messages and conv.messages[0].get("role") == "system"):
             return conv
         train = (False, *conv.train) if conv.train else ()
         system = {"role": "system", "content": self.system_message}

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
-from newtune.models.location import ModelLocation, hub_error, locate
+from newtune.models.location import ModelLocation, hub_error, locate, transformers_class
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +80,6 @@ def _max_memory(config: NewtuneConfig) -> dict[Any, Any] | None:
         limit = f"{limit}GiB"
     gpus = torch.cuda.device_count()
     return {i: limit for i in range(gpus)} or None
-
-
-def _model_class(name: str | None) -> Any:
-    """The transformers class `model_type` names (default AutoModelForCausalLM)."""
-    if not name:
-        return AutoModelForCausalLM
-    cls = getattr(transformers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ConfigError(
-            f"`model_type: {name}` is not a transformers model class; use e.g. "
-            "AutoModelForCausalLM or LlamaForCausalLM, or remove the key."
-        )
-    return cls
 
 
 def quantization_config(options: ModelOptions, dtype: torch.dtype) -> Any:
@@ -193,7 +179,12 @@ def load_model(
     quant = quantization_config(options, torch_dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    cls = _model_class(options.model_type)
+    cls = transformers_class(
+        "model_type",
+        options.model_type,
+        AutoModelForCausalLM,
+        "AutoModelForCausalLM or LlamaForCausalLM",
+    )
     try:
         model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from newtune.errors import ModelError
+from newtune.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,18 @@ def hub_error(key: str, value: str, exc: Exception) -> ModelError:
         f"Hugging Face hub failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
         "Check the id and your network (HF_HUB_OFFLINE, HF_TOKEN), or point it at a local copy."
     )
+
+
+def transformers_class(key: str, name: str | None, default: Any, examples: str) -> Any:
+    """The transformers class a config key names (`default` when unset); ConfigError if none."""
+    if not name:
+        return default
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(
+            f"`{key}: {name}` is not a transformers {key.split('_')[0]} class; use e.g. "
+            f"{examples}, or remove the key."
+        )
+    return cls

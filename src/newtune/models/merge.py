@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from newtune.config.schema import NewtuneConfig
+from newtune.fileio import replace_dir, temp_dir_beside
 from newtune.models.adapters import load_adapter
 from newtune.models.load import DTYPES, ModelOptions, load_model
 from newtune.models.location import locate
@@ -44,11 +44,11 @@ def merge_lora(
         tied = bool(base_config.get("tie_word_embeddings", True))
         plan = plan_merge(Path(adapter_dir), tied=tied)
         if plan is not None:
-            tmp = _temp_dir(out_dir)
+            tmp = temp_dir_beside(out_dir)
             try:
                 count = merge_shards(folder, plan, tmp, device=_merge_device(config))
                 tokenizer.save_pretrained(tmp)
-                _replace_dir(tmp, out_dir)
+                replace_dir(tmp, out_dir)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             log.info("merged %d tensors shard by shard from %s", count, folder)
@@ -85,13 +85,6 @@ def _local_folder(base_model: str, ignore: str | list[str] | None = None) -> Pat
         return None
 
 
-def _temp_dir(out_dir: Path) -> Path:
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def _merge_in_memory(
     base_model: str,
     adapter_dir: str,
@@ -111,18 +104,9 @@ def _merge_in_memory(
     model = load_adapter(model, adapter_dir).merge_and_unload()
     model = model.to(DTYPES[dtype])
     model.config.name_or_path = str(out_dir)
-    tmp = _temp_dir(out_dir)
+    tmp = temp_dir_beside(out_dir)
     with torch.no_grad():
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an old folder is removed only after that."""
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -6,13 +6,12 @@ import logging
 import math
 from typing import Any
 
-import transformers
 from transformers import AddedToken, AutoTokenizer
 
 from newtune.config.schema import NewtuneConfig
 from newtune.data.templates import resolve_chat_template
 from newtune.errors import ConfigError
-from newtune.models.location import hub_error, locate
+from newtune.models.location import hub_error, locate, transformers_class
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +24,6 @@ SPECIAL_KEYS = (
     "cls_token",
     "mask_token",
 )
-
-
-def _tokenizer_class(name: str | None) -> Any:
-    if not name:
-        return AutoTokenizer
-    cls = getattr(transformers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ConfigError(
-            f"`tokenizer_type: {name}` is not a transformers tokenizer class; use e.g. "
-            "AutoTokenizer or PreTrainedTokenizerFast, or remove the key."
-        )
-    return cls
 
 
 def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
@@ -56,9 +43,13 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
     if key == "base_model" and source is None and config.revision_of_model:
         kwargs["revision"] = config.revision_of_model
     try:
-        tok = _tokenizer_class(config.tokenizer_type).from_pretrained(
-            loc.name_or_path, **kwargs, **loc.kwargs()
+        cls = transformers_class(
+            "tokenizer_type",
+            config.tokenizer_type,
+            AutoTokenizer,
+            "AutoTokenizer or PreTrainedTokenizerFast",
         )
+        tok = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
         raise hub_error(key, value, exc) from exc
     tok.newtune_new_ids = add_tokens(tok, config)  # what build_model must make trainable

@@ -78,6 +78,14 @@ def _fingerprint(prepared: PreparedData) -> str:
     return str(prepared.stats.get("fingerprint") or prepared.path.name)
 
 
+def training_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
+    """The model to train, with its adapter and liger kernels; adapter init follows `seed`."""
+    set_seed(config.seed)  # adapter init (LoRA A matrices) is reproducible from `seed`
+    model = build_model(config, plan, tokenizer)
+    apply_liger(model, config)
+    return model
+
+
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     """Train as the config says; return the output folder."""
     config = loaded.config
@@ -88,9 +96,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
     if checkpoint is not None:
         check_resume_data(checkpoint, _fingerprint(prepared))
-    set_seed(config.seed)  # adapter init (LoRA A matrices) is reproducible from `seed`
-    model = build_model(config, plan, tokenizer)
-    apply_liger(model, config)
+    model = training_model(config, plan, tokenizer)
     eval_ds = prepared.data.get("test", None)
     train_ds = prepared.data["train"]
     if config.group_by_length:
@@ -202,6 +208,23 @@ def _final_eval(trainer: NewtuneTrainer) -> dict[str, Any]:
     return trainer.evaluate()
 
 
+def write_model_files(
+    folder: Path,
+    model: Any,
+    tokenizer: Any,
+    config: NewtuneConfig,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """Weights (or adapter) as safetensors, tokenizer, and the config used (secrets redacted).
+
+    `state_dict`: whole tensors gathered from ZeRO-3/FSDP shards (`gather_weights`).
+    """
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+    resolved = redact(config.model_dump(mode="json"))
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
 def save_outputs(
     model: Any,
     tokenizer: Any,
@@ -218,13 +241,7 @@ def save_outputs(
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-save-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is None:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:  # gathered from shards by train.distributed.gather_weights
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    resolved = redact(loaded.config.model_dump(mode="json"))
-    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_model_files(tmp, model, tokenizer, loaded.config, state_dict)
     (tmp / "stats.json").write_text(json.dumps(prepared.stats, indent=2))
     (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))
     (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=2))

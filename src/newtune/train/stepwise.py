@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers.integrations.neftune import activate_neftune
 
 from newtune.api import ConfigLike, load_config
 from newtune.config.resolve import resolve
-from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
 from newtune.data.strategies.base import Segment, Segments
 from newtune.data.tokenize import IGNORE_INDEX, Engine
 from newtune.errors import ConfigError
-from newtune.models.load import build_model
+from newtune.fileio import replace_dir, temp_dir_beside
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args, schedule_for
-from newtune.train.kernels import apply_liger
-from newtune.train.run import CONFIG_FILE
+from newtune.train.run import CONFIG_FILE, training_model, write_model_files
 from newtune.train.trainer import NewtuneTrainer
 
 log = logging.getLogger(__name__)
@@ -110,8 +106,7 @@ class StepTrainer:
                 "run it without a launcher, or use `newtune train` for multi-process training."
             )
         self.tokenizer = load_tokenizer(cfg)
-        model = build_model(cfg, self.plan, self.tokenizer)
-        apply_liger(model, cfg)
+        model = training_model(cfg, self.plan, self.tokenizer)
         self._trainer = NewtuneTrainer(
             model=model,
             args=build_training_args(cfg, self.plan, has_eval=False),
@@ -324,18 +319,9 @@ class StepTrainer:
                 f"StepTrainer.save: {out} exists and is not a saved model; pass a new folder "
                 "(or one written by a previous save, which is replaced)."
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_dir_beside(out)
         model = self._trainer.accelerator.unwrap_model(self._model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        resolved = redact(self.config.model_dump(mode="json"))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        write_model_files(tmp, model, self.tokenizer, self.config)
+        replace_dir(tmp, out)
         log.info("saved step %s to %s", self.global_step, out)
         return out
