@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from newtune.data.templates import CHATML
+from newtune.chat_templates import CHATML
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

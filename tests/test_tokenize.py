@@ -269,7 +269,7 @@ def test_chat_spans_come_from_one_render_when_the_template_only_prints_content(
 def test_chat_spans_are_checked_against_a_plain_render_for_other_templates(
     chat_tokenizer, monkeypatch
 ):
-    from newtune.data.templates import LLAMA3
+    from newtune.chat_templates import LLAMA3
 
     calls = _count_renders(chat_tokenizer, monkeypatch)
     long = [CONVERSATION[0]] + CONVERSATION[1:] * 10
@@ -312,13 +312,13 @@ def test_chat_spans_are_checked_against_a_plain_render_for_other_templates(
     ],
 )
 def test_content_only_printed(template, expected):
-    from newtune.data.templates import content_only_printed
+    from newtune.chat_templates import content_only_printed
 
     assert content_only_printed(template) is expected
 
 
 def test_chat_template_that_trims_content_falls_back(chat_tokenizer):
-    from newtune.data.templates import LLAMA3
+    from newtune.chat_templates import LLAMA3
 
     convo = [
         {"role": "user", "content": "Hello there!"},
@@ -394,7 +394,7 @@ def test_field_tools_column(chat_tokenizer):
 
 def test_eot_tokens_choose_the_end_of_turn(tokenizer):
     # tokenizer's EOS is </s>; with chatml the turn ends with <|im_end|>
-    from newtune.data.templates import CHATML
+    from newtune.chat_templates import CHATML
 
     strategy = get_strategy(DatasetEntry(path="x", type="chat_template"), 0, False)
     sample = strategy.sample({"messages": CONVERSATION[1:3]})
@@ -408,7 +408,7 @@ def test_eot_tokens_choose_the_end_of_turn(tokenizer):
 
 @pytest.mark.parametrize("name", ["chatml", "qwen", "mistral", "gemma", "phi_3", "llama3"])
 def test_named_templates_train_only_assistant_content(chat_tokenizer, name):
-    from newtune.data.templates import resolve_chat_template
+    from newtune.chat_templates import resolve_chat_template
 
     engine = Engine(chat_tokenizer, chat_template=resolve_chat_template(name, None))
     strategy = get_strategy(DatasetEntry(path="x", type="chat_template"), 0, False)
@@ -419,7 +419,7 @@ def test_named_templates_train_only_assistant_content(chat_tokenizer, name):
 
 
 def test_jinja_file_template(tmp_path):
-    from newtune.data.templates import CHATML, resolve_chat_template
+    from newtune.chat_templates import CHATML, resolve_chat_template
 
     path = tmp_path / "t.jinja"
     path.write_text(CHATML)

@@ -22,11 +22,11 @@ from typing import Any
 import datasets
 from filelock import FileLock
 
+from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.data.packing import packing_plan, packing_report, sample_lengths
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
-from newtune.data.templates import resolve_chat_template
 from newtune.data.tokenize import IGNORE_INDEX, Engine
 from newtune.errors import ConfigError, DataError
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from newtune.chat_templates import content_only_printed
 from newtune.data.strategies.base import Conversation, Sample, Segments
-from newtune.data.templates import content_only_printed
 from newtune.errors import DataError
 
 IGNORE_INDEX = -100

@@ -8,8 +8,8 @@ from typing import Any
 
 from transformers import AddedToken, AutoTokenizer
 
+from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import NewtuneConfig
-from newtune.data.templates import resolve_chat_template
 from newtune.errors import ConfigError
 from newtune.models.location import hub_error, locate, transformers_class
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+from newtune.chat_templates import NAMED_TEMPLATES
 from newtune.config.schema import DatasetEntry
 from newtune.data.strategies.base import Conversation
 from newtune.data.strategies.chat_template import DEFAULT_ROLES, ChatTemplate
 from newtune.data.strategies.registry import register
-from newtune.data.templates import NAMED_TEMPLATES
 from newtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
