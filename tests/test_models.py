@@ -48,8 +48,8 @@ def config_of(tmp_path: Path, model_dir: Path, **extra):
 
 def built(tmp_path: Path, model_dir: Path, **extra):
     _, config = config_of(tmp_path, model_dir, **extra)
-    tok = load_tokenizer(config)
-    return config, tok, build_model(config, resolve(config), tok)
+    tok, new_ids = load_tokenizer(config)
+    return config, tok, build_model(config, resolve(config), tok, new_ids)
 
 
 def test_tokenizer_options_reach_the_tokenizer(tmp_path, model_dir, caplog):
@@ -59,19 +59,22 @@ def test_tokenizer_options_reach_the_tokenizer(tmp_path, model_dir, caplog):
         special_tokens={"pad_token": "<|pad|>", "eos_token": "<|im_end|>"},
         tokens=["<|new_a|>", "<|new_b|>"],
     )
-    tok = load_tokenizer(config)
-    base = len(load_tokenizer(from_dict(tmp_path, {"base_model": str(model_dir), "datasets": []})))
+    tok, new_ids = load_tokenizer(config)
+    plain = from_dict(tmp_path, {"base_model": str(model_dir), "datasets": []})
+    base = len(load_tokenizer(plain).tokenizer)
     assert tok.pad_token == "<|pad|>" and tok.pad_token_id == base
     assert tok.eos_token == "<|im_end|>"
     assert tok.convert_tokens_to_ids(["<|new_a|>", "<|new_b|>"]) == [base + 1, base + 2]
-    assert tok.newtune_new_ids == [base, base + 1, base + 2]
+    assert new_ids == [base, base + 1, base + 2]
+    assert not hasattr(tok, "newtune_new_ids")  # returned, not hidden on the tokenizer
+    assert load_tokenizer(plain).new_ids == []
     # an added token is one id, not split into bytes
     assert tok("x <|new_a|>", add_special_tokens=False)["input_ids"][-1] == base + 1
 
 
 def test_tokenizer_type_picks_the_class(tmp_path, model_dir):
     _, config = config_of(tmp_path, model_dir, tokenizer_type="GPT2Tokenizer")
-    assert type(load_tokenizer(config)) is transformers.GPT2Tokenizer
+    assert type(load_tokenizer(config).tokenizer) is transformers.GPT2Tokenizer
 
 
 def test_unknown_special_token_key_and_tokenizer_class_are_config_errors(tmp_path, model_dir):
@@ -87,13 +90,13 @@ def test_unknown_special_token_key_and_tokenizer_class_are_config_errors(tmp_pat
 
 def test_missing_pad_token_falls_back_to_eos_with_a_warning(tmp_path, model_dir, caplog):
     folder = tmp_path / "nopad"
-    tok = load_tokenizer(from_dict(tmp_path, {"base_model": str(model_dir), "datasets": []}))
+    tok, _ = load_tokenizer(from_dict(tmp_path, {"base_model": str(model_dir), "datasets": []}))
     tok.pad_token = None
     tok.save_pretrained(folder)
     (folder / "config.json").write_text((model_dir / "config.json").read_text())
     _, config = config_of(tmp_path, model_dir, tokenizer_config=str(folder))
     with caplog.at_level("WARNING"):
-        tok = load_tokenizer(config)
+        tok, _ = load_tokenizer(config)
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
     assert "never by token id, so EOS is still learned" in caplog.text
 
@@ -134,7 +137,7 @@ def test_added_tokens_are_learned_and_saved_through_the_cli(tmp_path, model_dir)
     train_command(str(path))
     out = Path(config.output_dir)
     saved = load_file(out / "adapter_model.safetensors")
-    new_id = load_tokenizer(config, str(out)).convert_tokens_to_ids("<|new_a|>")
+    new_id = load_tokenizer(config, str(out)).tokenizer.convert_tokens_to_ids("<|new_a|>")
     base = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"]
     emb_key = next(k for k in saved if "embed_tokens" in k)
     head_key = next(k for k in saved if "lm_head" in k)
@@ -253,7 +256,7 @@ def test_peft_mapping_loftq_and_typos(tmp_path, model_dir):
     assert lora.loftq_config["loftq_iter"] == 1 and lora.exclude_modules == {"x"}
     if not torch.cuda.is_available():  # peft computes LoftQ on cuda only
         with pytest.raises(ConfigError, match="`peft.loftq_config` needs a CUDA GPU"):
-            build_model(config, resolve(config), load_tokenizer(config))
+            build_model(config, resolve(config), load_tokenizer(config).tokenizer)
     with pytest.raises(
         ConfigError,
         match=r"`peft.loftq_confg` is not a peft LoraConfig option. Did you mean `loftq_config`\?",
@@ -289,7 +292,7 @@ def test_default_system_message_goes_first_in_training_and_inference(tmp_path, m
     from newtune.data.strategies import get_strategy
 
     _, config = config_of(tmp_path, model_dir, default_system_message="Be brief.")
-    tok = load_tokenizer(config)
+    tok, _ = load_tokenizer(config)
     strategy = get_strategy(config.datasets[0], 0, False)
     engine = engine_for(config.datasets[0], config, tok, tok.chat_template, strategy)
     row = engine.tokenize(strategy.sample(CHATS[0]))[0]
@@ -332,8 +335,8 @@ def test_quantized_base_loads_and_trains_on_cpu(tmp_path, model_dir, extra, laye
         logging_steps=1,
         **extra,
     )
-    tok = load_tokenizer(config)
-    model = build_model(config, resolve(config), tok)
+    tok, new_ids = load_tokenizer(config)
+    model = build_model(config, resolve(config), tok, new_ids)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q.base_layer).__name__ == layer
     if layer == "Linear4bit":

@@ -123,7 +123,8 @@ def load_trained(
 ) -> tuple[Any, Any]:
     """A model (in eval mode) with its adapter, as `choose_model` picked them, and its tokenizer."""
     tok_dir = adapter_dir or model_source
-    tokenizer = load_tokenizer(config, tok_dir if _has(tok_dir, "tokenizer_config.json") else None)
+    source = tok_dir if _has(tok_dir, "tokenizer_config.json") else None
+    tokenizer, _ = load_tokenizer(config, source)
     plan = resolve(config)
     options = ModelOptions.from_config(config, plan)
     model = load_model(model_source, plan.dtype, options=options)

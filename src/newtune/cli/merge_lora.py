@@ -19,7 +19,7 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     cfg = loaded.config
     adapter_dir = cfg.lora_model_dir or cfg.output_dir
     tok_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(cfg, tok_source)
+    tokenizer, _ = load_tokenizer(cfg, tok_source)
     out = merge_lora(
         cfg.base_model,
         adapter_dir,

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,8 +224,14 @@ def _offload_activations(model: Any) -> None:
     model.forward = offloaded
 
 
-def build_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
-    """The model to train: loaded as the config says, resized for new tokens, adapter attached."""
+def build_model(
+    config: NewtuneConfig, plan: RunPlan, tokenizer: Any, new_ids: Sequence[int] = ()
+) -> Any:
+    """The model to train: loaded as the config says, resized for new tokens, adapter attached.
+
+    `new_ids` are the token ids the config added (from `load_tokenizer`): a LoRA run trains
+    the embeddings in full when there are any.
+    """
     from newtune.models.adapters import attach_lora, describe_parameters
     from newtune.models.tokenizer import resize_embeddings
 
@@ -242,9 +249,7 @@ def build_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config)
     if plan.train_mode in ("lora", "qlora"):
-        model = attach_lora(
-            model, config, new_tokens=bool(getattr(tokenizer, "newtune_new_ids", []))
-        )
+        model = attach_lora(model, config, new_tokens=bool(new_ids))
     log.info(describe_parameters(model))
     return model
 

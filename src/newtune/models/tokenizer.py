@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from transformers import AddedToken, AutoTokenizer
 
@@ -26,11 +26,18 @@ SPECIAL_KEYS = (
 )
 
 
-def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
-    """The tokenizer from `source`, `tokenizer_config` or `base_model`, ready for training.
+class LoadedTokenizer(NamedTuple):
+    """A tokenizer ready for training and the ids its config added to the vocabulary."""
+
+    tokenizer: Any
+    new_ids: list[int]  # rows a LoRA run must train in full (`build_model`)
+
+
+def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> LoadedTokenizer:
+    """The tokenizer from `source`, `tokenizer_config` or `base_model`, and its new token ids.
 
     A `source` folder written by newtune already holds the special and added tokens; they
-    are applied again (a no-op) so a tokenizer from elsewhere gets them too.
+    are applied again (a no-op, so no new ids) so a tokenizer from elsewhere gets them too.
     """
     key = "tokenizer_config" if config.tokenizer_config and source is None else "base_model"
     value = source or config.tokenizer_config or config.base_model
@@ -52,7 +59,7 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
         tok = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
         raise hub_error(key, value, exc) from exc
-    tok.newtune_new_ids = add_tokens(tok, config)  # what build_model must make trainable
+    new_ids = add_tokens(tok, config)
     if config.chat_template is not None:
         tok.chat_template = resolve_chat_template(config.chat_template, tok.chat_template)
     if tok.pad_token is None:
@@ -64,7 +71,7 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> Any:
                 "EOS is still learned. Set `special_tokens: {pad_token: ...}` to choose another.",
                 tok.eos_token,
             )
-    return tok
+    return LoadedTokenizer(tok, new_ids)
 
 
 def add_tokens(tok: Any, config: NewtuneConfig) -> list[int]:

@@ -48,7 +48,7 @@ CONFIG_FILE = "newtune_config.yml"
 
 def prepare_data(loaded: LoadedConfig, force: bool = False) -> tuple[Any, PreparedData]:
     """Load the tokenizer and prepare (or reuse) the tokenized dataset."""
-    tokenizer = load_tokenizer(loaded.config)
+    tokenizer, _ = load_tokenizer(loaded.config)
     return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
@@ -78,10 +78,12 @@ def _fingerprint(prepared: PreparedData) -> str:
     return str(prepared.stats.get("fingerprint") or prepared.path.name)
 
 
-def training_model(config: NewtuneConfig, plan: RunPlan, tokenizer: Any) -> Any:
+def training_model(
+    config: NewtuneConfig, plan: RunPlan, tokenizer: Any, new_ids: list[int] | None = None
+) -> Any:
     """The model to train, with its adapter and liger kernels; adapter init follows `seed`."""
     set_seed(config.seed)  # adapter init (LoRA A matrices) is reproducible from `seed`
-    model = build_model(config, plan, tokenizer)
+    model = build_model(config, plan, tokenizer, new_ids or [])
     apply_liger(model, config)
     return model
 
@@ -92,11 +94,12 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     check_distributed(loaded)  # DeepSpeed/FSDP settings fail before any data is prepared
     plan = plan or resolve(config)
     checkpoint = resume_checkpoint(config)  # a missing folder fails before any work
-    tokenizer, prepared = prepare_data(loaded)
+    tokenizer, new_ids = load_tokenizer(config)
+    prepared = prepare(config, tokenizer, tokenizer.chat_template)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
     if checkpoint is not None:
         check_resume_data(checkpoint, _fingerprint(prepared))
-    model = training_model(config, plan, tokenizer)
+    model = training_model(config, plan, tokenizer, new_ids)
     eval_ds = prepared.data.get("test", None)
     train_ds = prepared.data["train"]
     if config.group_by_length:

@@ -105,8 +105,8 @@ class StepTrainer:
                 f"StepTrainer runs in one process, but WORLD_SIZE is {self.plan.world_size}; "
                 "run it without a launcher, or use `newtune train` for multi-process training."
             )
-        self.tokenizer = load_tokenizer(cfg)
-        model = training_model(cfg, self.plan, self.tokenizer)
+        self.tokenizer, new_ids = load_tokenizer(cfg)
+        model = training_model(cfg, self.plan, self.tokenizer, new_ids)
         self._trainer = NewtuneTrainer(
             model=model,
             args=build_training_args(cfg, self.plan, has_eval=False),
