@@ -57,18 +57,17 @@ def test_every_axolotl_key_left_null_validates(tmp_path):
     assert cfg.base_model == "./model" and cfg.sample_packing is None
 
 
-def test_planned_key_with_value_names_key_and_piece_of_work(tmp_path):
+def test_not_implemented_key_with_value_says_what_to_do(tmp_path):
     msg = error_of(
         write(tmp_path, BASE + "push_dataset_to_hub: me/data\ndataset_keep_in_memory: true\n")
     )
     assert (
-        "`push_dataset_to_hub: 'me/data'` is not implemented by newtune yet (planned with the data pipeline work); remove it or set it to null"
+        "`push_dataset_to_hub: 'me/data'` is not implemented by newtune; use `huggingface-cli "
+        "upload` of the `dataset_prepared_path` folder instead; remove it or set it to null"
         in msg
     )
-    assert (
-        "`dataset_keep_in_memory: True` is not implemented by newtune yet (planned with the data pipeline work)"
-        in msg
-    )
+    assert "`dataset_keep_in_memory: True` is not implemented by newtune; remove it" in msg
+    assert "planned" not in msg and " work" not in msg
 
 
 def test_unsupported_key_names_alternative(tmp_path):

@@ -4,13 +4,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Later pieces of work that will implement a key (named in errors and in docs/config.md).
-DATA = "data pipeline"
-PACKING = "sample packing"
-MODELS = "models and training"
-MERGE = "merge and inference"
-SCALE = "distributed training"
-
 
 class Section(BaseModel):
     """A strict config section: unknown keys are errors, values are validated on assignment."""
@@ -29,16 +22,6 @@ class Section(BaseModel):
             for k, v in data.items()
             if not (v is None and k in fields and fields[k].default is not None)
         }
-
-
-def planned(piece: str, description: str, default: Any = None, **kw: Any) -> Any:
-    """A key newtune accepts only when off (null/false/empty) until `piece` implements it."""
-    return Field(
-        default=default,
-        description=description,
-        json_schema_extra={"status": f"planned: {piece}"},
-        **kw,
-    )
 
 
 def unsupported(description: str, alternative: str | None = None) -> Any:

@@ -2,9 +2,9 @@
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from newtune.config.schema.base import DATA, Section, planned
+from newtune.config.schema.base import Section, unsupported
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
@@ -14,7 +14,10 @@ class DatasetEntry(Section):
 
     path: str = Field(description="Hub id, local file or local folder of the data.")
     type: str | dict[str, Any] | None = Field(
-        default=None, description="Prompt format: alpaca, completion, chat_template, ..."
+        default=None,
+        description="Prompt format: alpaca, completion, chat_template, ... Each format reads "
+        "only some of the keys below (others are errors). Text columns may hold numbers "
+        "(read as their decimal text); booleans, lists and mappings there are errors.",
     )
     ds_type: Literal["json", "jsonl", "csv", "parquet", "arrow", "text"] | None = Field(
         default=None, description="File format when the extension does not say it."
@@ -116,7 +119,9 @@ class DataSection(Section):
     test_datasets: list[DatasetEntry] | None = Field(
         default=None, description="Evaluation data sources (instead of val_set_size)."
     )
-    pretraining_dataset: Any = planned(DATA, "A streamed pretraining dataset.")
+    pretraining_dataset: Any = unsupported(
+        "A streamed pretraining dataset.", "`datasets:` with `type: completion`"
+    )
     chat_template: str | None = Field(
         default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
     )
@@ -126,11 +131,16 @@ class DataSection(Section):
     dataset_prepared_path: str = Field(
         default="last_run_prepared", description="Folder of the tokenized-dataset cache."
     )
-    push_dataset_to_hub: str | None = planned(DATA, "Hub repo to push the prepared data to.")
+    push_dataset_to_hub: str | None = unsupported(
+        "Hub repo to push the prepared data to.",
+        "`huggingface-cli upload` of the `dataset_prepared_path` folder",
+    )
     dataset_processes: int | None = Field(
         default=None, gt=0, description="Processes used to tokenize (default: CPU count)."
     )
-    dataset_keep_in_memory: bool | None = planned(DATA, "Keep the dataset in memory.")
+    dataset_keep_in_memory: bool | None = unsupported(
+        "Keep the dataset in memory (newtune memory-maps the prepared rows from disk)."
+    )
     shuffle_merged_datasets: bool | None = Field(
         default=None, description="Shuffle the rows after merging the datasets."
     )
@@ -141,7 +151,10 @@ class DataSection(Section):
         default=None, ge=0, description="...and train on this one (default 0)."
     )
     val_set_size: float = Field(
-        default=0.0, ge=0, description="Eval split: a fraction (< 1) or a row count (>= 1)."
+        default=0.0,
+        ge=0,
+        description="Eval split: a fraction of the rows (0 < x < 1), or a whole number of rows "
+        "(1, 2, ...); 0 means none.",
     )
     sequence_len: int = Field(default=2048, gt=1, description="Maximum tokens per sample.")
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = Field(
@@ -173,3 +186,14 @@ class DataSection(Section):
     group_by_length: bool | None = Field(
         default=None, description="Batch samples of similar length together (unpacked runs)."
     )
+
+    @field_validator("val_set_size")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        """Below 1 a fraction of the rows; from 1 on a whole number of rows (1.5 is an error)."""
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(
+                f"{value} is neither a fraction below 1 (e.g. 0.05: 5% of the rows) nor a "
+                f"whole number of rows (e.g. {int(value)})"
+            )
+        return value

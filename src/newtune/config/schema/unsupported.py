@@ -4,7 +4,9 @@ from typing import Any
 
 from newtune.config.schema.base import Section, ignored, unsupported
 
-_LIGER = "liger-kernel (`pip install newtune[liger]`), planned with models and training"
+
+def _liger(key: str) -> str:
+    return f"`{key}: true` (liger-kernel: `pip install 'newtune[liger]'`)"
 
 
 class UnsupportedSection(Section):
@@ -22,10 +24,12 @@ class UnsupportedSection(Section):
         "xformers attention.", "`attn_implementation: sdpa`"
     )
     flash_optimum: bool | None = unsupported("BetterTransformer.", "`attn_implementation: sdpa`")
-    flash_attn_cross_entropy: bool | None = unsupported("Fused cross-entropy.", _LIGER)
-    flash_attn_rms_norm: bool | None = unsupported("Fused RMSNorm.", _LIGER)
-    flash_attn_fuse_qkv: bool | None = unsupported("Fused QKV projection.", _LIGER)
-    flash_attn_fuse_mlp: bool | None = unsupported("Fused MLP.", _LIGER)
+    flash_attn_cross_entropy: bool | None = unsupported(
+        "Fused cross-entropy.", _liger("liger_cross_entropy")
+    )
+    flash_attn_rms_norm: bool | None = unsupported("Fused RMSNorm.", _liger("liger_rms_norm"))
+    flash_attn_fuse_qkv: bool | None = unsupported("Fused QKV projection.")
+    flash_attn_fuse_mlp: bool | None = unsupported("Fused MLP.", _liger("liger_glu_activation"))
     torchdistx_path: str | None = unsupported("torchdistx deferred init.")
     eval_causal_lm_metrics: list[str] | None = unsupported("Generation metrics during eval.")
     eval_table_size: int | None = unsupported("Prediction table logged during eval.")

@@ -22,7 +22,6 @@ CHAT_SYSTEM_NO_INPUT = (
 class Alpaca(Instruct):
     """instruction, input, output; `alpaca:chat`, `alpaca:chatml`, `alpaca:phi` pick a style."""
 
-    styles = tuple(STYLES)
 
 
 @register("alpaca_instruct")
@@ -42,7 +41,6 @@ class AlpacaInstructNoPrompt(Instruct):
 class AlpacaChat(Instruct):
     """The alpaca prompt in the chat style (USER:/ASSISTANT:); `conversation:` picks a style."""
 
-    entry_keys = frozenset({"conversation"})
     default_style = "chat"
 
     def prompt_style(self) -> PromptStyle:

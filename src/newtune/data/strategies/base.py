@@ -9,21 +9,6 @@ from typing import Any, ClassVar
 from newtune.config.schema import DatasetEntry
 from newtune.errors import DataError
 
-# Dataset-entry keys that only some formats read; a format lists those it reads in `entry_keys`.
-FORMAT_KEYS = (
-    "conversation",
-    "field_human",
-    "field_model",
-    "system_prompt",
-    "system_format",
-    "field_system",
-    "field_instruction",
-    "field_input",
-    "field_output",
-    "format",
-    "no_input_format",
-)
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -72,8 +57,9 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1  # bump when the produced samples change: it is in the cache key
-    styles: ClassVar[tuple[str, ...]] = ()  # accepted prompt styles, as in `type: alpaca:chat`
-    # The FORMAT_KEYS this format reads; None (plugins): any. Others set on the entry are errors.
+    # Prompt styles (`type: alpaca:chat`) and the dataset-entry keys read besides the source
+    # keys (None: any). Built-in formats get both from config.schema.formats.FORMATS.
+    styles: ClassVar[tuple[str, ...]] = ()
     entry_keys: ClassVar[frozenset[str] | None] = None
     chat: ClassVar[bool] = False  # prompts are chat conversations (inference keeps a history)
 
@@ -97,18 +83,34 @@ class Strategy(ABC):
         return []
 
 
+def as_text(value: Any, what: str) -> str:
+    """A text value of a row: strings as they are, numbers as their decimal text.
+
+    `what` names the value in errors (e.g. "column `instruction`"). Booleans, lists and
+    mappings are DataErrors: their text would train the model on Python syntax.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    kind = {bool: "a boolean", list: "a list", tuple: "a list", dict: "a mapping"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+    raise DataError(f"{what} holds {kind}, not text; write it as a string")
+
+
 def text_field(row: dict[str, Any], key: str) -> str:
-    """The string in `row[key]`; a missing or null value is a DataError naming the column."""
+    """The text in `row[key]` (see as_text); a missing or null value is a DataError."""
     value = row.get(key)
     if value is None:
         raise DataError(f"column `{key}` is empty (null)")
-    return str(value)
+    return as_text(value, f"column `{key}`")
 
 
 def optional_field(row: dict[str, Any], key: str) -> str:
-    """The string in `row[key]`, or "" when the column is missing or null."""
+    """The text in `row[key]` (see as_text), or "" when the column is missing or null."""
     value = row.get(key)
-    return "" if value is None else str(value)
+    return "" if value is None else as_text(value, f"column `{key}`")
 
 
 def prompt_and_response(prompt: str, response: str, train_on_inputs: bool) -> Segments:

@@ -6,7 +6,7 @@ import json
 from typing import Any, ClassVar
 
 from newtune.config.schema import DatasetEntry
-from newtune.data.strategies.base import Conversation, Strategy
+from newtune.data.strategies.base import Conversation, Strategy, as_text
 from newtune.data.strategies.registry import register
 from newtune.errors import DataError
 
@@ -41,7 +41,6 @@ DEFAULT_ROLES = {
 class ChatTemplate(Strategy):
     """Map a row's message list onto `role`/`content` dicts; the engine renders and masks."""
 
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
     chat: ClassVar[bool] = True
     keep_extra_keys: ClassVar[bool] = False  # pass other message keys (tool_calls, ...) through
 
@@ -92,7 +91,8 @@ class ChatTemplate(Strategy):
                 )
             role = self.roles.get(msg[role_key], msg[role_key])
             content = msg[content_key]
-            out = {"role": role, "content": "" if content is None else str(content)}
+            what = f"message {i} of `{column}`: `{content_key}`"
+            out = {"role": role, "content": "" if content is None else as_text(content, what)}
             if self.keep_extra_keys:
                 extra = {
                     k: v

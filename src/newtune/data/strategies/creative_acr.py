@@ -73,7 +73,6 @@ def evaluation(row: dict[str, Any]) -> str:
 class _Creative(Strategy):
     """`[system\\n]USER: {instruction}\\nASSISTANT:` followed by the response."""
 
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
     system: ClassVar[str] = ""
 
     def build_prompt(self, instruction: str) -> str:

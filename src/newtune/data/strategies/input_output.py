@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from newtune.data.strategies.base import Segment, Segments, Strategy
 from newtune.data.strategies.registry import register
@@ -16,7 +16,6 @@ class InputOutput(Strategy):
     With train_on_inputs every segment is trained.
     """
 
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
 
     def required_columns(self) -> list[str]:
         return ["segments"]

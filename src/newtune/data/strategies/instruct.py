@@ -77,8 +77,6 @@ class Instruct(Strategy):
     picks another style where `styles` allows it.
     """
 
-    styles: ClassVar[tuple[str, ...]] = ()
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
     default_style: ClassVar[str] = "instruct"
     system_prompt: ClassVar[str] = ALPACA_SYSTEM  # used when the row has an input
     system_no_input_prompt: ClassVar[str] = ALPACA_SYSTEM_NO_INPUT

@@ -3,7 +3,7 @@ concisechoice, summarizetldr and reflection."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from newtune.config.schema import DatasetEntry
 from newtune.data.strategies.base import (
@@ -29,7 +29,6 @@ CHAT_TURNS = PromptStyle(
 class Jeopardy(Instruct):
     """question, category (the input), answer; the response is "what is <answer>"."""
 
-    styles = tuple(STYLES)
     instruction_column = "question"
     input_column = "category"
     output_column = "answer"
@@ -43,7 +42,6 @@ class Jeopardy(Instruct):
 class OpenAssistant(Instruct):
     """INSTRUCTION -> RESPONSE (OpenAssistant exports)."""
 
-    styles = tuple(STYLES)
     instruction_column = "INSTRUCTION"
     input_column = None
     output_column = "RESPONSE"
@@ -53,7 +51,6 @@ class OpenAssistant(Instruct):
 class GPTeacher(Instruct):
     """instruction, input, response."""
 
-    styles = tuple(STYLES)
     output_column = "response"
 
 
@@ -83,7 +80,6 @@ class _MultipleChoice(Instruct):
 class ExplainChoice(_MultipleChoice):
     """Multiple choice, the answer explained."""
 
-    styles = tuple(STYLES)
     system_prompt = "Choose the answer that best answers the question. Explain your reasoning.\n"
     system_no_input_prompt = system_prompt
 
@@ -148,8 +144,6 @@ REFLECT_LABELS = {
 class Reflection(Strategy):
     """instruction, input, output, reflection, corrected: thought, reflection, final answer."""
 
-    styles: ClassVar[tuple[str, ...]] = ("instruct", "chat")
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
 
     def __init__(
         self, entry: DatasetEntry, train_on_inputs: bool, style: str | None = None

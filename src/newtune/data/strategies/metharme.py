@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from newtune.data.strategies.base import Segment, Segments, Strategy, prompt_only, text_field
 from newtune.data.strategies.registry import register
@@ -14,7 +14,6 @@ EOS_TOKENS = 3
 class Metharme(Strategy):
     """prompt (masked unless train_on_inputs) + generation + 3 x EOS (trained)."""
 
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset()
 
     def required_columns(self) -> list[str]:
         return ["prompt", "generation"]

@@ -17,13 +17,19 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from newtune.config.schema.formats import (
+    ENTRY_POINT_GROUP,
+    FORMATS,
+    UnknownFormat,
+    builtin_name,
+    key_problems,
+)
 from newtune.errors import ConfigError
 
-if TYPE_CHECKING:  # base imports the config schema, whose package imports this module
+if TYPE_CHECKING:
     from newtune.config.schema import DatasetEntry
     from newtune.data.strategies.base import Strategy
 
-ENTRY_POINT_GROUP = "newtune.strategies"
 BUILTIN_MODULES = (
     "alpaca",
     "chat_template",
@@ -41,10 +47,17 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register(name: str):  # noqa: ANN201
-    """Class decorator that makes a strategy available as `type: name`."""
+    """Class decorator that makes a strategy available as `type: name`.
+
+    A built-in name takes its prompt styles and the entry keys it reads from
+    `config.schema.formats.FORMATS`; another name keeps the class's own (plugins).
+    """
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
         cls.name = name
+        if name in FORMATS:
+            cls.styles = FORMATS[name].styles
+            cls.entry_keys = FORMATS[name].reads
         _REGISTRY[name] = cls
         return cls
 
@@ -81,6 +94,9 @@ class _Found:
 
 def _import_path(path: str) -> Any | None:
     """The object a dotted path names (a module stands for its `load`); None if no module."""
+    from newtune.trust import check_code_allowed
+
+    check_code_allowed(f"the plugin `{path}`")  # before find_spec, which imports parents
     parts = path.split(".")
     for cut in range(len(parts), 0, -1):
         module_name = ".".join(parts[:cut])
@@ -108,17 +124,16 @@ def _import_path(path: str) -> Any | None:
 def _find(type_name: str) -> _Found | None:
     """Resolve a `type:` string; None when nothing answers to it."""
     _load_builtin()
-    if type_name in _REGISTRY:
-        return _Found(_REGISTRY[type_name], type_name)
-    base, colon, style = type_name.partition(":")
-    if colon:
-        if "." in base and base not in _REGISTRY:
-            raise ConfigError(f"plugin paths are written with dots only: `{base}.{style}`")
-        return _with_style(_find(base), base, style)
-    if type_name.endswith(".load") and type_name[: -len(".load")] in _REGISTRY:
-        return _Found(_REGISTRY[type_name[: -len(".load")]], type_name[: -len(".load")])
-    if type_name.split(".")[0] in _REGISTRY:
+    try:
+        builtin = builtin_name(type_name)
+    except UnknownFormat:
         return None  # a variant of a built-in format that does not exist
+    except ValueError as exc:  # a bad style or spelling of a built-in format
+        raise ConfigError(str(exc)) from None
+    if builtin is not None:
+        return _Found(_REGISTRY[builtin[0]], builtin[0], builtin[1])
+    if type_name in _REGISTRY:  # a plugin that registered its own name
+        return _Found(_REGISTRY[type_name], type_name)
     for ep in _entry_points():
         if ep.name == type_name:
             try:
@@ -133,18 +148,6 @@ def _find(type_name: str) -> _Found | None:
         if obj is not None:
             return _Found(obj, type_name)
     return None
-
-
-def _with_style(found: _Found | None, base: str, style: str) -> _Found | None:
-    if found is None:
-        return None
-    styles = getattr(found.factory, "styles", ())
-    if style.startswith("load") and not styles:
-        raise ConfigError(f"loader variants are written with a dot: did you mean `{base}.{style}`?")
-    if style not in styles:
-        what = f"its styles are {', '.join(styles)}" if styles else "it takes no style"
-        raise ConfigError(f"`{base}` has no prompt style `{style}`; {what}")
-    return _Found(found.factory, found.name, style)
 
 
 def _instantiate(found: _Found, entry: DatasetEntry, train_on_inputs: bool) -> Strategy:
@@ -175,20 +178,21 @@ def _instantiate(found: _Found, entry: DatasetEntry, train_on_inputs: bool) -> S
     return strategy
 
 
-def _check_entry_keys(strategy: Strategy, entry: DatasetEntry, where: str) -> None:
-    """Format keys set on the entry that this format does not read are errors."""
-    from newtune.data.strategies.base import FORMAT_KEYS
+def _check_entry_keys(strategy: Strategy, entry: DatasetEntry, where: str, builtin: bool) -> None:
+    """Entry keys set on the entry that this format does not read are errors.
 
-    allowed = frozenset() if isinstance(entry.type, dict) else strategy.entry_keys
-    if allowed is None:
-        return
-    unused = [k for k in FORMAT_KEYS if getattr(entry, k, None) is not None and k not in allowed]
-    if not unused:
-        return
-    keys = ", ".join(f"`{where}.{k}`" for k in unused)
+    A plugin whose class does not declare `entry_keys` itself (it may inherit a built-in
+    format's) reads any key.
+    """
+    reads = strategy.entry_keys
+    if not builtin and "entry_keys" not in vars(type(strategy)):
+        reads = None
     if isinstance(entry.type, dict):
-        raise ConfigError(f"{keys} set beside a `type:` mapping; move them into the mapping.")
-    raise ConfigError(f"{keys} set, but `type: {entry.type}` does not read it; remove it.")
+        problems = key_problems(entry, where, frozenset(), "a `type:` mapping")
+    else:
+        problems = key_problems(entry, where, reads, f"`type: {entry.type}`")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
 
 
 def _sentence(text: str) -> str:
@@ -230,7 +234,7 @@ def get_strategy(
         strategy = _instantiate(found, entry, train_on_inputs)
     except ConfigError as exc:
         raise ConfigError(_sentence(f"{label}: {exc}")) from None
-    _check_entry_keys(strategy, entry, where)
+    _check_entry_keys(strategy, entry, where, builtin=found.name in FORMATS)
     return strategy
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
 from newtune.chat_templates import NAMED_TEMPLATES
 from newtune.config.schema import DatasetEntry
@@ -39,9 +39,6 @@ class ShareGPT(ChatTemplate):
     `weight: 0` is not trained.
     """
 
-    entry_keys: ClassVar[frozenset[str] | None] = frozenset(
-        {"conversation", "field_human", "field_model"}
-    )
 
     def __init__(
         self, entry: DatasetEntry, train_on_inputs: bool, style: str | None = None
