@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import textwrap
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,6 +25,8 @@ def setup_logging(debug: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_scrub_record)
     for noisy in ("httpx", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,10 +43,22 @@ def setup_logging(debug: bool) -> None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is imported
 
 
+def _scrub_record(record: logging.LogRecord) -> bool:
+    """Logging filter: replace token-like values in a log line by `<redacted>`."""
+    from newtune.config.secrets import scrub
+
+    message = record.getMessage()
+    clean = scrub(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    return True
+
+
 def fail(message: str, code: int) -> None:
-    """Print a one-paragraph error and exit."""
-    wrapped = textwrap.fill(message, width=100, break_long_words=False, break_on_hyphens=False)
-    print(f"newtune: error: {wrapped}", file=sys.stderr)
+    """Print a one-paragraph error (one line: a terminal wraps it, commands stay whole) and exit."""
+    from newtune.config.secrets import scrub
+
+    print(f"newtune: error: {scrub(message)}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -82,7 +95,11 @@ def run_command(fn: Callable[..., T], debug: bool, *args: Any, **kwargs: Any) ->
 
 
 def load(config: str, overrides: dict[str, Any]):  # noqa: ANN201
-    """Load and validate the config, logging what was ignored."""
+    """Load and validate the config, logging what was ignored.
+
+    `overrides` may hold the `--allow_plugins` flag (every command takes it): it lets a config
+    from a URL import code (plugin formats, remote model code).
+    """
     from newtune.config.load import load_config
 
     loaded = load_config(str(config), overrides)

@@ -10,13 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import set_seed
 
-from newtune.config.load import LoadedConfig
+from newtune.config.load import LoadedConfig, dump_config
 from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
-from newtune.config.secrets import redact
 from newtune.data.collate import PadCollator
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare
@@ -224,8 +222,7 @@ def write_model_files(
     """
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
-    resolved = redact(config.model_dump(mode="json"))
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (folder / CONFIG_FILE).write_text(dump_config(config))
 
 
 def save_outputs(
