@@ -37,6 +37,8 @@ def validate_command(
 
     By default the report is YAML with `#` comments; --json prints one JSON object
     {"config": ..., "plan": ...} and nothing else on stdout. Put the flags after the path.
+    --allow_plugins (every command takes it) lets a config from a URL import code: plugin
+    formats in `datasets[].type` and `trust_remote_code: true`.
     """
     if not isinstance(json, bool):
         fail(f"--json is a flag and takes no value (got {json!r}).", 2)
