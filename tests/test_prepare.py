@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -228,19 +231,24 @@ def test_concurrent_processes_wait_for_one_writer(tmp_path, tok_dir):
 def test_stale_temp_and_incomplete_cache_are_rebuilt(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     first = prepare(config(tmp_path, data), tokenizer, None)
-    # as if a killed run left a temp folder, and a copy without its report
-    (first.path.parent / f".tmp-{first.path.name}-999").mkdir()
+    # as if a killed run left a temp folder (named by fileio, with a dead pid), and a copy
+    # without its report
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = first.path.parent / f".tmp-{first.path.name}-{dead.pid}@{socket.gethostname()}"
+    stale.mkdir()
     (first.path / "stats.json").unlink()
     again = prepare(config(tmp_path, data), tokenizer, None)
     assert not again.reused and (again.path / "stats.json").is_file()
     assert len(again.data["train"]) == 10
+    assert not stale.exists()
 
 
 def test_crash_while_saving_leaves_no_cache(tmp_path, tokenizer, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
 
     def crash(self, path, **kwargs):
-        Path(path).mkdir(parents=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "partial").write_text("x")
         raise KeyboardInterrupt
 

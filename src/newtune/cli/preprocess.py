@@ -13,8 +13,8 @@ DEBUG_EXAMPLES = 3
 
 
 def _preprocess(config: str, overrides: dict[str, Any], force: bool, debug: bool) -> None:
+    from newtune.data.prepare import prepare_data  # the data layer only: no Trainer stack
     from newtune.data.report import mark_trained, report_table
-    from newtune.train.run import prepare_data
 
     tokenizer, prepared = prepare_data(load(config, overrides), force=force)
     log.info("%s prepared data: %s", "reused" if prepared.reused else "wrote", prepared.path)

@@ -9,12 +9,18 @@ columns `input_ids`, `attention_mask`, `labels`, plus `stats.json` (the data rep
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,20 +28,23 @@ from typing import Any
 import datasets
 from filelock import FileLock
 
+from newtune import fileio
 from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.data.packing import packing_plan, packing_report, sample_lengths
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.tokenize import IGNORE_INDEX, Engine
-from newtune.errors import ConfigError, DataError
+from newtune.errors import ConfigError, DataError, NewtuneError
 
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3  # 3: rows whose every field is empty are dropped (and counted)
 HASH_LIMIT_BYTES = 64 << 20  # larger files are identified by size and mtime only
 # Below this many rows per process, one process whose tokenizer runs on every CPU (Rust
 # threads) beats worker processes (start-up, pickling, shard merging, and on SMT machines
 # the workers' contention for shared cores).
 ROWS_PER_PROCESS = 25_000
+PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal this process gets when its parent dies
+WORK_FOLDER = ".work"  # inside the cache's temp folder: the worker processes' shards
 log = logging.getLogger(__name__)
 _IMPORT_PID = os.getpid()  # a different pid later means this is a forked child
 
@@ -163,7 +172,7 @@ def _strategy_for(entry: DatasetEntry, i: int, key: str, config: NewtuneConfig) 
 def _num_proc(config: NewtuneConfig, rows: int) -> int | None:
     """Worker processes for the tokenizing map (None: in this process)."""
     n = min(_cpus(config), rows // ROWS_PER_PROCESS)
-    return n if n > 1 else None
+    return n if n > 1 and "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _cpus(config: NewtuneConfig) -> int:
@@ -193,21 +202,27 @@ def _tokenizer_threads(enabled: bool) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def _tokenize_entry(
-    where: str,
-    entry: DatasetEntry,
-    rows: datasets.Dataset,
-    strategy: Strategy,
-    engine: Engine,
-    num_proc: int | None,
-) -> datasets.Dataset:
-    missing = [c for c in strategy.required_columns() if c not in rows.column_names]
-    if missing:
-        raise DataError(
-            f"{where} ({entry.path}, type {entry.type}) needs column(s) "
-            f"{', '.join(missing)} but the data has {', '.join(rows.column_names)}. "
-            "Pick the matching `type` or rename the columns."
-        )
+def _blank(value: Any) -> bool:
+    """Whether a field is empty: None, blank text, or a list or mapping of empty fields."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        return all(_blank(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_blank(v) for v in value)
+    return False
+
+
+# (batch, row indices) -> (the saved columns, how many rows were blank and skipped)
+BatchTokenizer = Callable[[dict[str, list], list[int]], tuple[dict[str, list], int]]
+
+
+def _batch_tokenizer(
+    where: str, entry: DatasetEntry, strategy: Strategy, engine: Engine
+) -> BatchTokenizer:
+    """Tokenize a batch of raw rows, skipping (and counting) rows whose every field is empty."""
 
     def sample_of(row: dict[str, Any], idx: int) -> Any:
         try:
@@ -218,34 +233,213 @@ def _tokenize_entry(
                 "dataset's `type` and mapping keys."
             ) from None
 
-    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> tuple[dict[str, list], int]:
         keys = list(batch)
-        samples = [sample_of({k: batch[k][j] for k in keys}, idx) for j, idx in enumerate(indices)]
+        samples, kept = [], []
+        for j, idx in enumerate(indices):
+            row = {k: batch[k][j] for k in keys}
+            if not _blank(row):
+                samples.append(sample_of(row, idx))
+                kept.append(idx)
         try:
             per_sample = engine.tokenize_many(samples)
         except (DataError, KeyError, TypeError, ValueError):
             # find the row that fails, to name it
-            for sample, idx in zip(samples, indices, strict=True):
+            for sample, idx in zip(samples, kept, strict=True):
                 try:
                     engine.tokenize(sample)
                 except (DataError, KeyError, TypeError, ValueError) as exc:
                     raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
             raise
-        return _columns(
+        columns = _columns(
             [r.input_ids for rs in per_sample for r in rs],
             [r.labels for rs in per_sample for r in rs],
         )
+        return columns, len(indices) - len(kept)
 
-    return rows.map(
+    return tokenize_batch
+
+
+def _map_rows(
+    rows: datasets.Dataset,
+    tokenize: BatchTokenizer,
+    offset: int,
+    desc: str | None,
+    cache_file: str | None = None,
+) -> tuple[datasets.Dataset, int]:
+    """Tokenize `rows` (row `offset` onwards of the entry) in this process; count blank rows."""
+    blank = [0]
+
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        columns, skipped = tokenize(batch, [offset + i for i in indices])
+        blank[0] += skipped
+        return columns
+
+    fingerprint = hashlib.sha256(cache_file.encode()).hexdigest()[:16] if cache_file else None
+    out = rows.map(
         tokenize_batch,
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
-        desc=f"Tokenizing {where}",
+        desc=desc,
         load_from_cache_file=False,
-        num_proc=num_proc,
+        cache_file_name=cache_file,
+        new_fingerprint=fingerprint,
         features=COLUMN_TYPES,  # known types: datasets skips its per-value type inference
     )
+    return out, blank[0]
+
+
+def _tokenize_entry(
+    where: str,
+    entry: DatasetEntry,
+    rows: datasets.Dataset,
+    strategy: Strategy,
+    engine: Engine,
+    num_proc: int | None,
+    work: Path,
+) -> tuple[datasets.Dataset, int]:
+    """The tokenized rows of one entry and how many blank rows were dropped."""
+    missing = [c for c in strategy.required_columns() if c not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"{where} ({entry.path}, type {entry.type}) needs column(s) "
+            f"{', '.join(missing)} but the data has {', '.join(rows.column_names)}. "
+            "Pick the matching `type` or rename the columns."
+        )
+    tokenize = _batch_tokenizer(where, entry, strategy, engine)
+    if num_proc is None:
+        return _map_rows(rows, tokenize, 0, f"Tokenizing {where}")
+    return _tokenize_in_workers(where, rows, tokenize, num_proc, work)
+
+
+def _tokenize_in_workers(
+    where: str, rows: datasets.Dataset, tokenize: BatchTokenizer, procs: int, work: Path
+) -> tuple[datasets.Dataset, int]:
+    """Tokenize contiguous shards in forked worker processes that die with this one.
+
+    Each worker writes its shard to an arrow file in `work` (inside the cache's temp folder,
+    so a killed run leaves nothing that looks complete); the shards are read back in order.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    bounds = [len(rows) * i // procs for i in range(procs + 1)]
+    name = where.replace("[", "-").replace("]", "")
+    tasks = [(bounds[i], bounds[i + 1], str(work / f"{name}-{i:05d}.arrow")) for i in range(procs)]
+    log.info("tokenizing %s (%d rows) in %d worker processes", where, len(rows), procs)
+    results = _run_workers(rows, tokenize, tasks)
+    parts = [datasets.Dataset.from_file(path) for path, _ in results]
+    return datasets.concatenate_datasets(parts), sum(n for _, n in results)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C while forking workers; it is raised as KeyboardInterrupt afterwards.
+
+    A child forked in between must not see a KeyboardInterrupt of its own: it ignores
+    Ctrl-C as its first step, and the parent, which handles it, ends the workers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if held and callable(before):  # Python's default handler raises KeyboardInterrupt
+        before(signal.SIGINT, None)
+    elif held and before == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _run_workers(
+    rows: datasets.Dataset, tokenize: BatchTokenizer, tasks: list[tuple[int, int, str]]
+) -> list[tuple[str, int]]:
+    """Run one forked worker per task; on any error or Ctrl-C here, kill them all."""
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("fork")
+    workers: list[tuple[Any, Any]] = []
+    try:
+        with _sigint_deferred():
+            for task in tasks:
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(os.getpid(), rows, tokenize, task, send),
+                    daemon=True,
+                )
+                proc.start()
+                send.close()
+                workers.append((proc, recv))
+        results: list[Any] = [None] * len(tasks)
+        pending = {recv: i for i, (_, recv) in enumerate(workers)}
+        while pending:
+            for conn in wait(list(pending)):
+                i = pending.pop(conn)
+                try:
+                    ok, value = conn.recv()
+                except EOFError:
+                    workers[i][0].join()
+                    raise DataError(
+                        f"the worker process tokenizing rows {tasks[i][0]}-{tasks[i][1] - 1} "
+                        f"died (exit code {workers[i][0].exitcode}), most likely out of memory. "
+                        "Lower `dataset_processes`, or free memory."
+                    ) from None
+                if not ok:
+                    raise value
+                results[i] = value
+        return results
+    finally:
+        for proc, recv in workers:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            recv.close()
+
+
+def _worker_main(
+    parent: int, rows: datasets.Dataset, tokenize: BatchTokenizer, task: tuple, conn: Any
+) -> None:
+    """A worker: tokenize rows [start, end) into an arrow file; send back (ok, result)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(parent)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per CPU already
+    datasets.disable_progress_bars()
+    start, end, cache_file = task
+    try:
+        shard = rows.select(range(start, end))
+        _, blank = _map_rows(shard, tokenize, start, None, cache_file)
+        result: tuple[bool, Any] = (True, (cache_file, blank))
+    except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+        if not isinstance(exc, NewtuneError) and hasattr(exc, "add_note"):  # 3.11+
+            import traceback
+
+            exc.add_note(f"in the tokenizing worker process:\n{traceback.format_exc()}")
+        result = (False, exc)
+    try:
+        conn.send(result)
+    except Exception as exc:  # noqa: BLE001 - an error that cannot be pickled
+        conn.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]} ({exc})")))
+    conn.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does (a killed preprocess leaves no workers)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _pretokenized(rows: datasets.Dataset, where: str) -> datasets.Dataset:
@@ -296,6 +490,7 @@ def _load_entries(
     tokenizer: Any,
     template: str | None,
     strategies: list[Strategy | None],
+    work: Path,
 ) -> tuple[datasets.Dataset, list[dict[str, Any]]]:
     parts, report = [], []
     for i, (entry, strategy) in enumerate(zip(entries, strategies, strict=True)):
@@ -308,12 +503,28 @@ def _load_entries(
                     "pretokenized (no `input_ids` column); set `type:` to its format."
                 )
             part = _pretokenized(rows, where)
+            blank = 0
         else:
             engine = engine_for(entry, config, tokenizer, template, strategy)
             procs = _num_proc(config, len(rows))
             with _tokenizer_threads(procs is None and _cpus(config) > 1):
-                part = _tokenize_entry(where, entry, rows, strategy, engine, procs)
-        report.append({"path": entry.path, "type": entry.type or "pretokenized", "rows": len(part)})
+                part, blank = _tokenize_entry(where, entry, rows, strategy, engine, procs, work)
+        if blank:
+            log.warning(
+                "%s (%s): %d row(s) have every field empty; they were dropped (stats.json: "
+                "dropped_empty)",
+                where,
+                entry.path,
+                blank,
+            )
+        report.append(
+            {
+                "path": entry.path,
+                "type": entry.type or "pretokenized",
+                "rows": len(part),
+                "dropped_empty": blank,
+            }
+        )
         parts.append(part)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return merged, report
@@ -399,11 +610,17 @@ def _finish(
 
 
 def _build(
-    config: NewtuneConfig, tokenizer: Any, template: str | None, strategies: list, test_strats: list
+    config: NewtuneConfig,
+    tokenizer: Any,
+    template: str | None,
+    strategies: list,
+    test_strats: list,
+    work: Path,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     merged, per_dataset = _load_entries(
-        config.datasets, "datasets", config, tokenizer, template, strategies
+        config.datasets, "datasets", config, tokenizer, template, strategies, work
     )
+    blank = sum(d["dropped_empty"] for d in per_dataset)
     if config.shuffle_merged_datasets:
         merged = merged.shuffle(seed=config.seed)
     if config.dataset_shard_num:
@@ -414,7 +631,7 @@ def _build(
     splits = _split(merged, config)
     if config.test_datasets:
         test, test_report = _load_entries(
-            config.test_datasets, "test_datasets", config, tokenizer, template, test_strats
+            config.test_datasets, "test_datasets", config, tokenizer, template, test_strats, work
         )
         splits["test"], _ = _finish(test, config, "test")
         per_dataset += test_report
@@ -424,11 +641,23 @@ def _build(
         "rows": {name: s["rows"] for name, s in split_report.items()},
         "total_tokens": split_report["train"]["total_tokens"],
         "supervised_tokens": split_report["train"]["supervised_tokens"],
+        "dropped_empty": blank,
         **counts,
         "length_percentiles": split_report["train"]["length_percentiles"],
         "splits": split_report,
     }
     return splits, stats
+
+
+def prepare_data(loaded: Any, force: bool = False) -> tuple[Any, PreparedData]:
+    """Load the tokenizer of a loaded config and prepare (or reuse) its tokenized dataset.
+
+    The entry point of `newtune preprocess`: it needs the tokenizer only, not the Trainer stack.
+    """
+    from newtune.models.tokenizer import load_tokenizer  # transformers, but no Trainer
+
+    tokenizer, _ = load_tokenizer(loaded.config)  # new token ids matter to the model only
+    return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
 def prepare(
@@ -446,12 +675,19 @@ def prepare(
     root.mkdir(parents=True, exist_ok=True)
     final = root / fp
     with FileLock(str(root / f".{fp}.lock")):
+        for stale in fileio.clean_stale(root):
+            log.info("removed %s, left by a preprocess that was killed", stale)
         if force and final.exists():
             shutil.rmtree(final)
         reused = (final / "stats.json").is_file()
         if not reused:
-            splits, stats = _build(config, tokenizer, chat_template, strategies, test_strats)
-            _save_atomically(splits, final, {"fingerprint": fp, **stats}, inputs)
+            with fileio.atomic_dir(final) as tmp:
+                work = tmp / WORK_FOLDER
+                splits, stats = _build(
+                    config, tokenizer, chat_template, strategies, test_strats, work
+                )
+                _save(splits, tmp, {"fingerprint": fp, **stats}, inputs)
+                shutil.rmtree(work, ignore_errors=True)
         data = datasets.load_from_disk(str(final))
         stats = _with_packing(final, data, config)
     return PreparedData(final, data, stats, reused=reused)
@@ -473,7 +709,8 @@ def _with_packing(final: Path, data: datasets.DatasetDict, config: NewtuneConfig
         stats.pop("packing", None)
         if report is not None:
             stats["packing"] = report
-        tmp = path.with_name(f".stats-{os.getpid()}.json")
+        fileio.clean_stale(final)  # a temp report of a killed run
+        tmp = fileio.temp_name(path)
         tmp.write_text(json.dumps(stats, indent=2))
         os.replace(tmp, path)
     return stats
@@ -492,20 +729,10 @@ def _split(ds: datasets.Dataset, config: NewtuneConfig) -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": split["train"], "test": split["test"]})
 
 
-def _save_atomically(
-    splits: datasets.DatasetDict, final: Path, stats: dict, inputs: dict[str, Any]
-) -> None:
-    """Write to a temp folder beside `final`, then rename it into place."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        datasets.DatasetDict(
-            {name: ds.remove_columns(["_len", "_sup"]) for name, ds in splits.items()}
-        ).save_to_disk(str(tmp))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-        (tmp / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))
-        if final.exists():  # a stale copy without stats.json: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save(splits: datasets.DatasetDict, folder: Path, stats: dict, inputs: dict[str, Any]) -> None:
+    """Write the splits, the report and the fingerprint inputs into `folder`."""
+    datasets.DatasetDict(
+        {name: ds.remove_columns(["_len", "_sup"]) for name, ds in splits.items()}
+    ).save_to_disk(str(folder))
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2))
+    (folder / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))

@@ -20,6 +20,7 @@ def report_table(stats: dict[str, Any]) -> str:
         "dropped_too_long",
         "dropped_too_short",
         "dropped_no_supervision",
+        "dropped_empty",
         "truncated",
     ):
         rows.append((key, f"{stats.get(key, 0):,}"))

@@ -13,6 +13,7 @@ Where `path` points, in the order it is tried:
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import importlib.util
 import json
@@ -37,6 +38,7 @@ _EXT_TYPES = {
     ".arrow": "arrow",
     ".txt": "text",
 }
+TEXT_FORMATS = ("json", "jsonl", "csv", "text")  # read as UTF-8 text
 _BUILDERS = {"jsonl": "json"}  # ds_type -> datasets' packaged builder, when they differ
 _REMOTE_PACKAGES = {
     "http": "aiohttp",
@@ -290,11 +292,21 @@ def _read_located(located: _Located, entry: DatasetEntry, where: str) -> dataset
         return _read_disk(located, entry, where)
     files = list(located.files)
     options = dict(located.options) if located.options else None  # datasets mutates it
+    for name in [n for n in files if not _scheme(n)]:
+        # local files are checked first: pyarrow's JSON reader takes bytes that are not
+        # UTF-8 into its strings, which fail only later, without a file or line to name
+        problem = _file_problem(name, located.fmt or "", None)
+        if problem:
+            raise DataError(f"{where}: {name} {problem}")
     try:
         return datasets.load_dataset(
             _builder(located.fmt), data_files=files, split="train", storage_options=options
         )
     except Exception as exc:  # datasets raises many types for unreadable files
+        for name in [n for n in files if _scheme(n)]:  # remote files: read them again
+            problem = _file_problem(name, located.fmt or "", located.options)
+            if problem:
+                raise DataError(f"{where}: {name} {problem}") from None
         if located.fmt in ("json", "jsonl"):
             bad = _first_bad_json(files, located.fmt, located.options)
             if bad:
@@ -326,6 +338,59 @@ def _read_disk(located: _Located, entry: DatasetEntry, where: str) -> datasets.D
             )
         return data[split]
     return data
+
+
+def _open_raw(name: str, options: dict[str, Any] | None) -> Any:
+    """A binary file object for a local path or a remote URL."""
+    import fsspec  # a dependency of datasets
+
+    return fsspec.open(name, "rb", **(options if _scheme(name) and options else {}))
+
+
+def _file_problem(name: str, fmt: str, options: dict[str, Any] | None) -> str | None:
+    """Why a data file cannot be read (empty, or text that is not UTF-8), or None.
+
+    The file is read in blocks, so a large file is checked without holding it in memory.
+    """
+    text = fmt in TEXT_FORMATS
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0
+    content = False
+    try:
+        with _open_raw(name, options) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                content = content or bool(block.strip()) or not text
+                if text:
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError as exc:
+                        # exc.start counts from the bytes the decoder still held (at most 3)
+                        held = len(exc.object) - len(block)
+                        bad = offset + exc.start - held
+                        line = 1 + newlines + exc.object[: exc.start].count(b"\n")
+                        return (
+                            f"is not UTF-8 text: line {line} (byte offset {bad}) holds the byte "
+                            f"0x{exc.object[exc.start]:02x}. Re-encode the file as UTF-8 (e.g. "
+                            f"`iconv -f latin1 -t utf-8 in > out`, choosing its real encoding)."
+                        )
+                    newlines += block.count(b"\n")
+                offset += len(block)
+            if text:
+                decoder.decode(b"", final=True)
+    except UnicodeDecodeError:  # the file ends inside a multi-byte character
+        return (
+            f"is not UTF-8 text: its last line (line {newlines + 1}) ends inside a multi-byte "
+            "character. Re-encode the file as UTF-8."
+        )
+    except Exception:  # unreadable here too: let the caller report the original error
+        return None
+    if not content:
+        what = "0 bytes" if offset == 0 else f"only whitespace, {offset} bytes"
+        return (
+            f"is empty ({what}): it holds no rows. Put data in it, or remove it from the "
+            "config (or from `data_files`)."
+        )
+    return None
 
 
 def _json_problem(text: str, lines: bool) -> tuple[int, str] | None:

@@ -7,13 +7,14 @@ sample into `input_ids` and `labels` (-100 where no loss is taken).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import gc
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,22 @@ _SENTINEL = "\u2063NEWTUNE_CONTENT\u2063"
 _START, _END = "\ue000", "\ue001"  # private-use characters that wrap contents in one render
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a block; its previous state returns, even on errors.
+
+    A batch allocates many small objects and frees none of them in cycles: pausing the
+    collector saves its repeated scans of everything alive.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -74,15 +91,8 @@ class Engine:
 
     def tokenize_many(self, samples: list[Sample]) -> list[list[TokenizedRow]]:
         """Tokenize a batch of samples with one tokenizer call per kind of text."""
-        # A batch allocates many small objects and frees none of them in cycles: pausing
-        # the cyclic garbage collector saves its repeated scans of everything alive.
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return self._tokenize_many(samples)
-        finally:
-            if paused:
-                gc.enable()
 
     def _tokenize_many(self, samples: list[Sample]) -> list[list[TokenizedRow]]:
         pieces: list[tuple[str, bool]] = []  # segment texts and whether they get special tokens
