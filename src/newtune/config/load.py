@@ -194,11 +194,15 @@ def read_text(source: str) -> str:
         ) from exc
 
 
-def _check_nesting(text: str, source: str) -> None:
-    """Refuse YAML nested deeper than MAX_YAML_DEPTH, before anything recursive reads it."""
-    depth = 0
+def _check_events(text: str, source: str) -> None:
+    """Refuse YAML nested too deep or with too many values, before anything recursive reads it."""
+    depth = values = 0
     try:
         for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, yaml.NodeEvent):
+                values += 1
+                if values > MAX_YAML_NODES:
+                    _too_many(source, event.start_mark.line + 1)
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_YAML_DEPTH:
@@ -216,6 +220,14 @@ def _too_deep(source: str, line: int | None) -> typing.NoReturn:
     raise ConfigError(
         f"{where}: the YAML is nested more than {MAX_YAML_DEPTH} levels deep (counting what "
         "aliases insert); newtune refuses such input. A config needs a few levels: flatten it."
+    )
+
+
+def _too_many(source: str, line: int) -> typing.NoReturn:
+    raise ConfigError(
+        f"{source}, line {line}: the YAML has more than {MAX_YAML_NODES:,} values once its "
+        f"aliases (`*name`) are followed; newtune refuses such input (a config may have at most "
+        f"{MAX_YAML_NODES:,} values and 1 MiB). Write fewer values, or use fewer aliases."
     )
 
 
@@ -260,12 +272,7 @@ class _Measure:
 
     def _check(self, size: tuple[int, int], level: int, node: yaml.Node) -> None:
         if size[0] > MAX_YAML_NODES:
-            raise ConfigError(
-                f"{self.source}, line {node.start_mark.line + 1}: the YAML expands to more than "
-                f"{MAX_YAML_NODES:,} values once its aliases (`*name`) are followed; newtune "
-                f"refuses such input (a config may have at most {MAX_YAML_NODES:,} values and "
-                "1 MiB). Write the values out, or use fewer aliases."
-            )
+            _too_many(self.source, node.start_mark.line + 1)
         if level + size[1] - 1 > MAX_YAML_DEPTH:
             _too_deep(self.source, node.start_mark.line + 1)
 
@@ -288,7 +295,7 @@ class _Measure:
 
 def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     """Parse YAML within the limits; return the data and its node graph (None when empty)."""
-    _check_nesting(text, source)
+    _check_events(text, source)
     loader = _LOADER(text)
     try:
         node = loader.get_single_node()
