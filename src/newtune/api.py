@@ -74,7 +74,7 @@ def load_config(config: ConfigLike, **overrides: Any) -> LoadedConfig:
 
 def preprocess(config: ConfigLike, force: bool = False, **overrides: Any) -> PreparedData:
     """Tokenize the config's datasets (or reuse the cache); `.data['train']` holds the rows."""
-    from newtune.train.run import prepare_data
+    from newtune.data.prepare import prepare_data
 
     return prepare_data(load_config(config, **overrides), force=force)[1]
 

@@ -17,7 +17,7 @@ from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.data.collate import PadCollator
 from newtune.data.packing import packing_plan, sample_lengths
-from newtune.data.prepare import PreparedData, prepare
+from newtune.data.prepare import PreparedData, prepare, prepare_data  # noqa: F401 - re-export
 from newtune.errors import ModelError
 from newtune.models.load import build_model
 from newtune.models.tokenizer import load_tokenizer
@@ -42,12 +42,6 @@ from newtune.train.trainer import NewtuneTrainer, packed_loader
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "newtune_config.yml"
-
-
-def prepare_data(loaded: LoadedConfig, force: bool = False) -> tuple[Any, PreparedData]:
-    """Load the tokenizer and prepare (or reuse) the tokenized dataset."""
-    tokenizer, _ = load_tokenizer(loaded.config)
-    return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
 
 def _log_packing(config: NewtuneConfig, prepared: PreparedData, batches: int, steps: int) -> None:
