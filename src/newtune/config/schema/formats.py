@@ -14,11 +14,14 @@ import importlib.metadata
 import importlib.util
 import string
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from newtune.chat_templates import NAMED_TEMPLATES
+
+if TYPE_CHECKING:
+    from newtune.config.schema.data import DatasetEntry
 
 ENTRY_POINT_GROUP = "newtune.strategies"
 
@@ -259,7 +262,9 @@ def readers_of(key: str) -> list[str]:
     return [n for n in names if n.split(".")[0] == n or n.split(".")[0] not in names]
 
 
-def key_problems(entry: Any, where: str, reads: frozenset[str] | None, label: str) -> list[str]:
+def key_problems(
+    entry: DatasetEntry, where: str, reads: frozenset[str] | None, label: str
+) -> list[str]:
     """Entry keys set to a value that the format (`label`, e.g. "`type: alpaca`") does not read.
 
     `reads` None (a plugin) allows every key.
@@ -281,7 +286,7 @@ def key_problems(entry: Any, where: str, reads: frozenset[str] | None, label: st
     return problems
 
 
-def entry_problems(entry: Any, where: str) -> list[str]:
+def entry_problems(entry: DatasetEntry, where: str) -> list[str]:
     """What is wrong with a dataset entry's `type` and format keys, without running format code.
 
     Plugins (entry points, dotted paths) are only checked to exist; their own checks run when
