@@ -66,8 +66,11 @@ def _relaunch(
             "drop `--launcher` when you start newtune with accelerate/torchrun yourself."
         )
     from newtune.train.distributed import check_distributed
+    from newtune.train.preflight import check_output_dir
 
-    check_distributed(load(config, overrides))
+    loaded = load(config, overrides)
+    check_distributed(loaded)
+    check_output_dir(loaded.config.output_dir)  # before the launcher starts its processes
     log.info("re-executing under %s: %s", launcher, " ".join(argv))
     logging.shutdown()
     sys.stdout.flush()

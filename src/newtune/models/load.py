@@ -235,9 +235,7 @@ def build_model(
     from newtune.models.adapters import attach_lora, describe_parameters
     from newtune.models.tokenizer import resize_embeddings
 
-    if config.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # `tf32` is applied by train.precision.tf32_scope for the run only (not process-wide here)
     options = ModelOptions.from_config(config, plan)
     model = load_model(config.base_model, plan.dtype, options=options)
     model.config.use_cache = False  # packed rows are isolated only without a KV cache

@@ -1,15 +1,16 @@
-"""Trainer callbacks: loss watchdog, early stopping, and the data identity of checkpoints."""
+"""Trainer callbacks (loss watchdog, early stopping) and checkpoints: completeness, resume, data."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import EarlyStoppingCallback, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, NewtuneError
@@ -55,7 +56,7 @@ class LossWatchdogCallback(TrainerCallback):
     def error(self, output_dir: str) -> TrainingAborted:
         """The one-paragraph error for the abort, naming the checkpoint to resume from."""
         assert self.tripped is not None
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last = newest_complete_checkpoint(Path(output_dir)) if Path(output_dir).is_dir() else None
         kept = (
             f"the last checkpoint is kept in {last}; resume from it with "
             f"`resume_from_checkpoint: {last}` after lowering `learning_rate`"
@@ -71,24 +72,15 @@ class LossWatchdogCallback(TrainerCallback):
         )
 
 
-class CheckpointDataCallback(TrainerCallback):
-    """Write the prepared-data fingerprint into every checkpoint (checked on resume)."""
-
-    def __init__(self, fingerprint: str) -> None:
-        self.fingerprint = fingerprint
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        """Record which prepared data this checkpoint was trained on."""
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if folder.is_dir():
-                (folder / RESUME_FILE).write_text(json.dumps({"data": self.fingerprint}))
-        return control
+def resume_record(fingerprint: str) -> dict[str, str]:
+    """The files NewtuneTrainer writes into every checkpoint: the prepared-data fingerprint,
+    checked on resume (`check_resume_data`)."""
+    return {RESUME_FILE: json.dumps({"data": fingerprint})}
 
 
-def build_callbacks(config: NewtuneConfig, fingerprint: str) -> list[TrainerCallback]:
+def build_callbacks(config: NewtuneConfig) -> list[TrainerCallback]:
     """The callbacks the config asks for."""
-    callbacks: list[TrainerCallback] = [CheckpointDataCallback(fingerprint)]
+    callbacks: list[TrainerCallback] = []
     if config.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
     if config.loss_watchdog_threshold is not None:
@@ -97,9 +89,60 @@ def build_callbacks(config: NewtuneConfig, fingerprint: str) -> list[TrainerCall
     return callbacks
 
 
+# A checkpoint holds weights in one of these forms: safetensors (whole, sharded, adapter),
+# torch .bin files, FSDP sharded folders, or DeepSpeed's global_step folders.
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_model.*",
+    "pytorch_model_fsdp*",
+    "global_step*",
+)
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_missing(folder: Path) -> list[str]:
+    """What a checkpoint folder lacks to resume from ([] when complete)."""
+    missing = []
+    state = folder / TRAINER_STATE
+    try:
+        json.loads(state.read_text())
+    except FileNotFoundError:
+        missing.append(TRAINER_STATE)
+    except (OSError, ValueError):
+        missing.append(f"a readable {TRAINER_STATE} (it is truncated or not JSON)")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append("model weights (model.safetensors, adapter_model.safetensors, ...)")
+    return missing
+
+
+def newest_complete_checkpoint(output_dir: Path) -> str | None:
+    """The `checkpoint-N` in output_dir with the highest N that is complete; incomplete ones
+    (a run killed while writing them) are skipped with a warning naming what they lack."""
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    for _, folder in sorted(found, reverse=True):
+        missing = checkpoint_missing(folder)
+        if not missing:
+            return str(folder)
+        log.warning(
+            "skipping incomplete checkpoint %s (it lacks %s; a run was probably killed while "
+            "writing it)",
+            folder,
+            " and ".join(missing),
+        )
+    return None
+
+
 def resume_checkpoint(config: NewtuneConfig) -> str | None:
-    """The checkpoint to resume from: `resume_from_checkpoint`, or the newest in output_dir
-    with `auto_resume_from_checkpoints`; None to start fresh."""
+    """The checkpoint to resume from: `resume_from_checkpoint`, or the newest complete one in
+    output_dir with `auto_resume_from_checkpoints`; None to start fresh."""
     if config.resume_from_checkpoint:
         folder = Path(config.resume_from_checkpoint)
         if not folder.is_dir():
@@ -108,19 +151,24 @@ def resume_checkpoint(config: NewtuneConfig) -> str | None:
                 f"point it at a `{PREFIX_CHECKPOINT_DIR}-N` folder a previous run wrote into its "
                 "output_dir, or remove the key to start from the base model"
             )
-        if not (folder / "trainer_state.json").is_file():
+        missing = checkpoint_missing(folder)
+        if missing:
             raise ConfigError(
-                f"`resume_from_checkpoint: {folder}` holds no trainer_state.json, so it is not a "
-                f"training checkpoint; use a `{PREFIX_CHECKPOINT_DIR}-N` folder from output_dir"
+                f"`resume_from_checkpoint: {folder}` is not a complete training checkpoint: it "
+                f"lacks {' and '.join(missing)} (a run killed while writing it leaves such a "
+                f"folder). Point it at a complete `{PREFIX_CHECKPOINT_DIR}-N` folder from "
+                "output_dir (an earlier one), or remove the key to start from the base model"
             )
         return str(folder)
-    if config.auto_resume_from_checkpoints and Path(config.output_dir).is_dir():
-        last = get_last_checkpoint(config.output_dir)
+    out = Path(config.output_dir)
+    if config.auto_resume_from_checkpoints and out.is_dir():
+        last = newest_complete_checkpoint(out)
         if last is not None:
             log.info("auto_resume_from_checkpoints: resuming from %s", last)
             return last
         log.info(
-            "auto_resume_from_checkpoints: no checkpoint in %s; starting fresh", config.output_dir
+            "auto_resume_from_checkpoints: no complete checkpoint in %s; starting fresh",
+            config.output_dir,
         )
     return None
 

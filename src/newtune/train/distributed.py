@@ -9,6 +9,7 @@ for the final save.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -231,17 +232,23 @@ def gather_weights(trainer: Any) -> dict[str, Any] | None:
     return None
 
 
-def _pin_deepspeed_path(loaded: Any) -> None:
-    """Make a relative `deepspeed:` path absolute (working dir, config's folder, or shipped)."""
+def pinned_deepspeed(loaded: Any) -> Any:
+    """`loaded` with a relative `deepspeed:` path made absolute (working dir, the config's
+    folder, or shipped), as a new LoadedConfig; `loaded` itself is left as it was."""
     value = loaded.config.deepspeed
     if not isinstance(value, str):
-        return
+        return loaded
     source = str(loaded.source)
     config_dir = None if "://" in source else Path(source).resolve().parent
-    loaded.config.deepspeed = str(find_deepspeed_file(value, config_dir))
+    path = str(find_deepspeed_file(value, config_dir))
+    if path == value:
+        return loaded
+    return dataclasses.replace(loaded, config=loaded.config.model_copy(update={"deepspeed": path}))
 
 
-def check_distributed(loaded: Any) -> None:
-    """Fail now, not after preprocessing, on DeepSpeed/FSDP settings that cannot run."""
-    _pin_deepspeed_path(loaded)
-    distributed_kwargs(loaded.config, resolve(loaded.config))
+def check_distributed(loaded: Any) -> Any:
+    """Fail now, not after preprocessing, on DeepSpeed/FSDP settings that cannot run; return
+    the config to train with (`pinned_deepspeed`), leaving the caller's `loaded` unchanged."""
+    pinned = pinned_deepspeed(loaded)
+    distributed_kwargs(pinned.config, resolve(pinned.config))
+    return pinned

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from newtune.config.load import LoadedConfig
+from newtune.config.resolve import resolve
 from newtune.data.packing import packing_plan, sample_lengths
+from newtune.data.prepare import prepare_data
 from newtune.errors import DataError
+from newtune.fileio import clean_stale
 from newtune.inference import choose_model, load_trained
-from newtune.train.run import prepare_data
+from newtune.train.preflight import check_sequence_len
 from newtune.train.trainer import loss_metrics, packed_loader, padded_loader, token_loss
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Eval metrics (trained-token mean loss, perplexity, counts) of the chosen model."""
     config = loaded.config
+    for entry in clean_stale(Path(config.output_dir)):  # what killed runs left there
+        log.info("removed %s, left by a process that no longer runs", entry)
+    check_sequence_len(config, resolve(config))  # padded batches must fit: refuse before work
     _, prepared = prepare_data(loaded)
     if split not in prepared.data:
         raise DataError(

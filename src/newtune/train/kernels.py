@@ -35,6 +35,12 @@ def liger_requested(config: NewtuneConfig) -> list[str]:
     return [key for key in LIGER_KEYS if getattr(config, key)]
 
 
+def fused_head(config: NewtuneConfig) -> bool:
+    """Whether liger's fused head+loss replaces the model's forward (newtune then leaves the
+    output head to it: NewtuneTrainer's `fused_head`)."""
+    return bool(config.liger_fused_linear_cross_entropy)
+
+
 def apply_liger(model: Any, config: NewtuneConfig) -> None:
     """Patch `model` (or the base model under its adapter) with the requested liger kernels."""
     keys = liger_requested(config)
@@ -59,8 +65,5 @@ def apply_liger(model: Any, config: NewtuneConfig) -> None:
             f"{', '.join(f'`{k}`' for k in keys)}: liger-kernel has no kernels for model type "
             f"`{model_type}` (it supports {', '.join(sorted(supported))}); remove the liger_* keys"
         )
-    flags = liger_flags(config)
-    liger._apply_liger_kernel_to_instance(model=base, **flags)
-    # liger's fused head+loss replaces the model's forward: newtune leaves the head to it
-    base._newtune_fused_head = bool(flags.get("fused_linear_cross_entropy"))
+    liger._apply_liger_kernel_to_instance(model=base, **liger_flags(config))
     log.info("liger-kernel applied to %s: %s", model_type, ", ".join(keys))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ from newtune.data.collate import PadCollator
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare, prepare_data  # noqa: F401 - re-export
 from newtune.errors import ModelError
+from newtune.fileio import clean_stale, temp_dir_beside, temp_name
 from newtune.models.load import build_model
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args, schedule_for
@@ -27,9 +30,12 @@ from newtune.train.callbacks import (
     build_callbacks,
     check_resume_data,
     resume_checkpoint,
+    resume_record,
 )
 from newtune.train.distributed import check_distributed, gather_weights
-from newtune.train.kernels import apply_liger
+from newtune.train.kernels import apply_liger, fused_head
+from newtune.train.precision import tf32_scope
+from newtune.train.preflight import check_output_dir, check_sequence_len
 from newtune.train.report import (
     LOSS_PLOT,
     MODEL_CARD,
@@ -80,12 +86,39 @@ def training_model(
     return model
 
 
+def _own_copy(loaded: LoadedConfig) -> LoadedConfig:
+    """A copy of the caller's config that this run may use freely (the caller's stays as is)."""
+    return dataclasses.replace(
+        loaded,
+        config=loaded.config.model_copy(deep=True),
+        raw=copy.deepcopy(loaded.raw),
+        notes=list(loaded.notes),
+    )
+
+
 def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
-    """Train as the config says; return the output folder."""
+    """Train as the config says; return the output folder. `loaded` is not changed.
+
+    Before any data is prepared or a model loaded: DeepSpeed/FSDP settings are checked, temp
+    folders that dead processes left in output_dir are removed, output_dir must be writable,
+    `sequence_len` must fit (`train.preflight`), and a resume checkpoint must be complete.
+    """
+    loaded = check_distributed(_own_copy(loaded))  # relative deepspeed path pinned in the copy
     config = loaded.config
-    check_distributed(loaded)  # DeepSpeed/FSDP settings fail before any data is prepared
     plan = plan or resolve(config)
-    checkpoint = resume_checkpoint(config)  # a missing folder fails before any work
+    check_output_dir(config.output_dir)
+    if plan.local_rank == 0:
+        for entry in clean_stale(Path(config.output_dir)):
+            log.info("removed %s, left by a process that no longer runs", entry)
+    check_sequence_len(config, plan)
+    checkpoint = resume_checkpoint(config)  # a missing or incomplete folder fails now
+    with tf32_scope(config.tf32):  # process-wide torch switches: restored after the run
+        return _train(loaded, plan, checkpoint)
+
+
+def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) -> Path:
+    """Prepare data, build the model, train, and save the outputs."""
+    config = loaded.config
     tokenizer, new_ids = load_tokenizer(config)
     prepared = prepare(config, tokenizer, tokenizer.chat_template)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
@@ -114,7 +147,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     else:
         batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
     steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
-    callbacks = build_callbacks(config, _fingerprint(prepared))
+    callbacks = build_callbacks(config)
     with tracker_environment(config):
         trainer = NewtuneTrainer(
             model=model,
@@ -129,6 +162,8 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
             pad_to=pad_to,
             packed_train=packed,
             schedule=schedule_for(config),
+            fused_head=fused_head(config),
+            checkpoint_files=resume_record(_fingerprint(prepared)),
         )
         if packing is not None:
             _log_packing(config, prepared, batches, steps_per_epoch)
@@ -230,19 +265,80 @@ def save_outputs(
     args: Any = None,
     state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write weights (or adapter), tokenizer, config, stats, loss plot and model card to a temp
-    folder, then move them into `out`."""
+    """Write weights (or adapter), tokenizer, config, stats, loss plot and model card into a
+    temp folder inside `out`, then publish them into `out` (`publish_final`)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-save-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, loaded.config, state_dict)
-    (tmp / "stats.json").write_text(json.dumps(prepared.stats, indent=2))
-    (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=2))
-    plot = write_loss_plot(state.log_history, tmp / LOSS_PLOT)
-    if args is not None:
-        card = model_card(loaded.config, args, metrics, state.log_history, prepared.stats, plot)
-        (tmp / MODEL_CARD).write_text(card)
-    for item in tmp.iterdir():
-        os.replace(item, out / item.name)
+    tmp = temp_dir_beside(out / FINAL_NAME)  # `out/.tmp-final-{pid}@{host}`: clean_stale knows it
+    try:
+        write_model_files(tmp, model, tokenizer, loaded.config, state_dict)
+        (tmp / "stats.json").write_text(json.dumps(prepared.stats, indent=2))
+        (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=2))
+        plot = write_loss_plot(state.log_history, tmp / LOSS_PLOT)
+        if args is not None:
+            card = model_card(loaded.config, args, metrics, state.log_history, prepared.stats, plot)
+            (tmp / MODEL_CARD).write_text(card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_final(tmp, out)
+
+
+FINAL_NAME = "final"
+# A folder is a model to transformers, peft and newtune (inference, evaluate, merge-lora) once
+# it has one of these files; they are the last files of a final save to appear.
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+WEIGHT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_model.bin",
+)
+
+
+def _is_weights(path: Path) -> bool:
+    return any(path.match(pattern) for pattern in WEIGHT_FILES)
+
+
+def _publish_order(entry: Path) -> tuple[int, str]:
+    """Other files first, then weight shards, then shard indexes, then the model markers."""
+    if entry.name in MODEL_MARKERS:
+        return 3, entry.name
+    if _is_weights(entry):
+        return (2 if entry.name.endswith(".index.json") else 1), entry.name
+    return 0, entry.name
+
+
+def publish_final(tmp: Path, out: Path) -> None:
+    """Move a finished final save from `tmp` into `out` so that `out` never looks like a model
+    that is not whole.
+
+    `out` also holds what training wrote there (checkpoint-N, runs/, ...), so it cannot be
+    swapped as one folder; those entries are left alone. Instead, with every file already
+    complete in `tmp` (same file system, so each move is one rename):
+
+    1. the previous result's model markers (config.json, adapter_config.json) and then its
+       weight files are moved aside into `.old-final-*`, so old weights never meet new files;
+    2. the new files move in: tokenizer, config used, stats, plot and card first, then the
+       weight shards, then shard indexes, and the markers last.
+
+    A process killed at any point leaves `out` without a marker (no model, `newtune train`
+    runs again) or with the whole new model; the temp folders are removed by the next run's
+    `clean_stale`.
+    """
+    old = temp_name(out / FINAL_NAME, "old")
+    old.mkdir(exist_ok=True)
+    previous = [out / m for m in MODEL_MARKERS] + sorted(
+        p for p in out.iterdir() if p.is_file() and _is_weights(p)
+    )
+    for entry in previous:
+        if entry.exists():
+            os.replace(entry, old / entry.name)
+    for entry in sorted(tmp.iterdir(), key=_publish_order):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            os.replace(target, old / entry.name)  # a folder of that name: moved aside, not merged
+        os.replace(entry, target)
     tmp.rmdir()
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,15 +15,17 @@ from typing import Any
 import torch
 from transformers.integrations.neftune import activate_neftune
 
-from newtune.api import ConfigLike, load_config
+from newtune.config.given import ConfigLike, load_given
 from newtune.config.resolve import resolve
 from newtune.data.collate import PadCollator
 from newtune.data.strategies.base import Segment, Segments
 from newtune.data.tokenize import IGNORE_INDEX, Engine
 from newtune.errors import ConfigError
-from newtune.fileio import replace_dir, temp_dir_beside
+from newtune.fileio import atomic_dir
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args, schedule_for
+from newtune.train.kernels import fused_head
+from newtune.train.precision import tf32_scope
 from newtune.train.run import CONFIG_FILE, training_model, write_model_files
 from newtune.train.trainer import NewtuneTrainer
 
@@ -97,7 +99,7 @@ class StepTrainer:
                 f"{', '.join(TRUNCATION_MODES)}; `keep_end` keeps a long row's last tokens."
             )
         self.truncation_mode = truncation_mode
-        self.loaded = load_config(config, **overrides)
+        self.loaded = load_given(config, **overrides)
         self.config = cfg = self.loaded.config
         self.plan = resolve(cfg)
         if self.plan.world_size > 1:
@@ -106,14 +108,16 @@ class StepTrainer:
                 "run it without a launcher, or use `newtune train` for multi-process training."
             )
         self.tokenizer, new_ids = load_tokenizer(cfg)
-        model = training_model(cfg, self.plan, self.tokenizer, new_ids)
-        self._trainer = NewtuneTrainer(
-            model=model,
-            args=build_training_args(cfg, self.plan, has_eval=False),
-            processing_class=self.tokenizer,
-            schedule=schedule_for(cfg),
-        )
-        self._model = self._prepare()
+        with tf32_scope(cfg.tf32):  # torch's switches are the caller's again after each call
+            model = training_model(cfg, self.plan, self.tokenizer, new_ids)
+            self._trainer = NewtuneTrainer(
+                model=model,
+                args=build_training_args(cfg, self.plan, has_eval=False),
+                processing_class=self.tokenizer,
+                schedule=schedule_for(cfg),
+                fused_head=fused_head(cfg),
+            )
+            self._model = self._prepare()
         pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
         self._collate = PadCollator(self.tokenizer.pad_token_id, pad_to)
         self._engine = Engine(self.tokenizer)
@@ -241,6 +245,11 @@ class StepTrainer:
     ) -> dict[str, float | int]:
         """One optimizer step on the batch; returns loss, trained tokens, lr, grad norm, step."""
         rows = self._rows(texts, input_ids, attention_mask, labels)
+        with tf32_scope(self.config.tf32):
+            return self._step(rows)
+
+    def _step(self, rows: list[Row]) -> dict[str, float | int]:
+        """The optimizer step of `step` on rows already checked and truncated."""
         trained = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
         if trained == 0:
             raise _bad(
@@ -293,7 +302,7 @@ class StepTrainer:
         self._model.eval()
         kwargs = {"do_sample": False, "use_cache": True, "pad_token_id": pad, **kwargs}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), tf32_scope(self.config.tf32):
                 out = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask.to(self._device),
@@ -319,9 +328,8 @@ class StepTrainer:
                 f"StepTrainer.save: {out} exists and is not a saved model; pass a new folder "
                 "(or one written by a previous save, which is replaced)."
             )
-        tmp = temp_dir_beside(out)
         model = self._trainer.accelerator.unwrap_model(self._model)
-        write_model_files(tmp, model, self.tokenizer, self.config)
-        replace_dir(tmp, out)
+        with atomic_dir(out) as tmp:  # a temp folder beside `out`, renamed over it when whole
+            write_model_files(tmp, model, self.tokenizer, self.config)
         log.info("saved step %s to %s", self.global_step, out)
         return out

@@ -5,16 +5,21 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from newtune.data.collate import BinDataset, PackedCollator, PadCollator
 from newtune.data.packing import MultipackBatchSampler, Packing, sample_lengths
 from newtune.data.tokenize import IGNORE_INDEX
 from newtune.errors import ModelError
+from newtune.fileio import replace_dir, temp_name
 from newtune.train.schedules import Schedule, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -88,10 +93,8 @@ def token_loss(model: Any, batches: Any, device: Any) -> tuple[float, int]:
 
 
 def head_can_skip(model: Any) -> bool:
-    """True when the causal LM takes `logits_to_keep` (and no fused kernel owns its head)."""
+    """True when the causal LM's forward takes `logits_to_keep`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "_newtune_fused_head", False):
-        return False
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
@@ -125,6 +128,12 @@ class NewtuneTrainer(Trainer):
     The training loss is already normalised by the trained tokens of the whole accumulated
     step across ranks: Trainer counts them (`num_items_in_batch`) and the model divides its
     summed loss by that count, so packing and micro-batch re-splits do not change gradients.
+
+    `fused_head`: a fused kernel (liger) owns the output head and loss, so the head is not
+    restricted to trained positions. `checkpoint_files`: name -> text written into every
+    checkpoint. Checkpoints are written to a temp folder and renamed to `checkpoint-N` when
+    complete (`_save_checkpoint`), so a killed run never leaves a `checkpoint-N` that is half
+    written.
     """
 
     def __init__(
@@ -136,6 +145,8 @@ class NewtuneTrainer(Trainer):
         epochs: int = 1,
         packed_train: DataLoader | None = None,
         schedule: Schedule | None = None,
+        fused_head: bool = False,
+        checkpoint_files: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -143,6 +154,8 @@ class NewtuneTrainer(Trainer):
         self.pad_to, self.epochs = pad_to, epochs
         self._packed_train = packed_train
         self.schedule = schedule
+        self.fused_head = fused_head
+        self.checkpoint_files = dict(checkpoint_files or {})
 
     def compute_loss(
         self,
@@ -161,9 +174,86 @@ class NewtuneTrainer(Trainer):
             self._trained_only = (
                 self.label_smoother is None
                 and self.compute_loss_func is None
+                and not self.fused_head
                 and head_can_skip(self.accelerator.unwrap_model(model))
             )
         return self._trained_only
+
+    # -- checkpoints: written whole, then renamed ----------------------------------------------
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's checkpoint (weights, optimizer, scheduler, RNG, trainer state), written to a
+        temp folder beside `checkpoint-N` and renamed when complete; then hub push and rotation.
+
+        The steps are those of transformers 5's `Trainer._save_checkpoint`, in its order.
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        tmp = self._checkpoint_temp(final)
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(tmp), _internal_call=True)
+        best = self.state.best_global_step
+        if self.args.save_strategy in ("steps", "epoch", "best") and best:
+            best_dir = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}"
+            if best == self.state.global_step or best_dir.exists():
+                self.state.best_model_checkpoint = str(best_dir)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))
+        if self.args.should_save:
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    name, state = type(callback).__name__, callback.state()
+                    if isinstance(self.state.stateful_callbacks[name], list):
+                        self.state.stateful_callbacks[name].append(state)
+                    else:
+                        self.state.stateful_callbacks[name] = state
+            for name, text in self.checkpoint_files.items():
+                (tmp / name).write_text(text)
+            self.state.save_to_json(str(tmp / "trainer_state.json"))  # written last
+        self._publish_checkpoint(tmp, final)
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _checkpoint_temp(self, final: Path) -> Path:
+        """The temp folder every rank writes this checkpoint into (named by the main process)."""
+        names = [str(temp_name(final)) if self.args.process_index == 0 else ""]
+        if self.args.process_index == 0:
+            shutil.rmtree(names[0], ignore_errors=True)
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(names, from_process=0)
+        tmp = Path(names[0])
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp
+
+    def _publish_checkpoint(self, tmp: Path, final: Path) -> None:
+        """Rename the finished temp folder to `checkpoint-N` once every rank has written it.
+
+        The main process renames first; on machines that do not share output_dir, each
+        node's first process then renames its own copy.
+        """
+        wait = self.accelerator.wait_for_everyone
+        wait()
+        if self.args.process_index == 0:
+            replace_dir(tmp, final)
+        wait()
+        if self.args.process_index != 0 and self.args.local_process_index == 0 and tmp.is_dir():
+            replace_dir(tmp, final)
+        if self.args.world_size > 1:
+            wait()
+
+    # -- hub ----------------------------------------------------------------------------------
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Create or reach `hub_model_id` before training; failures are ModelErrors."""
