@@ -106,7 +106,7 @@ def test_missing_columns(tmp_path, tokenizer):
         {"excess_length_strategy": "truncate"},
         {"shuffle_merged_datasets": True},
         {"dataset_shard_num": 2},
-        {"datasets": [{"path": "DATA", "type": "alpaca", "split": "train", "field": "x"}]},
+        {"datasets": [{"path": "DATA", "type": "alpaca:instruct", "split": "train"}]},
     ],
 )
 def test_each_fingerprint_input_invalidates(tmp_path, tokenizer, change):
