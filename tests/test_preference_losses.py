@@ -270,6 +270,13 @@ def test_sequence_logps_on_known_logits():
     assert torch.allclose(stats.wpo, wpo.reshape(1))
 
 
+def test_sequence_logps_without_trained_tokens_are_zero():
+    stats = sequence_logps(torch.randn(2, 3, 5), torch.full((2, 3), -100))
+    assert stats.counts.tolist() == [0, 0]
+    for values in (stats.logps, stats.entropy, stats.mean_logits, stats.top1, stats.wpo):
+        assert values.tolist() == [0.0, 0.0]
+
+
 # ------------------------------------------------------------------ packing
 
 

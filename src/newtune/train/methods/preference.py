@@ -98,6 +98,9 @@ def _token_extras(
     logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy, mean logit, is-argmax and `log p - log sum p^2` per token (detached, chunked)."""
+    if logits.shape[0] == 0:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty.bool(), empty
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for start in range(0, logits.shape[0], _TOKEN_CHUNK):
