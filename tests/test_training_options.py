@@ -223,7 +223,7 @@ def test_early_stopping_sets_up_best_model_tracking(tmp_path):
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss"
     assert args.greater_is_better is False
     assert (args.save_strategy.value, args.save_steps) == ("steps", 3)  # a checkpoint per eval
-    callbacks = build_callbacks(cfg, "fp")
+    callbacks = build_callbacks(cfg)
     stopper = [c for c in callbacks if isinstance(c, EarlyStoppingCallback)]
     assert len(stopper) == 1 and stopper[0].early_stopping_patience == 2
     with pytest.raises(ConfigError, match="`early_stopping_patience` keeps the best checkpoint"):
