@@ -180,7 +180,7 @@ def _start_with_workers(tmp_path: Path, tok_dir: Path) -> tuple[subprocess.Popen
     while time.monotonic() < deadline:
         workers = parent.children()
         if len(workers) == 2:
-            time.sleep(0.5)  # let them start tokenizing
+            time.sleep(0.2)  # let them start tokenizing
             return proc, workers
         if proc.poll() is not None:
             break
