@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,6 +122,43 @@ def test_a_run_killed_while_saving_a_checkpoint_leaves_no_checkpoint_folder(
     assert tmp == temp_name(out / "checkpoint-1")  # written under a temp name ...
     assert (tmp / "model.safetensors").is_file() and (tmp / "optimizer.pt").is_file()
     assert not (out / "checkpoint-1").exists()  # ... so no checkpoint-1 that looks whole
+
+
+ZERO_ROWS = [
+    {"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}."}
+    for a in range(3)
+    for b in range(4)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
+)
+def test_two_rank_zero2_checkpoints_are_renamed_whole_and_resume(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "a.jsonl", ZERO_ROWS)  # 12 rows = 3 steps x 2 rows x 2 ranks
+    keys = {"save_steps": 1, "max_steps": 2, "auto_resume_from_checkpoints": True}
+    cfg = make_config(tmp_path, model_dir, data, "alpaca", deepspeed="zero2", **keys)
+    launch = ["--", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = cli("-m", "newtune.cli.train", str(cfg), "--launcher", "accelerate", *launch)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert _hidden(out) == []  # every rank wrote into the one temp folder, renamed once
+    for step in (1, 2):
+        folder = out / f"checkpoint-{step}"
+        assert checkpoint_missing(folder) == []
+        assert (folder / "rng_state_0.pth").is_file() and (folder / "rng_state_1.pth").is_file()
+        assert (folder / f"global_step{step}").is_dir()  # DeepSpeed's per-rank optimizer shards
+        assert (folder / "latest").read_text().strip() == f"global_step{step}"
+    proc = cli(
+        "-m", "newtune.cli.train", str(cfg), "--max_steps=3", "--launcher", "accelerate", *launch
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in " ".join(proc.stderr.split())
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+    assert checkpoint_missing(out / "checkpoint-3") == [] and _hidden(out) == []
 
 
 def test_resume_from_an_incomplete_checkpoint_names_what_is_missing(tmp_path, model_dir):
