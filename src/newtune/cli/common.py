@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from newtune.errors import NewtuneError
+from newtune.quiet import quiet_optional_packages
 
 T = TypeVar("T")
 log = logging.getLogger("newtune")
@@ -35,6 +36,7 @@ def setup_logging(debug: bool) -> None:
     # Known-harmless third-party warnings that would only confuse a first run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message="Could not find a config file in .*gguf")
+    quiet_optional_packages()  # bitsandbytes' and DeepSpeed's import-time lines (newtune.quiet)
     # Quiet transformers without importing it (it pulls in torch: seconds for `validate`).
     transformers = sys.modules.get("transformers")
     if transformers is not None:

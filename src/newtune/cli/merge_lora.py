@@ -18,6 +18,7 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     loaded = load(config, overrides)
     cfg = loaded.config
     adapter_dir = cfg.lora_model_dir or cfg.output_dir
+    _check_adapter(adapter_dir, "lora_model_dir" if cfg.lora_model_dir else "output_dir")
     tok_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else None
     tokenizer, _ = load_tokenizer(cfg, tok_source)
     out = merge_lora(
@@ -30,6 +31,34 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     )
     log.info("merged model written to %s", out)
     print(out)
+
+
+def _check_adapter(folder: str, key: str) -> None:
+    """Refuse a folder without a LoRA adapter before anything is loaded, naming the way out."""
+    path = Path(folder)
+    if (path / "adapter_config.json").is_file():
+        return
+    from newtune.errors import ModelError
+
+    if not path.exists():
+        state = "does not exist"
+    elif not path.is_dir():
+        state = "is a file, not a folder"
+    elif (path / "config.json").is_file():
+        state = "holds a full model (config.json), which needs no merge, and no LoRA adapter"
+    else:
+        state = "holds no LoRA adapter (no adapter_config.json)"
+    if key == "lora_model_dir":
+        fix = (
+            "Point `--lora_model_dir=DIR` at a folder written by `newtune train` with "
+            "`adapter: lora` (or `qlora`)."
+        )
+    else:
+        fix = (
+            "Train the adapter first (`newtune train` with `adapter: lora` writes it to "
+            "`output_dir`), or pass `--lora_model_dir=DIR` with an adapter folder."
+        )
+    raise ModelError(f"merge-lora: `{key}: {folder}` {state}. {fix}")
 
 
 merge_lora_command = command(

@@ -16,7 +16,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
-from newtune.models.location import ModelLocation, hub_error, locate, transformers_class
+from newtune.models.location import (
+    ModelLocation,
+    check_json_files,
+    load_error,
+    locate,
+    transformers_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +153,9 @@ def _model_config(loc: ModelLocation, options: ModelOptions, key: str, value: st
             **where.kwargs(),
         )
     except (OSError, ValueError) as exc:
-        raise hub_error("base_model_config" if source else key, source or value, exc) from exc
+        raise load_error(
+            "base_model_config" if source else key, source or value, where, exc
+        ) from exc
     apply_overrides(config, options.overrides)
     if loc.gguf_file and hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -164,6 +172,7 @@ def load_model(
     """A causal LM from a folder, hub id or .gguf file, in `dtype`, loaded as `options` say."""
     options = options or ModelOptions(attn=attn)
     loc = locate(value, key)
+    check_json_files(key, value, loc)
     torch_dtype = DTYPES[dtype]
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
@@ -189,7 +198,7 @@ def load_model(
     try:
         model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
-        raise hub_error(key, value, exc) from exc
+        raise load_error(key, value, loc, exc) from exc
     if loc.gguf_file:
         model = _plain_from_gguf(model, loc, torch_dtype, options)
     return model

@@ -11,7 +11,7 @@ from transformers import AddedToken, AutoTokenizer
 from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError
-from newtune.models.location import hub_error, locate, transformers_class
+from newtune.models.location import check_json_files, load_error, locate, transformers_class
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> LoadedTo
     key = "tokenizer_config" if config.tokenizer_config and source is None else "base_model"
     value = source or config.tokenizer_config or config.base_model
     loc = locate(value, key)
+    check_json_files(key, value, loc)
     kwargs: dict[str, Any] = {"trust_remote_code": bool(config.trust_remote_code)}
     if config.tokenizer_use_fast is not None:
         kwargs["use_fast"] = config.tokenizer_use_fast
@@ -58,7 +59,7 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> LoadedTo
         )
         tok = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
-        raise hub_error(key, value, exc) from exc
+        raise load_error(key, value, loc, exc) from exc
     new_ids = add_tokens(tok, config)
     if config.chat_template is not None:
         tok.chat_template = resolve_chat_template(config.chat_template, tok.chat_template)
