@@ -159,15 +159,15 @@ def test_a_failed_merge_leaves_no_merged_folder(tmp_path, monkeypatch):
 
     base, adapter = build(tmp_path, llama(), QV)
     written = []
-    real = streaming_merge.save_file
+    real = streaming_merge.write_shard
 
-    def dies_on_third(tensors, path, metadata=None):
-        written.append(path)
+    def dies_on_third(src, dst, *args, **kwargs):
+        written.append(dst)
         if len(written) == 3:
             raise OSError("disk full")
-        real(tensors, path, metadata=metadata)
+        return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(streaming_merge, "save_file", dies_on_third)
+    monkeypatch.setattr(streaming_merge, "write_shard", dies_on_third)
     with pytest.raises(OSError, match="disk full"):
         merge_lora(str(base), str(adapter), tmp_path / "merged", "float32", _Tok())
     assert not (tmp_path / "merged").exists()

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from newtune.config.schema import NewtuneConfig
+from newtune.errors import ModelError
 from newtune.fileio import replace_dir, temp_dir_beside
 from newtune.models.adapters import load_adapter
 from newtune.models.load import DTYPES, ModelOptions, load_model
-from newtune.models.location import locate
+from newtune.models.location import json_problem, locate
 from newtune.models.streaming_merge import base_shards, merge_shards, plan_merge
 from newtune.models.tokenizer import resize_embeddings
 
@@ -37,10 +38,18 @@ def merge_lora(
     in fp32 and cast to `dtype`. `config` supplies the loading keys (revision, model class,
     `base_model_ignore_patterns`, added tokens) and `lora_on_cpu`.
     """
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{adapter_dir} has no adapter_config.json, so there is no LoRA adapter to merge; "
+            "point `lora_model_dir` at a folder written by `newtune train` with `adapter: lora`."
+        )
     ignore = (config.base_model_ignore_patterns if config else None) or None
     folder = _local_folder(base_model, ignore)
     if folder is not None and base_shards(folder) is not None:
-        base_config = json.loads((folder / "config.json").read_text())
+        problem = json_problem(folder / "config.json")
+        if problem:
+            raise ModelError(f"`base_model: {base_model}`: {problem}")
+        base_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         tied = bool(base_config.get("tie_word_embeddings", True))
         plan = plan_merge(Path(adapter_dir), tied=tied)
         if plan is not None:
