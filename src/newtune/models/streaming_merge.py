@@ -150,6 +150,7 @@ def merge_shards(base: Path, plan: MergePlan, out: Path, device: str = "cpu") ->
             f"the adapter changes tensors the base model does not have ({sorted(missing)[:3]}); "
             "check that `base_model` is the model the adapter was trained on"
         )
+    _check_shapes(plan, {info.name: info.shape for _, infos in headers.values() for info in infos})
     total = 0
     for shard, (metadata, infos) in headers.items():
         total += write_shard(base / shard, out / shard, metadata, infos, plan, device)
@@ -165,6 +166,19 @@ def merge_shards(base: Path, plan: MergePlan, out: Path, device: str = "cpu") ->
         config["vocab_size"] = plan.replace[embed].shape[0]
         (out / "config.json").write_text(json.dumps(config, indent=2))
     return sum(name in plan.deltas or name in plan.replace for name in weight_map)
+
+
+def _check_shapes(plan: MergePlan, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before anything is written, a low-rank delta whose shape is not its weight's."""
+    for name, (b, a, _, transpose) in plan.deltas.items():
+        target = tuple(plan.replace[name].shape) if name in plan.replace else shapes[name]
+        delta = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+        if tuple(target) != delta:
+            raise ModelError(
+                f"the adapter's update of {name} has shape {list(delta)}, but the base tensor "
+                f"is {list(target)}; check that `base_model` is the model the adapter was "
+                "trained on"
+            )
 
 
 @dataclass(frozen=True)
@@ -299,6 +313,8 @@ def _read_rows(
     itemsize = torch.empty((), dtype=dtype).element_size()
     fin.seek(info.start + i * row_elems * itemsize)
     buf = bytearray((j - i) * row_elems * itemsize)
+    if not buf:
+        return torch.empty((j - i, row_elems), dtype=dtype)
     if fin.readinto(buf) != len(buf):
         raise ModelError(f"{fin.name} ended inside tensor {info.name}; copy the model again")
     return torch.frombuffer(buf, dtype=dtype).view(j - i, row_elems)
