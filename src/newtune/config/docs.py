@@ -11,6 +11,7 @@ from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
+from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
@@ -20,6 +21,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Dataset entries (`datasets:` / `test_datasets:` items)", DatasetEntry),
     ("Adapter", AdapterSection),
     ("Training", TrainingSection),
+    ("Preference and reward training", PreferenceSection),
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),
     ("Not implemented", UnsupportedSection),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from newtune.config.keys import is_off
 from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
 from newtune.config.schema.formats import entry_problems
+from newtune.config.schema.preference import training_method
 
 
 @dataclass
@@ -106,6 +107,7 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
             "safetensors (loadable everywhere, safe to open); remove the key"
         )
     out.errors += _training_rules(cfg, names)
+    out.errors += _preference_rules(cfg, names, out.warnings)
     out.errors += _reporting_rules(cfg, names, out.warnings)
     if cfg.adapter is None:
         set_lora = sorted(
@@ -239,6 +241,75 @@ def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
     return errors
 
 
+# key -> the `rl` values that read it (None: reward models)
+_PREFERENCE_KEYS: dict[str, tuple[str | None, ...]] = {
+    "rl_beta": ("dpo", "ipo", "simpo", "orpo", "kto"),
+    "dpo_loss_type": ("dpo", "ipo"),
+    "dpo_loss_weights": ("dpo", "ipo"),
+    "dpo_label_smoothing": ("dpo", "ipo", "simpo"),
+    "dpo_use_weighting": ("dpo", "ipo"),
+    "dpo_use_liger_kernel": ("dpo", "ipo"),
+    "dpo_padding_free": ("dpo", "ipo", "simpo", "orpo", "kto"),
+    "precompute_ref_log_probs": ("dpo", "ipo", "kto"),
+    "cpo_alpha": ("simpo",),
+    "simpo_gamma": ("simpo",),
+    "orpo_alpha": ("orpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "max_prompt_len": ("dpo", "ipo", "simpo", "orpo", "kto"),
+    "num_labels": (None,),
+    "center_rewards_coefficient": (None,),
+}
+
+
+def _preference_rules(
+    cfg: NewtuneConfig, names: Callable[[str], str], warnings: list[str]
+) -> list[str]:
+    """Preference keys only with the method that reads them; loss lists that agree."""
+    errors = []
+    if cfg.rl and cfg.reward_model:
+        errors.append(
+            f"`{names('rl')}: {cfg.rl}` and `{names('reward_model')}: true` are both set; a "
+            "reward model is trained with its own (Bradley-Terry) loss: keep one of them"
+        )
+    rl = None if cfg.reward_model else cfg.rl
+    for key, readers in _PREFERENCE_KEYS.items():
+        value = getattr(cfg, key)
+        if value is None or value is False or rl in readers:
+            continue
+        method = f"`rl: {rl}`" if rl else ("`reward_model: true`" if cfg.reward_model else "SFT")
+        wanted = " or ".join(f"`rl: {r}`" if r else "`reward_model: true`" for r in readers)
+        errors.append(
+            f"`{names(key)}: {value}` is read only with {wanted}, and this config trains with "
+            f"{method}; remove it"
+        )
+    types = cfg.dpo_loss_type or ["sigmoid"]
+    if cfg.rl == "ipo" and cfg.dpo_loss_type not in (None, ["ipo"]):
+        errors.append(
+            f"`rl: ipo` is DPO with `dpo_loss_type: [ipo]`, but `{names('dpo_loss_type')}` is "
+            f"{cfg.dpo_loss_type}; use `rl: dpo` with that list, or remove the key"
+        )
+    weights = cfg.dpo_loss_weights
+    if weights is not None and len(weights) != len(types):
+        errors.append(
+            f"`{names('dpo_loss_weights')}` has {len(weights)} weight(s) for "
+            f"{len(types)} loss type(s) ({', '.join(types)}); give one weight per "
+            f"`{names('dpo_loss_type')}` entry"
+        )
+    if cfg.num_labels is not None and cfg.num_labels != 1:
+        errors.append(
+            f"`{names('num_labels')}: {cfg.num_labels}`: a Bradley-Terry reward model scores "
+            "a sequence with one number; use `num_labels: 1` or remove the key"
+        )
+    if cfg.dpo_use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        warnings.append(
+            f"`{names('dpo_use_liger_kernel')}: true` needs liger-kernel, which is not "
+            "installed here; on the CUDA machine that trains run `pip install "
+            "'newtune[liger]'`"
+        )
+    return errors
+
+
 def _reporting_rules(
     cfg: NewtuneConfig, names: Callable[[str], str], warnings: list[str]
 ) -> list[str]:
@@ -305,7 +376,7 @@ def check_unimplemented(cfg: NewtuneConfig) -> list[str]:
             found += _unimplemented_in(entry, f"{key}[{i}].")
             # unknown formats, bad `:style`, bad `type:` mappings and entry keys the format
             # does not read; plugin formats are only checked to exist (no code runs here)
-            found += entry_problems(entry, f"{key}[{i}]")
+            found += entry_problems(entry, f"{key}[{i}]", training_method(cfg))
     return found
 
 

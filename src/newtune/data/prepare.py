@@ -31,6 +31,8 @@ from filelock import FileLock
 from newtune import fileio
 from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import DatasetEntry, NewtuneConfig
+from newtune.config.schema.preference import training_method
+from newtune.data import prepare_preference as pref
 from newtune.data.packing import packing_plan, packing_report, sample_lengths
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
@@ -122,6 +124,12 @@ def fingerprint_inputs(
         "dataset_shard_idx": config.dataset_shard_idx,
         "seed": config.seed,
         "engine_version": ENGINE_VERSION,
+        # only for preference data, so SFT caches made before these keys existed stay valid
+        **(
+            {"training_method": training_method(config), "max_prompt_len": config.max_prompt_len}
+            if training_method(config) != "sft"
+            else {}
+        ),
         # only when set, so caches made before the key existed stay valid
         **(
             {"default_system_message": config.default_system_message}
@@ -166,7 +174,7 @@ def _strategy_for(entry: DatasetEntry, i: int, key: str, config: NewtuneConfig) 
     """The entry's strategy; None for a pretokenized dataset (no `type`)."""
     if entry.type is None:
         return None
-    return get_strategy(entry, i, config.train_on_inputs)
+    return get_strategy(entry, i, config.train_on_inputs, method=training_method(config))
 
 
 def _num_proc(config: NewtuneConfig, rows: int) -> int | None:
@@ -217,6 +225,45 @@ def _blank(value: Any) -> bool:
 
 # (batch, row indices) -> (the saved columns, how many rows were blank and skipped)
 BatchTokenizer = Callable[[dict[str, list], list[int]], tuple[dict[str, list], int]]
+
+
+def _preference_batch_tokenizer(
+    where: str, entry: DatasetEntry, strategy: Strategy, engine: Engine, method: str, margin: bool
+) -> BatchTokenizer:
+    """Tokenize a batch of raw preference rows into the method's columns (see
+    data.prepare_preference); blank rows are skipped and counted as for SFT."""
+
+    def sample_of(row: dict[str, Any], idx: int) -> Any:
+        try:
+            sample = strategy.sample(row)
+            pref.check_kind(method, sample)
+            return sample
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(
+                f"{where} ({entry.path}, type {entry.type}) row {idx}: {exc}. Fix that row or "
+                "the dataset's `type` and mapping keys."
+            ) from None
+
+    def tokenize_batch(batch: dict[str, list], indices: list[int]) -> tuple[dict[str, list], int]:
+        keys = list(batch)
+        samples, kept = [], []
+        for j, idx in enumerate(indices):
+            row = {k: batch[k][j] for k in keys}
+            if not _blank(row):
+                samples.append(sample_of(row, idx))
+                kept.append(idx)
+        try:
+            return pref.tokenize_rows(engine, method, samples, margin), len(indices) - len(kept)
+        except (DataError, KeyError, TypeError, ValueError):
+            for sample, idx in zip(samples, kept, strict=True):  # name the row that fails
+                try:
+                    pref.tokenize_rows(engine, method, [sample], margin)
+                except (DataError, KeyError, TypeError, ValueError) as exc:
+                    raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
+            raise
+
+    tokenize_batch.features = pref.features(method, margin)  # type: ignore[attr-defined]
+    return tokenize_batch
 
 
 def _batch_tokenizer(
@@ -285,7 +332,8 @@ def _map_rows(
         load_from_cache_file=False,
         cache_file_name=cache_file,
         new_fingerprint=fingerprint,
-        features=COLUMN_TYPES,  # known types: datasets skips its per-value type inference
+        # known types: datasets skips its per-value type inference
+        features=getattr(tokenize, "features", COLUMN_TYPES),
     )
     return out, blank[0]
 
@@ -298,16 +346,18 @@ def _tokenize_entry(
     engine: Engine,
     num_proc: int | None,
     work: Path,
+    config: NewtuneConfig,
 ) -> tuple[datasets.Dataset, int]:
     """The tokenized rows of one entry and how many blank rows were dropped."""
-    missing = [c for c in strategy.required_columns() if c not in rows.column_names]
-    if missing:
-        raise DataError(
-            f"{where} ({entry.path}, type {entry.type}) needs column(s) "
-            f"{', '.join(missing)} but the data has {', '.join(rows.column_names)}. "
-            "Pick the matching `type` or rename the columns."
-        )
-    tokenize = _batch_tokenizer(where, entry, strategy, engine)
+    problem = pref.required_columns_problem(where, entry, strategy, rows.column_names)
+    if problem:
+        raise DataError(problem)
+    method = training_method(config)
+    if method == "sft":
+        tokenize = _batch_tokenizer(where, entry, strategy, engine)
+    else:
+        margin = pref.has_margin(method, rows)
+        tokenize = _preference_batch_tokenizer(where, entry, strategy, engine, method, margin)
     if num_proc is None:
         return _map_rows(rows, tokenize, 0, f"Tokenizing {where}")
     return _tokenize_in_workers(where, rows, tokenize, num_proc, work)
@@ -496,6 +546,11 @@ def _load_entries(
     for i, (entry, strategy) in enumerate(zip(entries, strategies, strict=True)):
         where = f"{key}[{i}]"
         rows = load_rows(entry, i, key)
+        if strategy is None and training_method(config) != "sft":
+            raise ConfigError(
+                f"`{where}.type` is missing for {entry.path}; preference data needs a format "
+                "(e.g. `type: preference` for prompt/chosen/rejected columns)."
+            )
         if strategy is None:
             if not is_pretokenized(rows):
                 raise ConfigError(
@@ -508,7 +563,9 @@ def _load_entries(
             engine = engine_for(entry, config, tokenizer, template, strategy)
             procs = _num_proc(config, len(rows))
             with _tokenizer_threads(procs is None and _cpus(config) > 1):
-                part, blank = _tokenize_entry(where, entry, rows, strategy, engine, procs, work)
+                part, blank = _tokenize_entry(
+                    where, entry, rows, strategy, engine, procs, work, config
+                )
         if blank:
             log.warning(
                 "%s (%s): %d row(s) have every field empty; they were dropped (stats.json: "
@@ -526,6 +583,7 @@ def _load_entries(
             }
         )
         parts.append(part)
+    parts = pref.align_margins(parts)
     merged = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return merged, report
 
@@ -598,7 +656,11 @@ def split_stats(ds: datasets.Dataset) -> dict[str, Any]:
 def _finish(
     ds: datasets.Dataset, config: NewtuneConfig, what: str
 ) -> tuple[datasets.Dataset, dict]:
-    ds, counts = _apply_lengths(ds, config)
+    method = training_method(config)
+    if method == "sft":
+        ds, counts = _apply_lengths(ds, config)
+    else:
+        ds, counts = pref.apply_lengths(ds, config, method)
     if len(ds) == 0:
         raise DataError(
             f"no {what} rows are left after tokenizing: every row was too long for "
@@ -637,6 +699,9 @@ def _build(
         per_dataset += test_report
     split_report = {name: split_stats(ds) for name, ds in splits.items()}
     stats = {
+        **(
+            {"training_method": training_method(config)} if training_method(config) != "sft" else {}
+        ),
         "datasets": per_dataset,
         "rows": {name: s["rows"] for name, s in split_report.items()},
         "total_tokens": split_report["train"]["total_tokens"],
@@ -703,7 +768,7 @@ def _with_packing(final: Path, data: datasets.DatasetDict, config: NewtuneConfig
     stats = json.loads(path.read_text())
     report = None
     packing = packing_plan(config)[0]
-    if packing is not None:
+    if packing is not None and "input_ids" in data["train"].column_names:  # SFT rows
         report = packing_report(sample_lengths(data["train"]), packing, config.seed)
     if stats.get("packing") != report:
         stats.pop("packing", None)
@@ -732,7 +797,10 @@ def _split(ds: datasets.Dataset, config: NewtuneConfig) -> datasets.DatasetDict:
 def _save(splits: datasets.DatasetDict, folder: Path, stats: dict, inputs: dict[str, Any]) -> None:
     """Write the splits, the report and the fingerprint inputs into `folder`."""
     datasets.DatasetDict(
-        {name: ds.remove_columns(["_len", "_sup"]) for name, ds in splits.items()}
+        {
+            name: ds.remove_columns([c for c in ds.column_names if c.startswith("_")])
+            for name, ds in splits.items()
+        }
     ).save_to_disk(str(folder))
     (folder / "stats.json").write_text(json.dumps(stats, indent=2))
     (folder / "fingerprint.json").write_text(json.dumps(inputs, indent=2, default=str))

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from newtune.chat_templates import content_only_printed
-from newtune.data.strategies.base import Conversation, Sample, Segments
+from newtune.data.strategies.base import (
+    Conversation,
+    Messages,
+    Preference,
+    Render,
+    Sample,
+    Segments,
+    Unpaired,
+)
 from newtune.errors import DataError
 
 IGNORE_INDEX = -100
@@ -55,6 +63,53 @@ class TokenizedRow:
 
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """A preference row in TRL 1.x's columns: completion ids follow the prompt's."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass(frozen=True)
+class UnpairedRow:
+    """A KTO row in TRL 1.x's columns."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+
+@dataclass(frozen=True)
+class RewardRow:
+    """A reward-model row: the two full sequences (and the pair's margin, if any)."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Texts to encode for one preference sample: the prompt alone (None for reward rows)
+    and prompt+completion per completion; `special`: with the tokenizer's special tokens."""
+
+    prompt: str | None
+    full: list[str]
+    special: bool
+
+
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """Leading tokens two id lists share (TRL's common_prefix_length)."""
+    n = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 class Engine:
@@ -189,6 +244,121 @@ class Engine:
                 "this tokenizer has no chat template; set `chat_template:` in the config "
                 "(e.g. `chat_template: chatml`) to choose one"
             )
+
+    # -- preference rows ----------------------------------------------------------------------
+    # TRL 1.16's layouts (DPOTrainer, KTOTrainer, RewardTrainer `_prepare_dataset`): a text row
+    # gets the EOS token's text appended to each completion unless it ends with it, and is
+    # tokenized with the tokenizer's special tokens (BOS); a conversation is rendered by the chat
+    # template (the prompt with the generation prompt) and tokenized without them. The prompt
+    # is tokenized alone; a completion is the ids of prompt+completion after the longest prefix
+    # shared with the prompt's ids (the shortest over a row's completions).
+
+    def tokenize_preference(self, samples: list[Preference]) -> list[PairRow]:
+        """DPO/ORPO rows: prompt_ids, chosen_ids, rejected_ids."""
+        plans = [self._plan(s.prompt, (s.chosen, s.rejected), s.render, s.tools) for s in samples]
+        out = []
+        for prompt, (chosen, rejected) in self._split_prompts(plans):
+            out.append(PairRow(prompt, chosen, rejected))
+        return out
+
+    def tokenize_unpaired(self, samples: list[Unpaired | Preference]) -> list[UnpairedRow]:
+        """KTO rows: prompt_ids, completion_ids, label; a Preference gives two rows, its chosen
+        (label true) then its rejected (label false) completion, as TRL unpairs them."""
+        items: list[Unpaired] = []
+        for s in samples:
+            if isinstance(s, Preference):
+                items.append(Unpaired(s.prompt, s.chosen, True, s.render, s.tools))
+                items.append(Unpaired(s.prompt, s.rejected, False, s.render, s.tools))
+            else:
+                items.append(s)
+        plans = [self._plan(u.prompt, (u.completion,), u.render, u.tools) for u in items]
+        return [
+            UnpairedRow(prompt, completion, u.label)
+            for u, (prompt, (completion,)) in zip(items, self._split_prompts(plans), strict=True)
+        ]
+
+    def tokenize_reward(self, samples: list[Preference]) -> list[RewardRow]:
+        """Reward rows: the full chosen and rejected sequences (prompt + completion)."""
+        plans = [
+            dataclasses.replace(
+                self._plan(s.prompt, (s.chosen, s.rejected), s.render, s.tools), prompt=None
+            )
+            for s in samples
+        ]
+        encoded = iter(self._encode_plans(plans))
+        return [RewardRow(*next(encoded)[1], margin=s.margin) for s in samples]
+
+    def _split_prompts(self, plans: list[_Plan]) -> list[tuple[list[int], list[list[int]]]]:
+        """(prompt ids, completion ids per completion) of each plan."""
+        out = []
+        for prompt, fulls in self._encode_plans(plans):
+            n = min(common_prefix_length(prompt, f) for f in fulls)
+            out.append((prompt[:n], [f[n:] for f in fulls]))
+        return out
+
+    def _encode_plans(self, plans: list[_Plan]) -> list[tuple[list[int], list[list[int]]]]:
+        """Encode every text of the plans, batched per special-token flag."""
+        pieces = []
+        for plan in plans:
+            if plan.prompt is not None:
+                pieces.append((plan.prompt, plan.special))
+            pieces += [(text, plan.special) for text in plan.full]
+        encoded = iter(self._encode_pieces(pieces))
+        out = []
+        for plan in plans:
+            prompt = next(encoded) if plan.prompt is not None else []
+            out.append((prompt, [next(encoded) for _ in plan.full]))
+        return out
+
+    def _plan(
+        self,
+        prompt: str | Messages,
+        completions: tuple[str | Messages, ...],
+        render: Render,
+        tools: list | None,
+    ) -> _Plan:
+        """The texts one preference sample is tokenized from."""
+        if isinstance(prompt, str):
+            if not all(isinstance(c, str) for c in completions):
+                raise DataError("the prompt is text but a completion is a message list")
+            texts = [self._with_eos(str(c)) for c in completions]
+            return _Plan(prompt, [prompt + c for c in texts], special=True)
+        if any(isinstance(c, str) for c in completions):
+            raise DataError("the prompt is a message list but a completion is text")
+        messages = self._prompt_messages(prompt)
+        if render == "chat":
+            return _Plan(
+                self.render(messages, add_generation_prompt=True, tools=tools),
+                [self.render([*messages, *c], tools=tools) for c in completions],  # type: ignore[misc]
+                special=False,
+            )
+        prompt_text = self.render(messages, add_generation_prompt=True)
+        if render == "dpo_text":
+            texts = [self._axolotl_dpo_completion(c[-1]) for c in completions]  # type: ignore[index]
+        else:  # orpo_text: the full render after the prompt's characters
+            texts = [
+                self.render([*messages, *c])[len(prompt_text) :]  # type: ignore[misc]
+                for c in completions
+            ]
+        return self._plan(prompt_text, tuple(texts), "chat", None)
+
+    def _axolotl_dpo_completion(self, message: dict[str, Any]) -> str:
+        """Axolotl's DPO chat_template completion: the render of [dummy user, message] from
+        the first occurrence of the content on, right-stripped."""
+        dummy = {"role": "user", "content": "[[dummy_message]]"}
+        rendered = self.render([dummy, message])
+        return rendered[rendered.find(message["content"]) :].rstrip()
+
+    def _with_eos(self, text: str) -> str:
+        eos = self.tok.eos_token
+        return text if not eos or text.endswith(eos) else text + eos
+
+    def _prompt_messages(self, prompt: Messages) -> list[dict[str, Any]]:
+        """The prompt messages, `default_system_message` first when they have no system turn."""
+        messages = list(prompt)
+        if self.system_message and not (messages and messages[0].get("role") == "system"):
+            messages.insert(0, {"role": "system", "content": self.system_message})
+        return messages
 
     # -- segments ---------------------------------------------------------------------------
 

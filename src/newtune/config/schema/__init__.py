@@ -2,17 +2,21 @@
 
 from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.base import status_of
+from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.data import DataSection, DatasetEntry
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.inference import InferenceSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
+from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
 
 class NewtuneConfig(
     UnsupportedSection,
+    CompatSection,
+    PreferenceSection,
     InferenceSection,
     LoggingSection,
     DistributedSection,

@@ -51,6 +51,12 @@ class DatasetEntry(Section):
     field_messages: str | None = Field(
         default=None, description="chat_template: the column holding the messages list."
     )
+    field_chosen: str | None = Field(
+        default=None, description="DPO chat_template.*: the chosen column (default chosen)."
+    )
+    field_rejected: str | None = Field(
+        default=None, description="DPO chat_template.*: the rejected column (default rejected)."
+    )
     message_property_mappings: dict[str, str] | None = Field(
         default=None, description="chat_template: message keys, e.g. {role: from, content: value}."
     )

@@ -286,15 +286,21 @@ def key_problems(
     return problems
 
 
-def entry_problems(entry: DatasetEntry, where: str) -> list[str]:
+def entry_problems(entry: DatasetEntry, where: str, method: str = "sft") -> list[str]:
     """What is wrong with a dataset entry's `type` and format keys, without running format code.
 
-    Plugins (entry points, dotted paths) are only checked to exist; their own checks run when
-    the data is read.
+    `method` is the training method (config.schema.preference.training_method): it chooses
+    the formats a name resolves to. Plugins (entry points, dotted paths) are only checked to
+    exist; their own checks run when the data is read.
     """
     kind = entry.type
     if kind is None:
         return []
+    if method != "sft":
+        return preference_entry_problems(entry, where, method)
+    why = method_mismatch(kind, method) if isinstance(kind, str) else None
+    if why:
+        return [f"`{where}.type: {kind}` {why}"]
     if isinstance(kind, dict):
         try:
             parse_format(kind)
@@ -328,3 +334,176 @@ def entry_problems(entry: DatasetEntry, where: str) -> list[str]:
         except ValueError as exc:
             problems.append(f"{label}: {exc}")
     return problems + key_problems(entry, where, fmt.reads, f"`type: {kind}`")
+
+
+# -- preference and reward formats ---------------------------------------------------------
+# Axolotl resolves a `type:` in a namespace chosen by the training method (`rl: kto` reads
+# `chatml.intel` from prompt_strategies/kto, `rl: dpo` from prompt_strategies/dpo), so these
+# tables are per method; TRL's own `preference` / `unpaired_preference` formats are in each
+# method that can read them.
+
+_TEMPLATE_KEYS = frozenset({"chat_template", "chat_template_jinja"})
+_PREF_TEMPLATE = Format(_TEMPLATE_KEYS)
+_PREF_MESSAGES = Format(
+    _TEMPLATE_KEYS
+    | {"field_chosen", "field_rejected", "message_property_mappings", "roles"}
+    | {"message_field_role", "message_field_content"}
+)
+# Axolotl's DPO chatml/llama3 functions (there is no DPO `argilla`; KTO has no `icr`/`default`);
+# a name without a dot means its `.default`, as in Axolotl's loader
+_DPO_TURNS = ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")
+_KTO_TURNS = ("argilla", "argilla_chat", "intel", "prompt_pairs", "ultra")
+PREFERENCE_FORMATS: dict[str, dict[str, Format]] = {
+    "dpo": {
+        **{f"{t}.{v}": _PLAIN for t in ("chatml", "llama3") for v in _DPO_TURNS},
+        "chatml": _PLAIN,
+        "llama3": _PLAIN,
+        "zephyr.nectar": _PLAIN,
+        "chat_template": Format(_PREF_MESSAGES.reads | {"field_messages"}),
+        "chat_template.default": Format(_PREF_MESSAGES.reads | {"field_messages"}),
+        "chat_template.argilla_chat": _PREF_MESSAGES,
+        "preference": _PREF_TEMPLATE,
+    },
+    "orpo": {"chat_template.argilla": _PREF_TEMPLATE, "preference": _PREF_TEMPLATE},
+    "kto": {
+        **{f"{t}.{v}": _PLAIN for t in ("chatml", "llama3") for v in _KTO_TURNS},
+        "preference": _PREF_TEMPLATE,
+        "unpaired_preference": _PREF_TEMPLATE,
+    },
+    "reward": {"bradley_terry.chat_template": _PREF_TEMPLATE, "preference": _PREF_TEMPLATE},
+}
+# `type:` mappings (user-defined formats) of DPO and KTO: key -> Axolotl's default
+PREFERENCE_USER_DEFINED: dict[str, dict[str, str]] = {
+    "dpo": {
+        "field_prompt": "prompt",
+        "field_system": "system",
+        "field_chosen": "chosen",
+        "field_rejected": "rejected",
+        "prompt_format": "{prompt}",
+        "chosen_format": "{chosen}",
+        "rejected_format": "{rejected}",
+    },
+    "kto": {
+        "field_prompt": "prompt",
+        "field_system": "system",
+        "field_completion": "completion",
+        "field_label": "label",
+        "prompt_format": "{prompt}",
+        "completion_format": "{completion}",
+    },
+}
+PREFERENCE_PLACEHOLDERS = {
+    "prompt_format": {"prompt", "system"},
+    "chosen_format": {"chosen"},
+    "rejected_format": {"rejected"},
+    "completion_format": {"completion"},
+}
+METHOD_LABELS = {
+    "sft": "supervised fine-tuning (no `rl:`)",
+    "dpo": "`rl: dpo`/`ipo`/`simpo`",
+    "orpo": "`rl: orpo`",
+    "kto": "`rl: kto`",
+    "reward": "`reward_model: true`",
+}
+
+
+def parse_preference_format(spec: dict[str, Any], method: str) -> dict[str, str]:
+    """A DPO/KTO `type:` mapping with Axolotl's defaults filled in; ValueError naming the key."""
+    if method not in PREFERENCE_USER_DEFINED:
+        raise ValueError(
+            f"a `type:` mapping (user-defined format) is read with {METHOD_LABELS['dpo']} or "
+            f"{METHOD_LABELS['kto']}, not with {METHOD_LABELS[method]}; name a format instead"
+        )
+    defaults = PREFERENCE_USER_DEFINED[method]
+    given = {k: v for k, v in spec.items() if v is not None}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        hints = []
+        for key in unknown:
+            match = difflib.get_close_matches(key, sorted(defaults), n=1, cutoff=0.6)
+            hints.append(f"`{key}`" + (f" (did you mean `{match[0]}`?)" if match else ""))
+        raise ValueError(
+            f"unknown key(s) {', '.join(hints)}; with {METHOD_LABELS[method]} a user-defined "
+            f"format takes {', '.join(sorted(defaults))}"
+        )
+    out = dict(defaults)
+    for key, value in given.items():
+        if not isinstance(value, str):
+            raise ValueError(f"`{key}` must be text, not {type(value).__name__}")
+        out[key] = value or defaults[key]  # Axolotl: an empty format means the default
+    for key, allowed in PREFERENCE_PLACEHOLDERS.items():
+        if key not in out:
+            continue
+        try:
+            bad = sorted(_placeholders(out[key]) - allowed)
+        except ValueError as exc:
+            raise ValueError(f"`{key}: {out[key]!r}` is not a valid template ({exc})") from None
+        if bad:
+            raise ValueError(
+                f"`{key}: {out[key]!r}` uses {', '.join('{' + b + '}' for b in bad)}; it may "
+                f"only use {', '.join('{' + a + '}' for a in sorted(allowed))}"
+            )
+    return out
+
+
+def preference_formats(method: str) -> dict[str, Format]:
+    """The formats a preference method reads (empty for sft)."""
+    return PREFERENCE_FORMATS.get(method, {})
+
+
+def method_mismatch(type_name: str, method: str | None) -> str | None:
+    """Why a `type:` name cannot be read by `method` (None: it can, or it is not built-in).
+
+    The message starts with "is"; `method` None (any method) never mismatches.
+    """
+    if method is None or type_name in preference_formats(method):
+        return None
+    readers = [m for m, table in PREFERENCE_FORMATS.items() if type_name in table]
+    if method == "sft":
+        if not readers or type_name in FORMATS:  # `chat_template` is SFT's and DPO's
+            return None
+        return (
+            f"is a preference format (read with {' or '.join(METHOD_LABELS[m] for m in readers)}"
+            "), but the config trains with supervised fine-tuning; set `rl:` (or "
+            "`reward_model: true`), or use an SFT format such as chat_template or alpaca"
+        )
+    try:
+        sft = builtin_name(type_name) is not None
+    except ValueError:
+        sft = type_name.split(".")[0] in FORMATS
+    if not sft and not readers:
+        return None
+    kind = "an SFT format" if sft else f"read with {' or '.join(METHOD_LABELS[m] for m in readers)}"
+    return (
+        f"is {kind}, not a format of {METHOD_LABELS[method]}; its formats are "
+        f"{', '.join(sorted(preference_formats(method)))}"
+        + (" or a `type:` mapping" if method in PREFERENCE_USER_DEFINED else "")
+        + ". Preference rows need a prompt with a chosen and a rejected completion"
+        + (" (or one completion and a label)" if method == "kto" else "")
+    )
+
+
+def preference_entry_problems(entry: DatasetEntry, where: str, method: str) -> list[str]:
+    """entry_problems for a preference method."""
+    kind = entry.type
+    if isinstance(kind, dict):
+        try:
+            parse_preference_format(kind, method)
+        except ValueError as exc:
+            return [f"`{where}.type` (a user-defined format): {exc}"]
+        return key_problems(entry, where, frozenset(), "a `type:` mapping")
+    label = f"`{where}.type: {kind}`"
+    why = method_mismatch(str(kind), method)
+    if why:
+        return [f"{label} {why}"]
+    fmt = preference_formats(method).get(str(kind))
+    if fmt is None:  # a plugin: checked to exist
+        if kind in entry_point_names() or ("." in str(kind) and _module_exists(str(kind))):
+            return []
+        match = difflib.get_close_matches(str(kind), sorted(preference_formats(method)), n=1)
+        hint = f" Did you mean `{match[0]}`?" if match else ""
+        return [
+            f"{label} is not a dataset format of {METHOD_LABELS[method]}.{hint} Known "
+            f"formats: {', '.join(sorted(preference_formats(method)))}"
+        ]
+    return key_problems(entry, where, fmt.reads, f"`type: {kind}`")

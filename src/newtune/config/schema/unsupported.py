@@ -1,6 +1,5 @@
 """Axolotl keys newtune does not implement, with the alternative where there is one."""
 
-from typing import Any
 
 from newtune.config.schema.base import Section, ignored, unsupported
 
@@ -13,7 +12,6 @@ class UnsupportedSection(Section):
     """Accepted when off (null/false/empty); any other value is an error naming the alternative."""
 
     gptq: bool | None = unsupported("Load a GPTQ-quantized model.", "`load_in_4bit: true` (QLoRA)")
-    rl: Any = unsupported("Preference training (DPO, ORPO, ...).", "TRL's preference trainers")
     relora_steps: int | None = unsupported("ReLoRA restart interval.")
     relora_warmup_steps: int | None = unsupported("ReLoRA warmup.")
     relora_anneal_steps: int | None = unsupported("ReLoRA annealing.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from newtune.config.schema import DatasetEntry
 from newtune.errors import DataError
@@ -50,6 +50,42 @@ class Conversation:
 
 
 Sample = Segments | Conversation
+Messages = tuple[dict[str, Any], ...]
+# How a Preference/Unpaired whose parts are messages becomes tokens: "chat" renders the prompt
+# (with the generation prompt) and prompt+completion with the chat template and tokenizes the
+# renders (TRL's conversational layout); "dpo_text" and "orpo_text" first render text the way
+# Axolotl's DPO `chat_template.*` and ORPO `chat_template.argilla` types do, then tokenize that
+# text as a text row.
+Render = Literal["chat", "dpo_text", "orpo_text"]
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A prompt with a chosen and a rejected completion: all text, or all messages.
+
+    `margin`: the reward-model margin of the pair (TRL's `margin` column), when the data has one.
+    """
+
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+    render: Render = "chat"
+    tools: list[dict[str, Any]] | None = None
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """A prompt with one completion labelled desirable (True) or undesirable (KTO)."""
+
+    prompt: str | Messages
+    completion: str | Messages
+    label: bool
+    render: Render = "chat"
+    tools: list[dict[str, Any]] | None = None
+
+
+PreferenceSample = Preference | Unpaired
 
 
 class Strategy(ABC):
@@ -71,7 +107,7 @@ class Strategy(ABC):
         self.style = style
 
     @abstractmethod
-    def sample(self, row: dict[str, Any]) -> Sample:
+    def sample(self, row: dict[str, Any]) -> Sample | PreferenceSample:
         """The training sample of one row."""
 
     @abstractmethod

@@ -20,9 +20,13 @@ from typing import TYPE_CHECKING, Any
 from newtune.config.schema.formats import (
     ENTRY_POINT_GROUP,
     FORMATS,
+    METHOD_LABELS,
+    PREFERENCE_FORMATS,
     UnknownFormat,
     builtin_name,
     key_problems,
+    method_mismatch,
+    parse_preference_format,
 )
 from newtune.errors import ConfigError
 
@@ -39,11 +43,30 @@ BUILTIN_MODULES = (
     "input_output",
     "instruct_datasets",
     "metharme",
+    "preference",
     "sharegpt",
     "trl",
     "user_defined",
 )
 _REGISTRY: dict[str, type[Strategy]] = {}
+# method -> format name -> strategy class (see config.schema.formats.PREFERENCE_FORMATS);
+# "user_defined" is the class of a `type:` mapping
+_PREFERENCE_REGISTRY: dict[str, dict[str, type[Strategy]]] = {}
+
+
+def register_preference(method: str, *names: str):  # noqa: ANN201
+    """Class decorator: the strategy of `type: name` for each name under a training method.
+
+    The instance gets the name as its `style` (one class serves a family of names) and the
+    entry keys it reads from `config.schema.formats.PREFERENCE_FORMATS`.
+    """
+
+    def wrap(cls: type[Strategy]) -> type[Strategy]:
+        for name in names:
+            _PREFERENCE_REGISTRY.setdefault(method, {})[name] = cls
+        return cls
+
+    return wrap
 
 
 def register(name: str):  # noqa: ANN201
@@ -121,9 +144,32 @@ def _import_path(path: str) -> Any | None:
     return None
 
 
-def _find(type_name: str) -> _Found | None:
-    """Resolve a `type:` string; None when nothing answers to it."""
+def _find_preference(type_name: str, method: str | None) -> _Found | None:
+    """A preference format of `method` (None: of any method, DPO's first); ConfigError when
+    the name belongs to another method or is an SFT format."""
+    why = method_mismatch(type_name, method)
+    if why:
+        raise ConfigError(why)
+    for name in [method] if method else PREFERENCE_FORMATS:
+        cls = _PREFERENCE_REGISTRY.get(str(name), {}).get(type_name)
+        if cls is not None:
+            return _Found(cls, type_name, f"{name}:{type_name}")
+    return None
+
+
+def _find(type_name: str, method: str | None = None) -> _Found | None:
+    """Resolve a `type:` string for a training method; None when nothing answers to it."""
     _load_builtin()
+    if method == "sft":
+        why = method_mismatch(type_name, method)
+        if why:
+            raise ConfigError(why)
+    else:
+        found = _find_preference(type_name, method)
+        if found is not None:
+            return found
+        if method is not None:  # a preference method: its formats (above) or a plugin
+            return _find_plugin(type_name)
     try:
         builtin = builtin_name(type_name)
     except UnknownFormat:
@@ -134,6 +180,11 @@ def _find(type_name: str) -> _Found | None:
         return _Found(_REGISTRY[builtin[0]], builtin[0], builtin[1])
     if type_name in _REGISTRY:  # a plugin that registered its own name
         return _Found(_REGISTRY[type_name], type_name)
+    return _find_plugin(type_name)
+
+
+def _find_plugin(type_name: str) -> _Found | None:
+    """An installed entry point or a dotted import path; None when neither."""
     for ep in _entry_points():
         if ep.name == type_name:
             try:
@@ -154,6 +205,13 @@ def _instantiate(found: _Found, entry: DatasetEntry, train_on_inputs: bool) -> S
     from newtune.data.strategies.base import Strategy
 
     factory = found.factory
+    if found.style and ":" in found.style:  # a preference format: style is "method:name"
+        method, _, name = found.style.partition(":")
+        strategy = factory(entry, train_on_inputs, style=found.style)
+        strategy.name = found.style  # type: ignore[misc]  # one class serves several names
+        fmt = PREFERENCE_FORMATS.get(method, {}).get(name)
+        strategy.entry_keys = fmt.reads if fmt else frozenset()  # type: ignore[misc]
+        return strategy
     if isinstance(factory, type) and issubclass(factory, Strategy):
         style = {"style": found.style} if found.style else {}
         strategy = factory(entry, train_on_inputs, **style)
@@ -200,9 +258,18 @@ def _sentence(text: str) -> str:
 
 
 def get_strategy(
-    entry: DatasetEntry, index: int, train_on_inputs: bool, key: str = "datasets"
+    entry: DatasetEntry,
+    index: int,
+    train_on_inputs: bool,
+    key: str = "datasets",
+    method: str | None = None,
 ) -> Strategy:
-    """Instantiate the strategy named by `{key}[index].type`; ConfigError when it cannot."""
+    """Instantiate the strategy named by `{key}[index].type`; ConfigError when it cannot.
+
+    `method` (config.schema.preference.training_method) picks the formats a name means
+    (`rl: kto` reads `chatml.intel` as KTO's); None resolves SFT formats first, then
+    preference formats (inference, which only renders prompts).
+    """
     where = f"{key}[{index}]"
     if entry.type is None:
         raise ConfigError(
@@ -213,12 +280,27 @@ def get_strategy(
         label = f"`{where}.type` (a user-defined format)"
         _load_builtin()
         found: _Found | None = _Found(_REGISTRY["user_defined"], "user_defined")
+        if method not in (None, "sft"):
+            try:
+                parse_preference_format(entry.type, method)
+            except ValueError as exc:
+                raise ConfigError(_sentence(f"{label}: {exc}")) from None
+            cls = _PREFERENCE_REGISTRY[method]["user_defined"]
+            found = _Found(cls, "user_defined", f"{method}:user_defined")
     else:
         label = f"`{where}.type: {entry.type}`"
+        why = method_mismatch(entry.type, method)
+        if why:
+            raise ConfigError(_sentence(f"{label} {why}"))
         try:
-            found = _find(entry.type)
+            found = _find(entry.type, method)
         except ConfigError as exc:
             raise ConfigError(_sentence(f"{label}: {exc}")) from None
+    if found is None and method not in (None, "sft"):
+        raise ConfigError(
+            f"{label} is not a dataset format of {METHOD_LABELS[method]}. Known formats: "
+            f"{', '.join(sorted(PREFERENCE_FORMATS[method]))}."
+        )
     if found is None:
         variants = [k for k in known_types() if k.startswith(f"{entry.type}.")]
         match = difflib.get_close_matches(entry.type, _spellings(), n=1, cutoff=0.5)
@@ -234,16 +316,19 @@ def get_strategy(
         strategy = _instantiate(found, entry, train_on_inputs)
     except ConfigError as exc:
         raise ConfigError(_sentence(f"{label}: {exc}")) from None
-    _check_entry_keys(strategy, entry, where, builtin=found.name in FORMATS)
+    preference = bool(found.style and ":" in found.style)
+    _check_entry_keys(strategy, entry, where, builtin=found.name in FORMATS or preference)
     return strategy
 
 
-def type_problems(entry: DatasetEntry, index: int, key: str = "datasets") -> list[str]:
+def type_problems(
+    entry: DatasetEntry, index: int, key: str = "datasets", method: str | None = None
+) -> list[str]:
     """What is wrong with an entry's `type` (unknown, bad style, bad mapping), for validation."""
     if entry.type is None:
         return []
     try:
-        get_strategy(entry, index, train_on_inputs=False, key=key)
+        get_strategy(entry, index, train_on_inputs=False, key=key, method=method)
     except ConfigError as exc:
         return [str(exc).removesuffix(".")]
     return []

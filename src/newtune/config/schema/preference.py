@@ -1,0 +1,154 @@
+"""Preference and reward training keys (`rl:`, `reward_model:`), with Axolotl's names.
+
+`training_method(config)` names the training method a config asks for; the train side picks
+its row schema, collator and loss from it, and the data side the dataset formats and columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from newtune.config.schema.base import Section, ignored, unsupported
+
+# Every `loss_type` TRL 1.16's DPOTrainer accepts (train.methods.preference.DPO_LOSS_TYPES;
+# repeated here because the schema never imports torch; a test keeps the two equal).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
+RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto")
+METHODS = ("sft", "dpo", "orpo", "kto", "reward")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
+REFUSED_RL = {
+    "kto_pair": "TRL removed DPO's `kto_pair` loss (the seed's legacy name); newtune has no "
+    "such loss. Use `rl: kto` (TRL's KTOTrainer: paired rows are split into a desirable and an "
+    "undesirable row), or `rl: dpo` for a paired loss",
+    "grpo": "online RL with generation (GRPO) is not implemented by newtune; use TRL's GRPOTrainer",
+    "gdpo": "GDPO is not implemented by newtune; use `rl: dpo`",
+    "ebft": "energy-based fine-tuning (EBFT) is not implemented by newtune",
+}
+
+
+def method_of(rl: str | None, reward_model: bool | None) -> str:
+    """The training method of an `rl` value and `reward_model` flag."""
+    if reward_model:
+        return "reward"
+    if rl in ("dpo", "ipo", "simpo"):
+        return "dpo"
+    if rl in ("orpo", "kto"):
+        return rl
+    return "sft"
+
+
+def training_method(config: Any) -> str:
+    """One of "sft", "dpo" (dpo, ipo, simpo), "orpo", "kto", "reward", from the config."""
+    return method_of(getattr(config, "rl", None), getattr(config, "reward_model", None))
+
+
+class PreferenceSection(Section):
+    """Preference training (DPO, IPO, SimPO, ORPO, KTO) and reward models."""
+
+    rl: str | None = Field(
+        default=None,
+        description="Preference training method: dpo, ipo (dpo with `dpo_loss_type: [ipo]`), "
+        "simpo, orpo or kto. `kto_pair`, grpo, gdpo and ebft are refused by name.",
+    )
+    rl_beta: float | None = Field(
+        default=None, gt=0, description="Beta of the preference loss (TRL default 0.1)."
+    )
+    dpo_loss_type: list[DpoLossType] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        min_length=1,
+        description=f"DPO loss types, summed (default [sigmoid]): {', '.join(DPO_LOSS_TYPES)}.",
+    )
+    dpo_loss_weights: list[float] | None = Field(
+        default=None, min_length=1, description="One weight per `dpo_loss_type` entry."
+    )
+    dpo_label_smoothing: float | None = Field(
+        default=None, ge=0, le=0.5, description="Label smoothing of the DPO/SimPO loss."
+    )
+    dpo_use_weighting: bool | None = Field(
+        default=None, description="WPO weighting of the DPO loss."
+    )
+    dpo_use_liger_kernel: bool | None = Field(
+        default=None, description="Liger's fused DPO loss (needs liger-kernel, CUDA)."
+    )
+    precompute_ref_log_probs: bool | None = Field(
+        default=None,
+        description="Compute the reference model's log-probs once, stored with the prepared "
+        "data, so training holds one model.",
+    )
+    dpo_padding_free: bool | None = Field(
+        default=None, description="Pack preference sequences (the same path as sample_packing)."
+    )
+    cpo_alpha: float | None = Field(
+        default=None, ge=0, description="SimPO (CPO): weight of the NLL term on chosen."
+    )
+    simpo_gamma: float | None = Field(
+        default=None, description="SimPO: target reward margin (TRL default 0.5)."
+    )
+    orpo_alpha: float | None = Field(
+        default=None, gt=0, description="ORPO: weight of the odds-ratio term (TRL's beta)."
+    )
+    kto_desirable_weight: float | None = Field(
+        default=None, gt=0, description="KTO: weight of desirable (label true) rows."
+    )
+    kto_undesirable_weight: float | None = Field(
+        default=None, gt=0, description="KTO: weight of undesirable (label false) rows."
+    )
+    reward_model: bool | None = Field(
+        default=None,
+        description="Train a reward model (sequence classification, Bradley-Terry loss).",
+    )
+    num_labels: int | None = Field(
+        default=None, description="Reward model outputs; must be 1 (a scalar reward)."
+    )
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, description="Reward model: pull rewards toward zero mean (0.01)."
+    )
+    max_prompt_len: int | None = Field(
+        default=None,
+        gt=0,
+        description="Preference training: longest prompt in tokens; longer prompts are "
+        "handled by `excess_length_strategy` (drop, truncate: keep the end, raise).",
+    )
+    remove_unused_columns: bool | None = ignored(
+        "newtune keeps only the columns a training method reads."
+    )
+    process_reward_model: bool | None = unsupported("Process reward models (PRM).")
+    trl: Any = unsupported("TRL trainer options block (GRPO, vLLM).", "`rl_beta` for `trl.beta`")
+    vllm: Any = unsupported("vLLM generation server for online RL.")
+    ebft: Any = unsupported("Energy-based fine-tuning options.")
+    dpo_beta: float | None = unsupported("Deprecated DPO beta.", "`rl_beta`")
+    rpo_alpha: float | None = unsupported(
+        "RPO's NLL weight.", "`dpo_loss_type: [sigmoid, sft]` with `dpo_loss_weights`"
+    )
+    dpo_norm_loss: bool | None = unsupported(
+        "Length-normalised DPO loss.", "`dpo_loss_type: [sigmoid_norm]`"
+    )
+
+    @field_validator("rl")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        """One of RL_METHODS; refused names say why and what to use."""
+        if value is None or value in RL_METHODS:
+            return value
+        if value in REFUSED_RL:
+            raise ValueError(f"`rl: {value}` is refused: {REFUSED_RL[value]}")
+        raise ValueError(f"`rl: {value}` is not one of {', '.join(RL_METHODS)}")
