@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
@@ -43,6 +43,7 @@ class ModelOptions:
     bnb_kwargs: dict[str, Any] = field(default_factory=dict)
     device_map: Any = None
     max_memory: dict[Any, Any] | None = None
+    num_labels: int | None = None  # a sequence classifier (reward model) with this many outputs
 
     @classmethod
     def from_config(
@@ -61,6 +62,7 @@ class ModelOptions:
             bnb_kwargs=dict(config.bnb_config_kwargs or {}),
             device_map=_device_map(config, plan, bits if quantize else None),
             max_memory=_max_memory(config),
+            num_labels=1 if getattr(config, "reward_model", None) else None,
         )
 
 
@@ -189,10 +191,14 @@ def load_model(
     quant = quantization_config(options, torch_dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if options.num_labels is not None and "config" in kwargs:
+        kwargs["config"].num_labels = options.num_labels
+    elif options.num_labels is not None:
+        kwargs["num_labels"] = options.num_labels
     cls = transformers_class(
         "model_type",
         options.model_type,
-        AutoModelForCausalLM,
+        AutoModelForCausalLM if options.num_labels is None else AutoModelForSequenceClassification,
         "AutoModelForCausalLM or LlamaForCausalLM",
     )
     try:

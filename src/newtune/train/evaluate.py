@@ -15,6 +15,7 @@ from newtune.data.prepare import prepare_data
 from newtune.errors import DataError
 from newtune.fileio import clean_stale
 from newtune.inference import choose_model, load_trained
+from newtune.train.methods import method_for
 from newtune.train.preflight import check_sequence_len
 from newtune.train.trainer import loss_metrics, packed_loader, padded_loader, token_loss
 
@@ -32,7 +33,9 @@ def evaluate(
     for entry in clean_stale(Path(config.output_dir)):  # what killed runs left there
         log.info("removed %s, left by a process that no longer runs", entry)
     check_sequence_len(config, resolve(config))  # padded batches must fit: refuse before work
+    method = method_for(config)
     _, prepared = prepare_data(loaded)
+    method.check_data(prepared.data)
     if split not in prepared.data:
         raise DataError(
             f"the prepared data has no `{split}` split (it has: {', '.join(prepared.data)}). "
@@ -43,6 +46,9 @@ def evaluate(
     model, tokenizer = load_trained(config, model_source, adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    if method.is_preference:
+        result = evaluate_preference(method, config, model, tokenizer, dataset, device)
+        return {**result, "split": split, "model": model_source, "adapter": adapter_dir}
     _, eval_packing = packing_plan(config)
     rows = config.eval_batch_size or config.micro_batch_size
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
@@ -66,4 +72,38 @@ def evaluate(
         "model": model_source,
         "adapter": adapter_dir,
         "sample_packing": eval_packing is not None,
+    }
+
+
+def evaluate_preference(
+    method: Any, config: Any, model: Any, tokenizer: Any, dataset: Any, device: Any
+) -> dict[str, Any]:
+    """`eval_loss` and the method's metrics (TRL's names, e.g. `rewards/accuracies`)."""
+    from newtune.train.methods.base import Reference, evaluate_batches
+    from newtune.train.methods.reference import frozen_copy
+    from newtune.train.methods.trainer import sequential_loader
+    from newtune.train.run import pair_capacity
+
+    reference = Reference("none")
+    if method.needs_reference and hasattr(model, "disable_adapter"):
+        reference = Reference("adapter")  # the base under the trained adapter
+    elif method.needs_reference:  # a full fine-tune: the base model it started from
+        plan = resolve(config)
+        reference = Reference("model", frozen_copy(config, plan, tokenizer)).to(device)
+    if method.sequence_classification and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    rows = config.eval_batch_size or config.micro_batch_size
+    _, eval_packing = packing_plan(config)
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    capacity = pair_capacity(eval_packing, config)
+    dataset = method.prepare_rows(dataset, config.micro_batch_size)
+    collate = method.collator(tokenizer.pad_token_id, capacity, pad_to)
+    values = evaluate_batches(
+        method, model, reference, sequential_loader(dataset, rows, collate), device
+    )
+    return {
+        "eval_loss": values.pop("loss"),
+        **values,
+        "eval_rows": len(dataset),
+        "sample_packing": capacity is not None,
     }

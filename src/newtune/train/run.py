@@ -15,10 +15,11 @@ from typing import Any
 from transformers import set_seed
 
 from newtune.config.load import LoadedConfig, dump_config
+from newtune.config.machine import check_machine
 from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.data.collate import PadCollator
-from newtune.data.packing import packing_plan, sample_lengths
+from newtune.data.packing import Packing, packing_plan, sample_lengths
 from newtune.data.prepare import PreparedData, prepare, prepare_data  # noqa: F401 - re-export
 from newtune.errors import ModelError
 from newtune.fileio import clean_stale, temp_dir_beside, temp_name
@@ -34,6 +35,8 @@ from newtune.train.callbacks import (
 )
 from newtune.train.distributed import check_distributed, gather_weights
 from newtune.train.kernels import apply_liger, fused_head
+from newtune.train.methods import method_for
+from newtune.train.methods.base import Reference
 from newtune.train.precision import tf32_scope
 from newtune.train.preflight import check_output_dir, check_sequence_len
 from newtune.train.report import (
@@ -106,6 +109,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     loaded = check_distributed(_own_copy(loaded))  # relative deepspeed path pinned in the copy
     config = loaded.config
     plan = plan or resolve(config)
+    check_machine(config, plan.device)  # packages, CUDA, launch: validate only warned
     check_output_dir(config.output_dir)
     if plan.local_rank == 0:
         for entry in clean_stale(Path(config.output_dir)):
@@ -119,12 +123,57 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
 def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) -> Path:
     """Prepare data, build the model, train, and save the outputs."""
     config = loaded.config
+    method = method_for(config)
     tokenizer, new_ids = load_tokenizer(config)
     prepared = prepare(config, tokenizer, tokenizer.chat_template)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
+    method.check_data(prepared.data)
     if checkpoint is not None:
         check_resume_data(checkpoint, _fingerprint(prepared))
     model = training_model(config, plan, tokenizer, new_ids)
+    callbacks = build_callbacks(config)
+    with tracker_environment(config):
+        if method.is_preference:
+            trainer = _preference_trainer(
+                method, config, plan, model, tokenizer, prepared, callbacks
+            )
+        else:
+            trainer = _sft_trainer(config, plan, model, tokenizer, prepared, callbacks)
+        if checkpoint is not None:
+            log.info("resuming from %s (step %s)", checkpoint, _checkpoint_step(checkpoint))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        _raise_if_aborted(callbacks, config.output_dir)
+        metrics = dict(result.metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(_final_eval(trainer))
+    out = Path(config.output_dir)
+    weights = gather_weights(trainer)  # ZeRO-3 / FSDP shards -> whole tensors (every rank)
+    if trainer.is_world_process_zero():
+        save_outputs(
+            trainer.model,
+            tokenizer,
+            loaded,
+            prepared,
+            metrics,
+            out,
+            trainer.state,
+            trainer.args,
+            state_dict=weights,
+        )
+        if trainer.args.push_to_hub:
+            push_final(trainer, out)
+    return out
+
+
+def _sft_trainer(
+    config: NewtuneConfig,
+    plan: RunPlan,
+    model: Any,
+    tokenizer: Any,
+    prepared: PreparedData,
+    callbacks: list[Any],
+) -> NewtuneTrainer:
+    """The SFT Trainer: padded or multipack batches, the token-normalised loss."""
     eval_ds = prepared.data.get("test", None)
     train_ds = prepared.data["train"]
     if config.group_by_length:
@@ -147,50 +196,97 @@ def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) -> Path:
     else:
         batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
     steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
-    callbacks = build_callbacks(config)
-    with tracker_environment(config):
-        trainer = NewtuneTrainer(
-            model=model,
-            args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            packing=packing,
-            eval_packing=eval_packing,
-            pad_to=pad_to,
-            packed_train=packed,
-            schedule=schedule_for(config),
-            fused_head=fused_head(config),
-            checkpoint_files=resume_record(_fingerprint(prepared)),
+    trainer = NewtuneTrainer(
+        model=model,
+        args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PadCollator(tokenizer.pad_token_id, pad_to),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        packing=packing,
+        eval_packing=eval_packing,
+        pad_to=pad_to,
+        packed_train=packed,
+        schedule=schedule_for(config),
+        fused_head=fused_head(config),
+        checkpoint_files=resume_record(_fingerprint(prepared)),
+    )
+    if packing is not None:
+        _log_packing(config, prepared, batches, steps_per_epoch)
+    return trainer
+
+
+def _preference_trainer(
+    method: Any,
+    config: NewtuneConfig,
+    plan: RunPlan,
+    model: Any,
+    tokenizer: Any,
+    prepared: PreparedData,
+    callbacks: list[Any],
+) -> NewtuneTrainer:
+    """The Trainer of a preference method: its collator (padded or packed), loss, reference."""
+    from newtune.train.methods.reference import live_reference, precompute
+    from newtune.train.methods.trainer import PreferenceTrainer
+
+    splits = {
+        name: method.prepare_rows(ds, config.micro_batch_size) for name, ds in prepared.data.items()
+    }
+    if method.sequence_classification:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
+    if method.needs_reference and config_flag(config, "precompute_ref_log_probs"):
+        reference = Reference("adapter" if plan.train_mode in ("lora", "qlora") else "model")
+        if reference.kind == "model":
+            reference.model = model  # before training, the policy is the reference
+        splits = precompute(method, config, plan, prepared.path, splits, reference, model, pad_id)
+        reference = Reference("precomputed")
+    else:
+        reference = live_reference(method, config, plan, tokenizer)
+    train_ds, eval_ds = splits["train"], splits.get("test")
+    if config.group_by_length:
+        train_ds = train_ds.add_column("length", method.lengths(train_ds))
+    packing, eval_packing = packing_plan(config)
+    if config_flag(config, "dpo_padding_free") and packing is None:
+        packing = Packing.for_run(
+            config.sequence_len, config.micro_batch_size, plan.attn_implementation
         )
-        if packing is not None:
-            _log_packing(config, prepared, batches, steps_per_epoch)
-        if checkpoint is not None:
-            log.info("resuming from %s (step %s)", checkpoint, _checkpoint_step(checkpoint))
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        _raise_if_aborted(callbacks, config.output_dir)
-        metrics = dict(result.metrics)
-        if eval_ds is not None:
-            metrics.update(_final_eval(trainer))
-    out = Path(config.output_dir)
-    weights = gather_weights(trainer)  # ZeRO-3 / FSDP shards -> whole tensors (every rank)
-    if trainer.is_world_process_zero():
-        save_outputs(
-            trainer.model,
-            tokenizer,
-            loaded,
-            prepared,
-            metrics,
-            out,
-            trainer.state,
-            trainer.args,
-            state_dict=weights,
-        )
-        if trainer.args.push_to_hub:
-            push_final(trainer, out)
-    return out
+        eval_packing = eval_packing or packing
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
+    steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
+    if packing is not None:
+        log.info("sample packing: the sequences of each micro-batch are packed into rows")
+    return PreferenceTrainer(
+        model=model,
+        args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=method.collator(pad_id, pair_capacity(packing, config), pad_to),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        pad_to=pad_to,
+        schedule=schedule_for(config),
+        checkpoint_files=resume_record(_fingerprint(prepared)),
+        method=method,
+        reference=reference,
+        eval_collator=method.collator(pad_id, pair_capacity(eval_packing, config), pad_to),
+    )
+
+
+def config_flag(config: NewtuneConfig, key: str) -> bool:
+    """A preference key's truth (the keys live in config.schema.preference)."""
+    return bool(getattr(config, key, None))
+
+
+def pair_capacity(packing: Packing | None, config: NewtuneConfig) -> int | None:
+    """Row capacity for packing a micro-batch's sequences, or None to pad them one per row."""
+    if packing is None:
+        return None
+    if packing.rows == 1:  # flash-attention varlen: every sequence of the batch in one row
+        return 2 * config.sequence_len * config.micro_batch_size
+    return config.sequence_len
 
 
 def _checkpoint_step(checkpoint: str) -> int | None:

@@ -25,6 +25,7 @@ from newtune.fileio import atomic_dir
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args, schedule_for
 from newtune.train.kernels import fused_head
+from newtune.train.methods import method_for
 from newtune.train.precision import tf32_scope
 from newtune.train.run import CONFIG_FILE, training_model, write_model_files
 from newtune.train.trainer import NewtuneTrainer
@@ -101,6 +102,13 @@ class StepTrainer:
         self.truncation_mode = truncation_mode
         self.loaded = load_given(config, **overrides)
         self.config = cfg = self.loaded.config
+        method = method_for(cfg)
+        if method.is_preference:
+            raise ConfigError(
+                f"StepTrainer trains SFT steps only, but the config sets `{method.describe()}`. "
+                "Use `newtune train` (or newtune.train) for preference and reward training, or "
+                "remove `rl`/`reward_model` from the config given to StepTrainer."
+            )
         self.plan = resolve(cfg)
         if self.plan.world_size > 1:
             raise ConfigError(

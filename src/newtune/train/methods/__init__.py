@@ -1,1 +1,31 @@
 """Training methods: each owns its row schema, collator, loss and metrics (SFT, DPO, ORPO, KTO, reward)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def method_for(config: Any) -> Any:
+    """The training method the config asks for (`rl`, `reward_model`), as a Method object."""
+    from newtune.config.schema.preference import training_method
+
+    name = training_method(config)
+    if name == "dpo":
+        from newtune.train.methods.dpo import DPOMethod
+
+        return DPOMethod(config)
+    if name == "orpo":
+        from newtune.train.methods.orpo import ORPOMethod
+
+        return ORPOMethod(config)
+    if name == "kto":
+        from newtune.train.methods.kto import KTOMethod
+
+        return KTOMethod(config)
+    if name == "reward":
+        from newtune.train.methods.reward import RewardMethod
+
+        return RewardMethod(config)
+    from newtune.train.methods.sft import SFTMethod
+
+    return SFTMethod(config)
