@@ -258,7 +258,8 @@ def _module_exists(path: str) -> bool:
 
 def readers_of(key: str) -> list[str]:
     """The built-in formats that read an entry key (variants folded into their family)."""
-    names = [n for n, f in FORMATS.items() if key in f.reads]
+    tables = [FORMATS, *PREFERENCE_FORMATS.values()]
+    names = list(dict.fromkeys(n for t in tables for n, f in t.items() if key in f.reads))
     return [n for n in names if n.split(".")[0] == n or n.split(".")[0] not in names]
 
 

@@ -164,12 +164,12 @@ def _find(type_name: str, method: str | None = None) -> _Found | None:
         why = method_mismatch(type_name, method)
         if why:
             raise ConfigError(why)
-    else:
-        found = _find_preference(type_name, method)
+    elif method is not None:  # a preference method: its formats or a plugin
+        return _find_preference(type_name, method) or _find_plugin(type_name)
+    elif type_name not in FORMATS and type_name.split(".")[0] not in FORMATS:
+        found = _find_preference(type_name, None)  # any method: SFT names first
         if found is not None:
             return found
-        if method is not None:  # a preference method: its formats (above) or a plugin
-            return _find_plugin(type_name)
     try:
         builtin = builtin_name(type_name)
     except UnknownFormat:
