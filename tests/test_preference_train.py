@@ -116,3 +116,75 @@ def test_train_each_method_writes_adapter_and_metrics(tmp_path, model_dir, name)
             assert math.isfinite(entry[metric])
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == ("SEQ_CLS" if name == "reward" else "CAUSAL_LM")
+
+
+@pytest.mark.parametrize(
+    ("rl", "expected"), [("dpo", math.log(2)), ("ipo", (1 / (2 * 0.25)) ** 2)], ids=["dpo", "ipo"]
+)
+def test_first_step_with_lora_has_policy_equal_reference(tmp_path, model_dir, rl, expected):
+    """LoRA starts at B = 0: policy = reference, so sigmoid DPO is ln 2 and IPO (1/(2 beta))^2."""
+    cfg = make_config(tmp_path, model_dir, PAIRS, "preference", rl=rl, rl_beta=0.25, max_steps=1)
+    train_command(str(cfg))
+    (first,) = history(tmp_path / "out")
+    assert abs(first["loss"] - expected) <= 1e-6 * max(1.0, expected)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/margins"] == 0.0
+    assert first["rewards/accuracies"] == 0.0  # ties are not wins
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo", "kto", "reward"])
+def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(tmp_path, model_dir, name):
+    keys, kind, _ = METHODS[name]
+    rows = UNPAIRED if kind == "unpaired_preference" else PAIRS
+    runs = {}
+    for packed in (False, True):
+        folder = tmp_path / ("packed" if packed else "padded")
+        folder.mkdir()
+        extra = {**keys, "optimizer": "sgd", "learning_rate": 0.5, "max_steps": 1}
+        cfg = make_config(folder, model_dir, rows, kind, sample_packing=packed, **extra)
+        train_command(str(cfg))
+        runs[packed] = (history(folder / "out")[0], _adapter(folder / "out"))
+    (padded_log, padded_w), (packed_log, packed_w) = runs[False], runs[True]
+    assert abs(packed_log["loss"] - padded_log["loss"]) <= 1e-6
+    assert _max_difference(packed_w, padded_w) <= 1e-6
+    moved = max(float(v.abs().max()) for k, v in packed_w.items() if "lora_B" in k)
+    assert moved > 1e-4  # LoRA's B starts at 0: the step changed the weights
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter"), [("dpo", "lora"), ("dpo", None), ("kto", "lora")], ids=str
+)
+def test_precomputed_reference_gives_the_live_reference_losses(
+    tmp_path, model_dir, name, adapter
+):
+    keys, kind, _ = METHODS[name]
+    rows = UNPAIRED if kind == "unpaired_preference" else PAIRS
+    losses = {}
+    for precompute in (False, True):
+        folder = tmp_path / str(precompute)
+        folder.mkdir()
+        extra = {**keys, "max_steps": 3, "precompute_ref_log_probs": precompute or None}
+        if adapter is None:
+            extra.update(adapter=None, lora_r=None, lora_alpha=None, lora_dropout=None)
+            extra.update(lora_target_linear=None, learning_rate=1e-3)
+        train_command(str(make_config(folder, model_dir, rows, kind, **extra)))
+        losses[precompute] = [h["loss"] for h in history(folder / "out")]
+        caches = [p for p in (folder / "prepared").glob("*-ref-*") if not p.name.startswith(".")]
+        if precompute:
+            (cache,) = caches
+            identity = json.loads((cache / "reference.json").read_text())
+            assert identity["reference"]["base_model"] == str(model_dir)
+            assert identity["method"] == ("kto" if name == "kto" else "dpo")
+        else:
+            assert caches == []
+    assert len(losses[True]) == 3
+    for live, cached in zip(losses[False], losses[True], strict=True):
+        assert abs(live - cached) <= 1e-5 * max(1.0, abs(live))
