@@ -55,6 +55,7 @@ RULE = (
     "have none); a file that does not parse as YAML counts when a line starts with `base_model:`"
 )
 NOT_IMPLEMENTED = re.compile(r"^`([^`:]+):.*` is not implemented by newtune")
+REFUSED_KEY = re.compile(r"^`([^`:]+): .*`: `([^`:]+)` ")  # schema/compat.py's refused(...) keys
 GPU_PROBE: Callable[[], tuple[str, bool]] = lambda: ("cuda", True)  # noqa: E731
 
 
@@ -140,6 +141,9 @@ def classify_problem(problem: str, source: str) -> list[str]:
     found = NOT_IMPLEMENTED.match(problem)
     if found:
         return [f"not implemented key `{_norm_path(found.group(1))}`"]
+    found = REFUSED_KEY.match(problem)
+    if found and found.group(1) == found.group(2):
+        return [f"refused key `{_norm_path(found.group(1))}` (reason given)"]
     plugins = re.match(r"^`plugins`: (.*) are Axolotl plugins newtune does not run", problem)
     if plugins:
         names = [p.strip().rsplit(".", 1)[-1] for p in plugins.group(1).split(",")]
@@ -170,7 +174,9 @@ def explain(exc: ConfigError, source: str, data: dict[str, Any] | None = None) -
             path = _norm_path(
                 "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
             )
-            if err["type"] == "missing":
+            if err["type"] == "missing" and "`pretraining_dataset` (" in message:
+                out.append("`pretraining_dataset` (instead of `datasets`) is not implemented")
+            elif err["type"] == "missing":
                 out.append(f"`{path}` is required")
             else:
                 out.append(f"invalid `{path}`: {err['msg']}")

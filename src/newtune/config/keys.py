@@ -18,7 +18,8 @@ LEGACY_KEYS: dict[str, Legacy] = {
     "flash_attention": Legacy("attn_implementation", "flash_attention_2"),
     "sdp_attention": Legacy("attn_implementation", "sdpa"),
     "bfloat16": Legacy("bf16"),
-    "float16": Legacy("fp16"),
+    "evaluation_strategy": Legacy("eval_strategy"),
+    "model_config": Legacy("overrides_of_model_config"),
 }
 
 

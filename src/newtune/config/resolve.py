@@ -179,6 +179,8 @@ def resolve(
         dtype, mixed = "bfloat16", "bf16"
     elif config.fp16:
         dtype, mixed = "float16", "fp16"
+    elif config.float16:  # Axolotl's non-AMP float16: float16 weights, no mixed precision
+        dtype, mixed = "float16", "no"
     else:
         dtype, mixed = "float32", "no"
     accumulation = accumulation_steps(config)
@@ -214,15 +216,14 @@ def accumulation_steps(config: NewtuneConfig) -> int:
 def _adapter_summary(config: NewtuneConfig) -> str:
     if config.adapter is None:
         return "none: all weights are trained"
-    targets = (
-        "all linear layers"
-        if config.lora_target_linear
-        else (
-            ", ".join(config.lora_target_modules)
-            if config.lora_target_modules
-            else "the model type's default"
-        )
-    )
+    modules = config.lora_target_modules
+    if isinstance(modules, str):
+        targets = f"modules whose full name matches the regex {modules!r}"
+    elif config.lora_target_linear:
+        extra = f" and {', '.join(modules)}" if modules else ""
+        targets = f"all linear layers{extra}"
+    else:
+        targets = ", ".join(modules) if modules else "the model type's default"
     source = f", continuing {config.lora_model_dir}" if config.lora_model_dir else ""
     return (
         f"{config.adapter} r={config.lora_r} alpha={config.lora_alpha} "

@@ -37,6 +37,31 @@ def embedding_modules(model: Any) -> list[str]:
     return [n for i, n in enumerate(names) if n and n not in names[:i]]
 
 
+def linear_names(model: Any) -> list[str]:
+    """Last name component of every linear layer (nn.Linear, bnb Linear4bit/8bitLt, ...) but the
+    output head: the names `lora_target_linear` adapts (Axolotl's find_all_linear_names)."""
+    found = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and (isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__)
+    }
+    head = _module_name(model, model.get_output_embeddings())
+    return sorted(found - {head})
+
+
+def lora_targets(config: NewtuneConfig, model: Any = None) -> Any:
+    """`target_modules` for peft: a list of names, a regex string (peft full-matches it), or
+    `all-linear`; with `lora_target_linear` a list is joined with the model's linear layers."""
+    modules = config.lora_target_modules
+    if not config.lora_target_linear:
+        return modules
+    if isinstance(modules, list) and modules:
+        if model is None:
+            raise ValueError("joining lora_target_modules with the linear layers needs the model")
+        return sorted(set(modules) | set(linear_names(model)))
+    return "all-linear"  # a regex string with lora_target_linear is refused at validation
+
+
 def _peft_extras(config: NewtuneConfig) -> dict[str, Any]:
     """The `peft:` mapping as LoraConfig arguments (`loftq_config` becomes a LoftQConfig)."""
     extras = dict(config.peft or {})
@@ -66,7 +91,7 @@ def lora_config(config: NewtuneConfig, model: Any = None, new_tokens: bool = Fal
     With `new_tokens` (the config added tokens), the embedding modules are trained in full
     (added to `lora_modules_to_save`), or the new tokens' rows would stay untrained.
     """
-    targets: Any = "all-linear" if config.lora_target_linear else config.lora_target_modules
+    targets = lora_targets(config, model)
     to_save = list(config.lora_modules_to_save or [])
     tied = bool(model is not None and getattr(model.config, "tie_word_embeddings", False))
     if new_tokens and model is not None:

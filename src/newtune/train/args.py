@@ -18,7 +18,7 @@ DEFAULT_HUB_STRATEGY = "every_save"
 
 
 def _per_epoch(count: int | None, steps_per_epoch: int) -> int | None:
-    return None if count is None else max(1, steps_per_epoch // count)
+    return None if not count else max(1, steps_per_epoch // count)
 
 
 def _optim_args(value: str | dict[str, Any] | None) -> str | None:
@@ -73,6 +73,8 @@ def _checkpoints(config: NewtuneConfig, has_eval: bool, steps_per_epoch: int) ->
     eval_every = config.eval_steps or _per_epoch(config.evals_per_epoch, steps_per_epoch)
     save_every = config.save_steps or _per_epoch(config.saves_per_epoch, steps_per_epoch)
     eval_strategy = ("steps" if eval_every else "epoch") if has_eval else "no"
+    if has_eval and (config.eval_strategy == "no" or config.evals_per_epoch == 0):
+        eval_strategy, eval_every = "no", None  # eval_strategy: no / evals_per_epoch: 0
     save_strategy = config.save_strategy or ("steps" if save_every else "no")
     early = config.early_stopping_patience is not None
     if early and config.save_strategy is None and save_every is None:
@@ -96,8 +98,9 @@ def _checkpoints(config: NewtuneConfig, has_eval: bool, steps_per_epoch: int) ->
         "load_best_model_at_end": early,
         "metric_for_best_model": "eval_loss" if best else None,
         "greater_is_better": False if best else None,
-        # checkpoints keep optimizer, scheduler and RNG state: needed for exact resume
-        "save_only_model": False,
+        # checkpoints keep optimizer, scheduler and RNG state (exact resume), unless
+        # save_only_model (then resuming from them is refused at validation)
+        "save_only_model": bool(config.save_only_model),
     }
 
 
@@ -141,6 +144,7 @@ def training_kwargs(
         "neftune_noise_alpha": config.neftune_noise_alpha,  # neftune_noise_alpha
         "torch_compile": compile_enabled(config, plan),  # torch_compile (auto: CUDA + triton)
         "torch_compile_backend": config.torch_compile_backend,  # torch_compile_backend
+        "torch_compile_mode": config.torch_compile_mode,  # torch_compile_mode
         # hub_model_id / hub_strategy: push to the hub (token: HF_TOKEN or `hf auth login`)
         "push_to_hub": hub,
         "hub_model_id": config.hub_model_id,

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import set_seed
 
 from newtune.config.load import LoadedConfig, dump_config
+from newtune.config.machine import check_machine
 from newtune.config.resolve import RunPlan, resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.data.collate import PadCollator
@@ -108,6 +109,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     loaded = check_distributed(_own_copy(loaded))  # relative deepspeed path pinned in the copy
     config = loaded.config
     plan = plan or resolve(config)
+    check_machine(config, plan.device)  # packages, CUDA, launch: validate only warned
     check_output_dir(config.output_dir)
     if plan.local_rank == 0:
         for entry in clean_stale(Path(config.output_dir)):

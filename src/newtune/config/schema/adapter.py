@@ -19,8 +19,11 @@ class AdapterSection(Section):
     lora_r: int = Field(default=8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(default=16, gt=0, description="LoRA scaling numerator.")
     lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt, e.g. [q_proj, v_proj]."
+    lora_target_modules: str | list[str] | None = Field(
+        default=None,
+        description="Module names to adapt, e.g. [q_proj, v_proj] (a name matches a module "
+        "name's last components), or one regex string matched against full module names "
+        "(peft's re.fullmatch).",
     )
     lora_target_linear: bool | None = Field(
         default=None, description="Adapt every linear layer except the output head."

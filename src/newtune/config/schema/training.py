@@ -66,7 +66,12 @@ class TrainingSection(Section):
     lr_div_factor: float | None = Field(
         default=None, gt=0, description="one_cycle: initial lr = peak / factor (default 25)."
     )
-    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup steps.")
+    warmup_steps: int | float | None = Field(
+        default=None,
+        ge=0,
+        description="Linear warmup steps; a fraction below 1 is a ratio of all steps (as "
+        "transformers reads it; Axolotl refuses a fraction, newtune notes it).",
+    )
     warmup_ratio: float | None = Field(
         default=None, gt=0, lt=1, description="Warmup as a fraction of all steps."
     )
@@ -74,7 +79,9 @@ class TrainingSection(Section):
     eval_steps: int | float | None = Field(
         default=None, gt=0, description="Evaluate every N steps (or a fraction of all steps)."
     )
-    evals_per_epoch: int | None = Field(default=None, gt=0, description="Evaluations per epoch.")
+    evals_per_epoch: int | None = Field(
+        default=None, ge=0, description="Evaluations per epoch; 0: none during training."
+    )
     save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
         default=None, description="When to write checkpoints (default: only the final model)."
     )
