@@ -188,3 +188,58 @@ def test_precomputed_reference_gives_the_live_reference_losses(
     assert len(losses[True]) == 3
     for live, cached in zip(losses[False], losses[True], strict=True):
         assert abs(live - cached) <= 1e-5 * max(1.0, abs(live))
+
+
+def _scores(model, tokenizer) -> torch.Tensor:
+    """Scores of every pair's chosen and rejected text, one batch, right padded."""
+    texts = [p["prompt"] + p[side] for p in PAIRS for side in ("chosen", "rejected")]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits[:, 0]
+
+
+def test_full_reward_model_loads_in_plain_transformers(tmp_path, model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = make_config(
+        tmp_path,
+        model_dir,
+        PAIRS,
+        "preference",
+        reward_model=True,
+        adapter=None,
+        lora_r=None,
+        lora_alpha=None,
+        lora_dropout=None,
+        lora_target_linear=None,
+        learning_rate=1e-3,
+    )
+    train_command(str(cfg))
+    out = tmp_path / "out"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    scores = _scores(model, AutoTokenizer.from_pretrained(out))
+    assert scores.shape == (2 * len(PAIRS),) and torch.isfinite(scores).all()
+
+
+def test_reward_lora_merges_into_a_plain_sequence_classifier(tmp_path, model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from newtune.cli.merge_lora import merge_lora_command
+
+    cfg = make_config(tmp_path, model_dir, PAIRS, "preference", reward_model=True)
+    train_command(str(cfg))
+    out = tmp_path / "out"
+    merge_lora_command(str(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    assert merged.config.architectures == ["LlamaForSequenceClassification"]
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    with_adapter = PeftModel.from_pretrained(base, out).eval()
+    expected = _scores(with_adapter, tokenizer)
+    assert torch.allclose(_scores(merged, tokenizer), expected, atol=1e-5)
+    head = load_file(str(out / "adapter_model.safetensors"))
+    assert any(k.endswith("score.weight") for k in head)  # the head trains in full

@@ -45,7 +45,9 @@ def merge_lora(
         )
     ignore = (config.base_model_ignore_patterns if config else None) or None
     folder = _local_folder(base_model, ignore)
-    if folder is not None and base_shards(folder) is not None:
+    if _is_sequence_classifier(adapter_dir):  # a reward model: peft merges it into its class
+        log.info("this adapter is a sequence classifier's (reward model): merging in memory")
+    elif folder is not None and base_shards(folder) is not None:
         problem = json_problem(folder / "config.json")
         if problem:
             raise ModelError(f"`base_model: {base_model}`: {problem}")
@@ -64,6 +66,15 @@ def merge_lora(
             return out_dir
         log.info("this adapter needs peft's merge: merging in memory")
     return _merge_in_memory(base_model, adapter_dir, out_dir, dtype, tokenizer, config)
+
+
+def _is_sequence_classifier(adapter_dir: str) -> bool:
+    """True for an adapter of a sequence classifier (peft task type SEQ_CLS: a reward model)."""
+    try:
+        text = (Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")
+        return json.loads(text).get("task_type") == "SEQ_CLS"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _merge_device(config: NewtuneConfig | None) -> str:
@@ -107,6 +118,8 @@ def _merge_in_memory(
     if config is not None:  # never quantized: QLoRA adapters merge into the full weights
         full = ModelOptions.from_config(config, quantize=False)
         options = dataclasses.replace(full, device_map=None, max_memory=None)
+    if _is_sequence_classifier(adapter_dir):
+        options = dataclasses.replace(options, num_labels=1)
     model = load_model(base_model, "float32", options=options)
     if config is not None:
         resize_embeddings(model, tokenizer, config)
