@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from newtune.config.keys import LEGACY_KEYS
 from newtune.config.schema import DatasetEntry, status_of
 from newtune.config.schema.adapter import AdapterSection
+from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
@@ -24,6 +25,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Preference and reward training", PreferenceSection),
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),
+    ("Axolotl keys read as Axolotl does, and its legacy keys", CompatSection),
     ("Not implemented", UnsupportedSection),
 ]
 
@@ -73,7 +75,9 @@ def render() -> str:
         "| legacy key | read as |",
         "|---|---|",
         *[
-            f"| `{old}: true` | `{new.canonical}: {new.value if new.value is not None else 'true'}` |"
+            f"| `{old}: true` | `{new.canonical}: {new.value}` |"
+            if new.value is not None
+            else f"| `{old}: X` | `{new.canonical}: X` |"
             for old, new in LEGACY_KEYS.items()
         ],
         "",

@@ -6,7 +6,9 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from newtune.config.compat import compat_notes, compat_rules
 from newtune.config.keys import is_off
+from newtune.config.machine import missing_here
 from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
 from newtune.config.schema.formats import entry_problems
 from newtune.config.schema.preference import training_method
@@ -74,15 +76,6 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
             f"`{names(bits)}` and `peft.loftq_config` are both set; LoftQ quantizes the base "
             "weights itself and needs them unquantized: remove the load_in key"
         )
-    if cfg.lora_target_linear and cfg.lora_target_modules:
-        err(
-            _both(
-                names,
-                "lora_target_modules",
-                "lora_target_linear",
-                "lora_target_linear already adapts every linear layer; keep one",
-            )
-        )
     if cfg.sample_packing and cfg.group_by_length:
         err(
             _both(
@@ -92,21 +85,16 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
                 "packing already groups samples into full rows; keep one",
             )
         )
-    if (
-        cfg.attn_implementation == "flash_attention_2"
-        and importlib.util.find_spec("flash_attn") is None
-    ):
-        err(
-            "`attn_implementation: flash_attention_2` needs the flash-attn package, which is not "
-            "installed; on a CUDA machine run `pip install 'newtune[flash-attn]'` (or "
-            "`pip install flash-attn --no-build-isolation`), or use `attn_implementation: sdpa`"
-        )
     if cfg.save_safetensors is False:
         err(
             "`save_safetensors: false` asks for pickle weights; newtune always writes "
             "safetensors (loadable everywhere, safe to open); remove the key"
         )
     out.errors += _training_rules(cfg, names)
+    out.errors += compat_rules(cfg, names)
+    # packages this machine lacks are warnings: the config may train on another machine
+    # (`train` refuses at start: config.machine.check_machine)
+    out.warnings += missing_here(cfg, names)
     out.errors += _preference_rules(cfg, names, out.warnings)
     out.errors += _reporting_rules(cfg, names, out.warnings)
     if cfg.adapter is None:
@@ -133,31 +121,9 @@ def _distributed_rules(cfg: NewtuneConfig, names: Callable[[str], str], out: Fin
             f"`{names('fsdp_version')}` is set but FSDP is off; add `fsdp_config` (and `fsdp`) "
             "or remove it"
         )
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        out.errors.append(
-            f"`{names('deepspeed')}` needs the deepspeed package, which is not installed; run "
-            "`pip install 'newtune[deepspeed]'` (on a GPU machine after torch), or remove the key"
-        )
 
 
-# optimizer name prefix -> (module it imports, pip package)
-OPTIMIZER_PACKAGES = [
-    (("galore_",), "galore_torch", "galore-torch"),
-    (("apollo_",), "apollo_torch", "apollo-torch"),
-    (("lomo", "adalomo"), "lomo_optim", "lomo-optim"),
-    (("grokadamw",), "grokadamw", "grokadamw"),
-    (("schedule_free_",), "schedulefree", "schedulefree"),
-    (("adamw_torch_4bit", "adamw_torch_8bit"), "torchao", "torchao"),
-    (("adamw_anyprecision",), "torchdistx", "torchdistx"),
-    (("stable_adamw",), "optimi", "torch-optimi"),
-    (
-        ("adamw_bnb", "adamw_8bit", "lion_", "paged_", "ademamix", "rmsprop_bnb"),
-        "bitsandbytes",
-        "bitsandbytes",
-    ),
-]
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
-TRACKERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
 WANDB_VALUES = {
     "wandb_mode": ("online", "offline", "disabled"),
     "wandb_log_model": ("false", "checkpoint", "end"),
@@ -167,12 +133,6 @@ WANDB_VALUES = {
 
 def _optimizer_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     errors = []
-    for prefixes, module, pip in OPTIMIZER_PACKAGES:
-        if cfg.optimizer.startswith(prefixes) and importlib.util.find_spec(module) is None:
-            errors.append(
-                f"`{names('optimizer')}: {cfg.optimizer}` needs the {pip} package, which is not "
-                f"installed; run `pip install {pip}` or choose another optimizer (adamw_torch)"
-            )
     projected = cfg.optimizer.startswith(("galore_", "apollo_"))
     if projected and not cfg.optim_target_modules:
         errors.append(
@@ -230,13 +190,6 @@ def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
         errors.append(
             f"`{names('plugins')}`: {', '.join(others)} are Axolotl plugins newtune does not run; "
             f"only {LIGER_PLUGIN} is understood (its liger_* keys work without it); remove them"
-        )
-    liger = [k for k in type(cfg).model_fields if k.startswith("liger_") and getattr(cfg, k)]
-    if liger and importlib.util.find_spec("liger_kernel") is None:
-        errors.append(
-            f"{', '.join(f'`{names(k)}`' for k in liger)} need liger-kernel, which is not "
-            "installed; on a CUDA machine run `pip install 'newtune[liger]'` (or "
-            "`pip install liger-kernel`), or remove the liger_* keys"
         )
     return errors
 
@@ -333,13 +286,6 @@ def _reporting_rules(
         "mlflow": bool(cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name),
         "tensorboard": bool(cfg.use_tensorboard),
     }
-    for tracker, on in wanted.items():
-        if on and importlib.util.find_spec(TRACKERS[tracker]) is None:
-            errors.append(
-                f"the config reports to {tracker}, which is not installed; run "
-                f"`pip install {tracker}` (or `pip install 'newtune[{tracker}]'`), or remove the "
-                f"{tracker} keys"
-            )
     if cfg.hf_mlflow_log_artifacts and not wanted["mlflow"]:
         warnings.append(
             f"`{names('hf_mlflow_log_artifacts')}` set without `mlflow_tracking_uri` or "
@@ -363,10 +309,8 @@ def _unimplemented_in(model: NewtuneConfig | DatasetEntry, prefix: str) -> list[
         if is_off(value):
             continue
         alt = f"; use {meta['alternative']} instead" if "alternative" in meta else ""
-        found.append(
-            f"`{prefix}{name}: {value!r}` is not implemented by newtune{alt}; "
-            "remove it or set it to null"
-        )
+        reason = f": {meta['reason']}" if "reason" in meta else " is not implemented by newtune"
+        found.append(f"`{prefix}{name}: {value!r}`{reason}{alt}; remove it or set it to null")
     return found
 
 
@@ -389,4 +333,4 @@ def ignored_keys(cfg: NewtuneConfig) -> list[str]:
         info = type(cfg).model_fields[name]
         if status_of(info)["status"] == "ignored" and getattr(cfg, name) is not None:
             notes.append(f"`{name}` is ignored: {info.description}")
-    return notes
+    return notes + compat_notes(cfg)

@@ -2,6 +2,7 @@
 
 from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.base import status_of
+from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.data import DataSection, DatasetEntry
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.inference import InferenceSection
@@ -14,6 +15,7 @@ from newtune.config.schema.unsupported import UnsupportedSection
 
 class NewtuneConfig(
     UnsupportedSection,
+    CompatSection,
     PreferenceSection,
     InferenceSection,
     LoggingSection,
