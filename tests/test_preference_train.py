@@ -243,3 +243,40 @@ def test_reward_lora_merges_into_a_plain_sequence_classifier(tmp_path, model_dir
     assert torch.allclose(_scores(merged, tokenizer), expected, atol=1e-5)
     head = load_file(str(out / "adapter_model.safetensors"))
     assert any(k.endswith("score.weight") for k in head)  # the head trains in full
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
+def test_evaluate_prints_the_methods_metrics_beside_eval_loss(tmp_path, model_dir, capsys, name):
+    from newtune.cli.evaluate import evaluate_command
+
+    keys, kind, _ = METHODS[name]
+    rows = (UNPAIRED if kind == "unpaired_preference" else PAIRS) * 2
+    cfg = make_config(tmp_path, model_dir, rows, kind, val_set_size=4, eval_steps=2, **keys)
+    train_command(str(cfg))
+    logged = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    evals = [h for h in logged if "eval_loss" in h]
+    assert evals and evals[-1]["step"] == 2
+    capsys.readouterr()
+    evaluate_command(str(cfg))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["eval_rows"] == 4 and printed["split"] == "test"
+    assert abs(printed["eval_loss"] - evals[-1]["eval_loss"]) <= 1e-5
+    names = {
+        "dpo": DPO_METRICS,
+        "kto": ("kl", "rewards/chosen", "rewards/rejected"),
+        "reward": ("accuracy", "margin"),
+    }[name]
+    for metric in names:
+        assert abs(printed[metric] - evals[-1][f"eval_{metric}"]) <= 1e-5, metric
+        assert f"eval_{metric}" not in printed
+    if name == "dpo":
+        assert 0.0 <= printed["rewards/accuracies"] <= 1.0
+
+
+def test_step_trainer_refuses_preference_methods(tmp_path, model_dir):
+    from newtune.errors import ConfigError
+    from newtune.train.stepwise import StepTrainer
+
+    cfg = make_config(tmp_path, model_dir, PAIRS, "preference", rl="dpo")
+    with pytest.raises(ConfigError, match=r"StepTrainer trains SFT steps only.*`rl: dpo`"):
+        StepTrainer(str(cfg))
