@@ -280,3 +280,22 @@ def test_step_trainer_refuses_preference_methods(tmp_path, model_dir):
     cfg = make_config(tmp_path, model_dir, PAIRS, "preference", rl="dpo")
     with pytest.raises(ConfigError, match=r"StepTrainer trains SFT steps only.*`rl: dpo`"):
         StepTrainer(str(cfg))
+
+
+def test_loss_plot_carries_the_preference_metrics(tmp_path):
+    from newtune.train.report import metric_series, write_loss_plot
+
+    logs = [
+        {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.0},
+        {"step": 2, "loss": 0.6, "rewards/accuracies": 1.0, "rewards/margins": 0.2},
+        {"step": 2, "eval_loss": 0.65, "eval_rewards/accuracies": 0.75},
+        {"step": 2, "train_loss": 0.64},
+    ]
+    assert metric_series(logs) == {
+        "rewards/accuracies": [(1, 0.5), (2, 1.0)],
+        "rewards/margins": [(1, 0.0), (2, 0.2)],
+        "eval_rewards/accuracies": [(2, 0.75)],
+    }
+    assert metric_series([{"step": 1, "loss": 1.0}]) == {}
+    assert write_loss_plot(logs, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,6 +97,25 @@ def loss_series(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, 
     return series
 
 
+# Preference metrics drawn beside the loss when a run logged them (TRL's names).
+PLOT_METRICS = ("rewards/accuracies", "rewards/margins", "accuracy", "margin", "kl")
+
+
+def metric_series(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of each logged preference metric, train (`name`) and eval
+    (`eval_name`); only the names some entry has."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None:
+            continue
+        for name in PLOT_METRICS:
+            for key in (name, f"eval_{name}"):
+                if key in entry:
+                    series.setdefault(key, []).append((int(step), float(entry[key])))
+    return series
+
+
 def write_loss_plot(log_history: list[dict[str, Any]], path: Path) -> bool:
     """Plot train and eval loss against the step as a PNG; False when matplotlib is missing."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -109,9 +128,19 @@ def write_loss_plot(log_history: list[dict[str, Any]], path: Path) -> bool:
     from matplotlib.figure import Figure
 
     series = loss_series(log_history)
-    figure = Figure(figsize=(7, 4), dpi=100)
+    metrics = metric_series(log_history)
+    figure = Figure(figsize=(12 if metrics else 7, 4), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    axes = figure.add_subplot(1, 2 if metrics else 1, 1)
+    if metrics:
+        side = figure.add_subplot(1, 2, 2)
+        for key, points in metrics.items():
+            steps, values = zip(*points, strict=True)
+            side.plot(steps, values, marker="o" if key.startswith("eval_") else None, label=key)
+        side.set_xlabel("step")
+        side.set_ylabel("preference metrics")
+        side.grid(alpha=0.3)
+        side.legend()
     for name, marker in (("train", None), ("eval", "o")):
         if series[name]:
             steps, losses = zip(*series[name], strict=True)
