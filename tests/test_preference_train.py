@@ -162,9 +162,7 @@ def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(tmp_path, mode
 @pytest.mark.parametrize(
     ("name", "adapter"), [("dpo", "lora"), ("dpo", None), ("kto", "lora")], ids=str
 )
-def test_precomputed_reference_gives_the_live_reference_losses(
-    tmp_path, model_dir, name, adapter
-):
+def test_precomputed_reference_gives_the_live_reference_losses(tmp_path, model_dir, name, adapter):
     keys, kind, _ = METHODS[name]
     rows = UNPAIRED if kind == "unpaired_preference" else PAIRS
     losses = {}
@@ -299,3 +297,38 @@ def test_loss_plot_carries_the_preference_metrics(tmp_path):
     assert metric_series([{"step": 1, "loss": 1.0}]) == {}
     assert write_loss_plot(logs, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_ranks_average_metrics_across_ranks(tmp_path, model_dir, capsys):
+    """Each rank evaluates half the split; the logged eval metrics are the whole split's (as one
+    process computes them with `newtune evaluate`)."""
+    from newtune.cli.evaluate import evaluate_command
+
+    cfg = make_config(
+        tmp_path, model_dir, PAIRS * 2, "preference", rl="dpo", val_set_size=4, eval_steps=2
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(
+        [sys.executable, *launch, "-m", "newtune.cli.train", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert abs(history(tmp_path / "out")[0]["loss"] - math.log(2)) <= 1e-6
+    (final_eval,) = [h for h in logged if "eval_loss" in h]
+    capsys.readouterr()
+    evaluate_command(str(cfg))
+    printed = json.loads(capsys.readouterr().out)
+    for metric in ("loss", *DPO_METRICS):
+        assert (
+            abs(
+                printed[f"eval_{metric}" if metric == "loss" else metric]
+                - final_eval[f"eval_{metric}"]
+            )
+            <= 1e-5
+        ), metric
