@@ -140,8 +140,19 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("name", ["dpo", "orpo", "kto", "reward"])
-def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(tmp_path, model_dir, name):
+@pytest.mark.parametrize(
+    ("name", "packing_key"),
+    [
+        ("dpo", "sample_packing"),
+        ("dpo", "dpo_padding_free"),
+        ("orpo", "sample_packing"),
+        ("kto", "sample_packing"),
+        ("reward", "sample_packing"),
+    ],
+)
+def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(
+    tmp_path, model_dir, name, packing_key
+):
     keys, kind, _ = METHODS[name]
     rows = UNPAIRED if kind == "unpaired_preference" else PAIRS
     runs = {}
@@ -149,7 +160,7 @@ def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(tmp_path, mode
         folder = tmp_path / ("packed" if packed else "padded")
         folder.mkdir()
         extra = {**keys, "optimizer": "sgd", "learning_rate": 0.5, "max_steps": 1}
-        cfg = make_config(folder, model_dir, rows, kind, sample_packing=packed, **extra)
+        cfg = make_config(folder, model_dir, rows, kind, **{packing_key: packed or None}, **extra)
         train_command(str(cfg))
         runs[packed] = (history(folder / "out")[0], _adapter(folder / "out"))
     (padded_log, padded_w), (packed_log, packed_w) = runs[False], runs[True]
@@ -332,3 +343,25 @@ def test_two_ranks_average_metrics_across_ranks(tmp_path, model_dir, capsys):
             )
             <= 1e-5
         ), metric
+
+
+def test_gradient_accumulation_equals_a_bigger_micro_batch(tmp_path, model_dir):
+    """2 micro-batches of 2 pairs accumulated = one micro-batch of 4 (the loss is a pair mean)."""
+    weights = []
+    for mbs, accumulation in ((4, 1), (2, 2)):
+        folder = tmp_path / f"mbs{mbs}"
+        folder.mkdir()
+        extra = {"optimizer": "sgd", "learning_rate": 0.5, "max_steps": 1, "group_by_length": True}
+        cfg = make_config(
+            folder,
+            model_dir,
+            PAIRS,
+            "preference",
+            rl="dpo",
+            micro_batch_size=mbs,
+            gradient_accumulation_steps=accumulation,
+            **extra,
+        )
+        train_command(str(cfg))
+        weights.append(_adapter(folder / "out"))
+    assert _max_difference(*weights) <= 1e-6
