@@ -352,12 +352,22 @@ def test_use_wandb_agrees_with_wandb_project(tmp_path):
             "(it drops or rejects the key); use `sample_packing: true` with `sequence_len` instead",
         ),
         ("gptq_groupsize", 128, "`gptq_groupsize: 128`: `gptq_groupsize` was removed from Axolotl"),
-        ("trackio_project_name", "p", "newtune does not report to trackio; use `wandb_project`"),
-        ("jagged_restart_steps", 100, "`jagged_restart_steps: 100`: newtune has no jagged lr"),
+        (
+            "trackio_project_name",
+            "p",
+            "`trackio_project_name` sets up trackio reporting, which newtune does not do; use "
+            "`wandb_project`",
+        ),
+        (
+            "jagged_restart_steps",
+            100,
+            "`jagged_restart_steps: 100`: `jagged_restart_steps` shapes jagged lr restarts",
+        ),
         (
             "flex_attn_compile_kwargs",
             {"dynamic": False},
-            "it only applies to `attn_implementation: flex_attention`, which newtune does not run",
+            "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on "
+            "torch 2.6 (a workaround; elsewhere it does nothing)",
         ),
     ],
 )
@@ -399,3 +409,54 @@ def test_pretraining_dataset_without_datasets_names_it(tmp_path):
         "entries with `type: completion`"
     ) in err
     assert "is required" not in err
+
+
+# -- 6. attention values Axolotl accepts ------------------------------------------------------
+
+
+def test_flex_attention_validates_and_needs_cuda_at_train_time(tmp_path):
+    result = loaded(tmp_path, attn_implementation="flex_attention")
+    assert result.notes == [] and result.config.attn_implementation == "flex_attention"
+    assert ModelOptions.from_config(result.config).attn == "flex_attention"
+    assert machine_problems(result.config, device="cuda", world_size=1) == []
+    assert machine_problems(result.config, device="cpu", world_size=1) == [
+        "`attn_implementation: flex_attention` needs CUDA (torch's FlexAttention has no "
+        "backward pass on CPU), and this machine trains on cpu; train on a CUDA GPU, or use "
+        "`attn_implementation: sdpa`"
+    ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="kernels installed")
+def test_hub_kernel_attention_warns_here_and_train_needs_the_kernels_package(tmp_path):
+    kernel = "kernels-community/vllm-flash-attn3"
+    result = loaded(tmp_path, attn_implementation=kernel)
+    assert result.notes == [
+        f"warning: `attn_implementation: {kernel}` needs the kernels package (transformers' "
+        "hub-kernels integration), which is not installed here; the machine that trains needs "
+        "it (`pip install kernels`)."
+    ]
+    assert ModelOptions.from_config(result.config).attn == kernel
+    assert machine_problems(result.config, device="cuda", world_size=1) == [
+        f"`attn_implementation: {kernel}` needs the kernels package (transformers' hub-kernels "
+        "integration), which is not installed; run `pip install kernels`, or use "
+        "`attn_implementation: sdpa` (or flash_attention_2)"
+    ]
+
+
+def test_xformers_attention_is_read_as_sdpa_with_a_note(tmp_path, model_dir):
+    result = loaded(tmp_path, attn_implementation="xformers")
+    assert result.notes == [
+        "`attn_implementation: xformers` is read as sdpa: torch's scaled_dot_product_attention "
+        "runs the memory-efficient kernel that came from xformers (newtune does not install "
+        "xformers)"
+    ]
+    assert resolve(result.config, env={}).attn_implementation == "sdpa"
+    model = load_model(str(model_dir), options=ModelOptions.from_config(result.config))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unknown_attention_names_the_choices(tmp_path):
+    assert (
+        "`sage` is not an attention newtune runs; choose eager, sdpa (default), "
+        "flash_attention_2, flex_attention, xformers (read as sdpa) or a hub kernel `org/repo`"
+    ) in error_of(tmp_path, attn_implementation="sage")

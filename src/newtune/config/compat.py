@@ -8,6 +8,12 @@ from typing import Any
 from newtune.config.schema import NewtuneConfig
 
 
+def attention(cfg: NewtuneConfig) -> str:
+    """The attn_implementation given to transformers (xformers is read as sdpa)."""
+    value = cfg.attn_implementation or "sdpa"
+    return "sdpa" if value == "xformers" else value
+
+
 def _lora_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     if cfg.lora_target_linear and isinstance(cfg.lora_target_modules, str):
         return [
@@ -111,6 +117,12 @@ def compat_notes(cfg: NewtuneConfig) -> list[str]:
         notes.append(
             f"`warmup_steps: {steps}` is a fraction: read as warmup over {steps:.0%} of the "
             f"steps, i.e. `warmup_ratio: {steps}` (write that; Axolotl refuses a fraction here)"
+        )
+    if cfg.attn_implementation == "xformers":
+        notes.append(
+            "`attn_implementation: xformers` is read as sdpa: torch's scaled_dot_product_"
+            "attention runs the memory-efficient kernel that came from xformers (newtune does "
+            "not install xformers)"
         )
     if cfg.evals_per_epoch == 0:
         notes.append("`evals_per_epoch: 0`: no evaluation during training")

@@ -85,6 +85,28 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
                 "flash-attn's kernels are CUDA kernels",
             )
         )
+    attn = cfg.attn_implementation or ""
+    if attn == "flex_attention":
+        needs.append(
+            Need(
+                f"`{names('attn_implementation')}: flex_attention`",
+                "torch",
+                "torch",
+                ("pip install torch",),
+                "use `attn_implementation: sdpa`",
+                "torch's FlexAttention has no backward pass on CPU",
+            )
+        )
+    if "/" in attn:
+        needs.append(
+            Need(
+                f"`{names('attn_implementation')}: {attn}`",
+                "the kernels package (transformers' hub-kernels integration)",
+                "kernels",
+                ("pip install kernels",),
+                "use `attn_implementation: sdpa` (or flash_attention_2)",
+            )
+        )
     liger = [k for k in LIGER_KEYS if getattr(cfg, k)]
     if liger:
         needs.append(

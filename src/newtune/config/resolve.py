@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from newtune.config.compat import attention
 from newtune.config.schema import NewtuneConfig
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
@@ -193,7 +194,7 @@ def resolve(
         dtype=dtype,
         mixed_precision=mixed,
         device=device,
-        attn_implementation=config.attn_implementation or "sdpa",
+        attn_implementation=attention(config),  # xformers is read as sdpa
         train_mode=config.adapter or "full",
         adapter=_adapter_summary(config),
         datasets=tuple(f"{e.path} (type: {e.type}, split: {e.split})" for e in config.datasets),

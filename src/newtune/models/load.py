@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from newtune.config.compat import attention
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
@@ -52,7 +53,7 @@ class ModelOptions:
         """The options a config asks for; `quantize=False` loads full weights (merging)."""
         bits = "4bit" if config.load_in_4bit else ("8bit" if config.load_in_8bit else None)
         return cls(
-            attn=config.attn_implementation or "sdpa",
+            attn=attention(config),  # xformers is read as sdpa
             model_type=config.model_type,
             config_source=config.base_model_config,
             revision=config.revision_of_model,

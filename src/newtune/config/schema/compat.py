@@ -21,6 +21,8 @@ def refused(description: str, reason: str, alternative: str | None = None) -> An
     return Field(default=None, description=description, json_schema_extra=extra)
 
 
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention", "xformers")
+HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.-]+)?$")  # org/repo[@rev][:name]
 AXOLOTL_DROPS = "is not an Axolotl key (Axolotl drops it unread, so it does nothing there)"
 AXOLOTL_REMOVED = "was removed from Axolotl (it drops or rejects the key)"
 
@@ -98,27 +100,47 @@ class CompatSection(Section):
     )
     trackio_project_name: Any = refused(
         "trackio project.",
-        "newtune does not report to trackio",
+        "`trackio_project_name` sets up trackio reporting, which newtune does not do",
         "`wandb_project`, `mlflow_experiment_name` or `use_tensorboard`",
     )
     trackio_run_name: Any = refused(
-        "trackio run name.", "newtune does not report to trackio", "`wandb_name`"
+        "trackio run name.",
+        "`trackio_run_name` sets up trackio reporting, which newtune does not do",
+        "`wandb_name`",
     )
-    trackio_space_id: Any = refused("trackio Space.", "newtune does not report to trackio")
+    trackio_space_id: Any = refused(
+        "trackio Space.", "`trackio_space_id` sets up trackio reporting, which newtune does not do"
+    )
     jagged_restart_steps: Any = refused(
-        "Jagged (ReLoRA-style) learning-rate restarts.", "newtune has no jagged lr restarts"
+        "Jagged (ReLoRA-style) learning-rate restarts.",
+        "`jagged_restart_steps` shapes jagged lr restarts, which newtune does not have",
     )
     jagged_restart_warmup_steps: Any = refused(
-        "Warmup of jagged restarts.", "newtune has no jagged lr restarts"
+        "Warmup of jagged restarts.",
+        "`jagged_restart_warmup_steps` shapes jagged lr restarts, which newtune does not have",
     )
     jagged_restart_anneal_steps: Any = refused(
-        "Annealing of jagged restarts.", "newtune has no jagged lr restarts"
+        "Annealing of jagged restarts.",
+        "`jagged_restart_anneal_steps` shapes jagged lr restarts, which newtune does not have",
     )
     flex_attn_compile_kwargs: Any = refused(
         "torch.compile options of flex attention.",
-        "it only applies to `attn_implementation: flex_attention`, which newtune does not run",
-        "`attn_implementation: sdpa` (no options)",
+        "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on torch "
+        "2.6 (a workaround; elsewhere it does nothing); transformers compiles flex attention "
+        "itself",
     )
+
+    @field_validator("attn_implementation", check_fields=False)
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        """An attention transformers runs, or a hub kernel `org/repo` (kernels integration)."""
+        if value is None or value in ATTENTION or HUB_KERNEL.match(value):
+            return value
+        raise ValueError(
+            f"`{value}` is not an attention newtune runs; choose eager, sdpa (default), "
+            "flash_attention_2, flex_attention, xformers (read as sdpa) or a hub kernel "
+            "`org/repo` such as kernels-community/vllm-flash-attn3"
+        )
 
     @field_validator("tokens", mode="before", check_fields=False)
     @classmethod

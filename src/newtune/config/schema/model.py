@@ -6,8 +6,6 @@ from pydantic import Field
 
 from newtune.config.schema.base import Section
 
-AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
-
 
 class ModelSection(Section):
     """Base model, tokenizer, precision and attention."""
@@ -64,9 +62,11 @@ class ModelSection(Section):
     )
     fp16: bool | None = Field(default=None, description="Train in float16 mixed precision.")
     tf32: bool | None = Field(default=None, description="Allow TF32 matmuls on Ampere+ GPUs.")
-    attn_implementation: AttnImplementation | None = Field(
+    attn_implementation: str | None = Field(
         default=None,
-        description="Attention kernel: eager, sdpa (default) or flash_attention_2.",
+        description="Attention kernel: eager, sdpa (default), flash_attention_2, flex_attention "
+        "(CUDA), a hub kernel `org/repo` (transformers' kernels integration, `pip install "
+        "kernels`), or xformers (read as sdpa, which runs xformers' memory-efficient kernel).",
     )
     device_map: str | dict[str, Any] | None = Field(
         default=None, description="Where to place model layers."
