@@ -365,3 +365,38 @@ def test_gradient_accumulation_equals_a_bigger_micro_batch(tmp_path, model_dir):
         train_command(str(cfg))
         weights.append(_adapter(folder / "out"))
     assert _max_difference(*weights) <= 1e-6
+
+
+def test_kto_with_one_row_per_batch_is_refused_before_any_work(tmp_path, model_dir):
+    cfg = make_config(tmp_path, model_dir, UNPAIRED, "unpaired_preference", rl="kto")
+    proc = cli("train", str(cfg), "--micro_batch_size=1")
+    assert proc.returncode != 0
+    assert "`rl: kto` needs `micro_batch_size` of 2 or more (it is 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "out").exists()
+
+
+def test_rows_of_the_other_kind_are_a_data_error():
+    import datasets
+
+    from newtune.config.schema import NewtuneConfig
+    from newtune.errors import DataError
+    from newtune.train.methods import method_for
+
+    base = {"base_model": "x", "datasets": [{"path": "d", "type": "preference"}]}
+    sft_rows = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"input_ids": [[1]], "labels": [[1]]})}
+    )
+    pair_rows = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"prompt_ids": [[1]], "chosen_ids": [[2]]})}
+    )
+    with pytest.raises(
+        DataError, match=r"`rl: dpo` trains on preference rows .* \(missing prompt_ids"
+    ):
+        method_for(NewtuneConfig(**base, rl="dpo")).check_data(sft_rows)
+    with pytest.raises(DataError, match="missing rejected_ids"):
+        method_for(NewtuneConfig(**base, rl="orpo")).check_data(pair_rows)
+    alpaca = {"base_model": "x", "datasets": [{"path": "d", "type": "alpaca"}]}
+    with pytest.raises(DataError, match="SFT trains on rows with the columns input_ids, labels"):
+        method_for(NewtuneConfig(**alpaca)).check_data(pair_rows)
+    method_for(NewtuneConfig(**alpaca)).check_data(sft_rows)  # the right rows pass

@@ -110,6 +110,7 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     config = loaded.config
     plan = plan or resolve(config)
     check_machine(config, plan.device)  # packages, CUDA, launch: validate only warned
+    method = method_for(config)  # the training method's own config errors: before any work
     check_output_dir(config.output_dir)
     if plan.local_rank == 0:
         for entry in clean_stale(Path(config.output_dir)):
@@ -117,13 +118,12 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     check_sequence_len(config, plan)
     checkpoint = resume_checkpoint(config)  # a missing or incomplete folder fails now
     with tf32_scope(config.tf32):  # process-wide torch switches: restored after the run
-        return _train(loaded, plan, checkpoint)
+        return _train(loaded, plan, checkpoint, method)
 
 
-def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) -> Path:
+def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None, method: Any) -> Path:
     """Prepare data, build the model, train, and save the outputs."""
     config = loaded.config
-    method = method_for(config)
     tokenizer, new_ids = load_tokenizer(config)
     prepared = prepare(config, tokenizer, tokenizer.chat_template)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")
