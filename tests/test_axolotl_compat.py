@@ -85,7 +85,7 @@ def test_validate_warns_and_train_refuses_at_start_with_the_pip_command(tmp_path
         assert line in proc.stderr
     err = error_line(cli("train", cfg))
     assert (
-        "This machine cannot train the config: `attn_implementation: flash_attention_2` needs "
+        "newtune cannot train this config here: `attn_implementation: flash_attention_2` needs "
         "the flash-attn package, which is not installed; run `pip install 'newtune[flash-attn]'`"
         " or `pip install flash-attn --no-build-isolation`, or use `attn_implementation: sdpa`"
     ) in err
@@ -134,7 +134,7 @@ def test_machine_problems_are_cuda_and_launch_checks_when_packages_exist(monkeyp
         "`ddp: false`, but this run was launched on 2 processes"
         in machine_problems(off, device="cpu", world_size=2)[0]
     )
-    with pytest.raises(ConfigError, match="^This machine cannot train the config: `attn_"):
+    with pytest.raises(ConfigError, match="^newtune cannot train this config here: `attn_"):
         check_machine(cfg, device="cpu")
 
 
@@ -460,3 +460,42 @@ def test_unknown_attention_names_the_choices(tmp_path):
         "`sage` is not an attention newtune runs; choose eager, sdpa (default), "
         "flash_attention_2, flex_attention, xformers (read as sdpa) or a hub kernel `org/repo`"
     ) in error_of(tmp_path, attn_implementation="sage")
+
+
+# -- 6. next config-only families ---------------------------------------------------------------
+
+
+def test_lora_kernels_false_accepted_true_warned_and_refused_at_train(tmp_path):
+    off = loaded(tmp_path, adapter="lora", lora_mlp_kernel=False, lora_qkv_kernel=False)
+    assert off.notes == [] and off.config.lora_mlp_kernel is False
+    check_machine(off.config, device="cuda")  # nothing to refuse
+    on = loaded(tmp_path, adapter="lora", lora_mlp_kernel=True, lora_o_kernel=True)
+    why = (
+        "`lora_mlp_kernel: true`, `lora_o_kernel: true` ask for Axolotl's own fused Triton LoRA "
+        "kernels, which neither peft nor liger-kernel provide; newtune trains LoRA with peft "
+        "(the same math, unfused), so set them to false (or remove them)"
+    )
+    assert on.notes == [f"warning: {why}; `train` refuses them"]
+    with pytest.raises(ConfigError) as info:
+        check_machine(on.config, device="cuda")
+    assert str(info.value) == (
+        f"newtune cannot train this config here: {why}. The config itself is valid "
+        "(`newtune validate` accepts it)."
+    )
+
+
+def test_accelerator_config_reaches_training_arguments(tmp_path):
+    kwargs = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}
+    cfg = loaded(tmp_path, accelerator_config=kwargs).config
+    args = args_of(cfg, has_eval=False)
+    assert args.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
+
+
+def test_keys_axolotl_drops_full_finetune_and_test_value_are_refused(tmp_path):
+    msg = error_of(tmp_path, full_finetune=True, test_value=True)
+    assert (
+        "`full_finetune: True`: `full_finetune` is not an Axolotl key (Axolotl drops it unread, "
+        "so it does nothing there); use a config without `adapter` (that is a full fine-tune) "
+        "instead"
+    ) in msg
+    assert "`test_value: True`: `test_value` is not an Axolotl key" in msg

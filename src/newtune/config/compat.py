@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from newtune.config.machine import lora_kernel_problem
 from newtune.config.schema import NewtuneConfig
 
 
@@ -112,6 +113,9 @@ def compat_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[
 def compat_notes(cfg: NewtuneConfig) -> list[str]:
     """Notes for Axolotl keys newtune reads in its own way (printed by `validate` and `train`)."""
     notes = []
+    kernels = lora_kernel_problem(cfg)
+    if kernels:
+        notes.append(f"warning: {kernels}; `train` refuses them")
     steps: Any = cfg.warmup_steps
     if isinstance(steps, float) and 0 < steps < 1:
         notes.append(

@@ -226,11 +226,30 @@ def machine_problems(
     return problems
 
 
+LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+
+def lora_kernel_problem(cfg: NewtuneConfig) -> str | None:
+    """Axolotl's fused LoRA kernels asked for: newtune has none (validate warns, train refuses)."""
+    keys = [k for k in LORA_KERNELS if getattr(cfg, k)]
+    if not keys:
+        return None
+    return (
+        f"{', '.join(f'`{k}: true`' for k in keys)} ask for Axolotl's own fused Triton LoRA "
+        "kernels, which neither peft nor liger-kernel provide; newtune trains LoRA with peft "
+        "(the same math, unfused), so set them to false (or remove them)"
+    )
+
+
 def check_machine(cfg: NewtuneConfig, device: str | None = None) -> None:
-    """`train`'s start: raise one ConfigError naming everything this machine lacks for `cfg`."""
+    """`train`'s start: raise one ConfigError naming what this machine lacks for `cfg` and what
+    newtune only refuses at train time (Axolotl's fused LoRA kernels)."""
     problems = machine_problems(cfg, device)
+    kernels = lora_kernel_problem(cfg)
+    if kernels:
+        problems.append(kernels)
     if problems:
         raise ConfigError(
-            "This machine cannot train the config: " + "; ".join(problems) + ". "
+            "newtune cannot train this config here: " + "; ".join(problems) + ". "
             "The config itself is valid (`newtune validate` accepts it)."
         )

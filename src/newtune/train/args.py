@@ -157,6 +157,7 @@ def training_kwargs(
         # group_by_length: batches of similar lengths (the train set gets a `length` column)
         "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
         "remove_unused_columns": False,
+        "accelerator_config": config.accelerator_config,  # accelerator_config (accelerate)
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": plan.device == "cuda",
         "use_cpu": plan.device == "cpu",  # also makes CPU DDP (gloo) under a launcher work

@@ -69,6 +69,33 @@ class CompatSection(Section):
         description="Report to Weights & Biases; newtune reports when `wandb_project` is set, "
         "so `true` needs it and `false` contradicts it.",
     )
+    lora_mlp_kernel: bool | None = Field(
+        default=None,
+        description="Axolotl's fused Triton LoRA MLP kernel; newtune has none (peft runs the "
+        "same math unfused): `false` is accepted, `true` validates with a warning and `train` "
+        "refuses it.",
+    )
+    lora_qkv_kernel: bool | None = Field(
+        default=None, description="Axolotl's fused LoRA QKV kernel; as lora_mlp_kernel."
+    )
+    lora_o_kernel: bool | None = Field(
+        default=None,
+        description="Axolotl's fused LoRA output-projection kernel; as lora_mlp_kernel.",
+    )
+    lora_embedding_kernel: bool | None = Field(
+        default=None, description="Axolotl's fused LoRA embedding kernel; as lora_mlp_kernel."
+    )
+    accelerator_config: dict[str, Any] | None = Field(
+        default=None,
+        description="accelerate options passed to TrainingArguments.accelerator_config "
+        "(e.g. {gradient_accumulation_kwargs: {sync_each_batch: true}}).",
+    )
+    full_finetune: Any = refused(
+        "Not an Axolotl key.",
+        f"`full_finetune` {AXOLOTL_DROPS}",
+        "a config without `adapter` (that is a full fine-tune)",
+    )
+    test_value: Any = refused("Not an Axolotl key.", f"`test_value` {AXOLOTL_DROPS}")
     adam_eps: Any = refused(
         "Not an Axolotl key.", f"`adam_eps` {AXOLOTL_DROPS}", "`adam_epsilon` (AdamW epsilon)"
     )
