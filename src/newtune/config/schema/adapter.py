@@ -26,7 +26,9 @@ class AdapterSection(Section):
         "(peft's re.fullmatch).",
     )
     lora_target_linear: bool | None = Field(
-        default=None, description="Adapt every linear layer except the output head."
+        default=None,
+        description="Adapt every linear layer except the output head; with a "
+        "lora_target_modules list, those modules too (Axolotl's union).",
     )
     lora_modules_to_save: list[str] | None = Field(
         default=None,

@@ -58,7 +58,7 @@ class TrainingSection(Section):
         gt=0,
         le=1,
         description="Cosine reaches cosine_min_lr_ratio at this fraction of the steps, then "
-        "stays constant (needs cosine_min_lr_ratio).",
+        "stays constant (needs cosine_min_lr_ratio); 0 means unset, as in Axolotl.",
     )
     lr_quadratic_warmup: bool | None = Field(
         default=None, description="Cosine warmup rises quadratically instead of linearly."
