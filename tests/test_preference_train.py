@@ -400,3 +400,127 @@ def test_rows_of_the_other_kind_are_a_data_error():
     with pytest.raises(DataError, match="SFT trains on rows with the columns input_ids, labels"):
         method_for(NewtuneConfig(**alpaca)).check_data(pair_rows)
     method_for(NewtuneConfig(**alpaca)).check_data(sft_rows)  # the right rows pass
+
+
+# ---------------------------------------------------------------- the methods against TRL's trainers
+
+
+def _tiny(model_dir: Path, seed: int | None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if seed is not None:  # small noise: policy and reference differ
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _trl_args(tmp_path: Path, batch: int) -> dict:
+    return {
+        "output_dir": str(tmp_path / "trl"),
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": False,  # TRL's default would autocast its forward passes to bfloat16
+        "per_device_train_batch_size": batch,
+        "max_length": None,
+        "save_strategy": "no",
+    }
+
+
+def _method(**keys):
+    from newtune.config.schema import NewtuneConfig
+    from newtune.train.methods import method_for
+
+    entry = {
+        "path": "d",
+        "type": "unpaired_preference" if keys.get("rl") == "kto" else "preference",
+    }
+    return method_for(NewtuneConfig(base_model="x", datasets=[entry], **keys))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"rl": "dpo"}, {"rl": "ipo", "rl_beta": 0.3}, {"rl": "dpo", "dpo_loss_type": ["hinge"]}],
+    ids=["sigmoid", "ipo", "hinge"],
+)
+def test_dpo_method_equals_trls_trainer_padded_and_packed(
+    tmp_path, model_dir, chat_tokenizer, keys
+):
+    import warnings
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from newtune.train.methods.base import Reference
+
+    method = _method(**keys)
+    settings = method.settings
+    policy, ref = _tiny(model_dir, 3), _tiny(model_dir, 4)
+    args = DPOConfig(
+        **_trl_args(tmp_path, len(PAIRS)),
+        beta=settings.beta,
+        loss_type=list(settings.loss_types),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(PAIRS),
+            processing_class=chat_tokenizer,
+        )
+    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    trainer._metrics["eval"].clear()  # the policy is in eval mode: TRL files them under eval
+    theirs = trainer.compute_loss(policy, trainer.data_collator(rows))
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    reference = Reference("model", ref)
+    for capacity in (None, 64):
+        batch = method.collator(chat_tokenizer.pad_token_id, capacity, None)(rows)
+        ours, metrics = method.loss(policy, batch, reference)
+        assert abs(float(ours) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
+        for name in DPO_METRICS:
+            assert abs(float(metrics[name]) - trl_metrics[name]) <= 1e-5 * max(
+                1.0, abs(trl_metrics[name])
+            ), (capacity, name)
+
+
+def test_kto_method_equals_trls_trainer(tmp_path, model_dir, chat_tokenizer):
+    import warnings
+
+    import datasets
+    from trl import KTOConfig, KTOTrainer
+
+    from newtune.train.methods.base import Reference
+
+    rows = UNPAIRED[:6]
+    policy, ref = _tiny(model_dir, 7), _tiny(model_dir, 6)
+    args = KTOConfig(**_trl_args(tmp_path, len(rows)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = KTOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=chat_tokenizer,
+        )
+    trl_rows = [trainer.train_dataset[i] for i in range(len(rows))]
+    trainer._metrics["eval"].clear()  # the policy is in eval mode: TRL files them under eval
+    theirs = trainer.compute_loss(policy, trainer.data_collator(trl_rows))
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+    method = _method(rl="kto", micro_batch_size=len(rows))
+    columns = ["prompt_ids", "completion_ids", "label"]
+    ours_ds = method.prepare_rows(trainer.train_dataset.select_columns(columns), len(rows))
+    assert ours_ds["kl_completion_ids"] == trainer.train_dataset["KL_completion_ids"]
+    batch = method.collator(chat_tokenizer.pad_token_id, None, None)(list(ours_ds))
+    ours, metrics = method.loss(policy, batch, Reference("model", ref))
+    assert abs(float(ours) - float(theirs)) <= 1e-5
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert abs(float(metrics[name]) - trl_metrics[name]) <= 1e-5 * max(
+            1.0, abs(trl_metrics[name])
+        ), name
+    assert float(metrics["kl"]) > 0
