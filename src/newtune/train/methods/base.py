@@ -147,8 +147,11 @@ class Reference:
         with torch.no_grad():
             if self.kind == "adapter":
                 inner = unwrap(policy)
+                # FSDP gathers the shards in its own forward: run through the wrapper there;
+                # DDP/DeepSpeed hold whole weights, so the inner model runs without collectives
+                sharded = "FullyShardedDataParallel" in type(policy).__name__
                 with inner.disable_adapter():
-                    yield inner
+                    yield policy if sharded else inner
             elif self.kind == "model":
                 yield self.model
             else:
