@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from newtune.errors import ConfigError
+from newtune.vision_templates import VISION_TEMPLATES
 
 CHATML = (
     "{% for message in messages %}"
@@ -65,6 +66,7 @@ NAMED_TEMPLATES: dict[str, str] = {
     "mistral": MISTRAL,
     "gemma": GEMMA,
     "phi_3": PHI_3,
+    **VISION_TEMPLATES,
 }
 TOKENIZER_DEFAULT = "tokenizer_default"
 

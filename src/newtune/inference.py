@@ -142,6 +142,12 @@ def build_generator(
     config: NewtuneConfig, options: GenerationOptions, base_overridden: bool = False
 ) -> Generator:
     """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
+    from newtune.config.schema.multimodal import is_multimodal
+
+    if is_multimodal(config):  # a VLM: prompts with images (inference_vision)
+        from newtune.inference_vision import build_vision_generator
+
+        return build_vision_generator(config, options, base_overridden)  # type: ignore[return-value]
     model, tokenizer = load_trained(config, *choose_model(config, base_overridden))
     entry = config.datasets[0]
     strategy = get_strategy(entry, 0, config.train_on_inputs)
@@ -166,7 +172,10 @@ def interactive(gen: Generator, inp: TextIO = sys.stdin, out: TextIO = sys.stdou
     from transformers import TextStreamer
 
     print(
-        "Type a prompt; finish it with an empty line. Ctrl-D quits, /reset clears the chat.",
+        "Type a prompt; finish it with an empty line. Ctrl-D quits, /reset clears the chat"
+        + (
+            ", /image PATH attaches an image to the next prompt." if hasattr(gen, "images") else "."
+        ),
         file=out,
     )
     while True:
@@ -186,6 +195,10 @@ def interactive(gen: Generator, inp: TextIO = sys.stdin, out: TextIO = sys.stdou
         text = "\n".join(lines)
         if text.strip() == "/reset":
             gen.history.clear()
+            continue
+        if text.startswith("/image ") and hasattr(gen, "images"):
+            gen.images.append(text[len("/image ") :].strip())
+            print(f"attached {gen.images[-1]}", file=out, flush=True)
             continue
         streamer = TextStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
         history = gen.history if gen.is_chat else None
@@ -235,12 +248,21 @@ def serve_gradio(
     import gradio as gr
     from transformers import TextIteratorStreamer
 
-    def chat(message: str, history: list[Any], max_new_tokens: float) -> Any:
+    vision = hasattr(gen, "images")  # a VLM: the page takes images with the text
+
+    def chat(message: Any, history: list[Any], max_new_tokens: float) -> Any:
         past = _history_messages(history) if gen.is_chat else None
+        extra: dict[str, Any] = {}
+        if isinstance(message, dict):  # a multimodal textbox: {"text", "files"}
+            files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+            extra = {"images": files} if vision else {}
+            message = message.get("text") or ""
         streamer = TextIteratorStreamer(gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
         options = dataclasses.replace(gen.options, max_new_tokens=int(max_new_tokens))
         worker = threading.Thread(
-            target=gen.answer, args=(message, past), kwargs={"stream": streamer, "options": options}
+            target=gen.answer,
+            args=(message, past),
+            kwargs={"stream": streamer, "options": options, **extra},
         )
         worker.start()
         text = ""
@@ -251,7 +273,12 @@ def serve_gradio(
 
     budget = gr.Slider(1, 4096, value=gen.options.max_new_tokens, step=1, label="max new tokens")
     page = gr.ChatInterface(
-        chat, title=title, additional_inputs=[budget], api_name="chat", analytics_enabled=False
+        chat,
+        title=title,
+        additional_inputs=[budget],
+        api_name="chat",
+        analytics_enabled=False,
+        multimodal=vision,
     )
     page.launch(server_name=server_name, server_port=server_port, share=share)
 

@@ -99,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         train_main(args[1:])
         return
+    if args[:1] == ["inference"]:  # repeated --image flags become one list
+        from newtune.cli.inference import gather_images
+
+        args = gather_images(args)
     fire.Fire(command_table(args[0] if args else None), command=args, name="newtune")
 
 

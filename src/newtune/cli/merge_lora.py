@@ -19,6 +19,17 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
     cfg = loaded.config
     adapter_dir = cfg.lora_model_dir or cfg.output_dir
     _check_adapter(adapter_dir, "lora_model_dir" if cfg.lora_model_dir else "output_dir")
+    if cfg.processor_type:  # a VLM: peft's merge in memory, model + processor written
+        from newtune.models.processor import load_processor, merge_vlm
+
+        own = (Path(adapter_dir) / "processor_config.json").is_file()
+        processor = load_processor(cfg, adapter_dir if own else None).processor
+        out = merge_vlm(
+            cfg, adapter_dir, Path(cfg.output_dir) / "merged", resolve(cfg).dtype, processor
+        )
+        log.info("merged model written to %s", out)
+        print(out)
+        return
     tok_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else None
     tokenizer, _ = load_tokenizer(cfg, tok_source)
     out = merge_lora(

@@ -12,6 +12,7 @@ from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
+from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
@@ -23,6 +24,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Adapter", AdapterSection),
     ("Training", TrainingSection),
     ("Preference and reward training", PreferenceSection),
+    ("Vision-language models", MultimodalSection),
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),
     ("Axolotl keys read as Axolotl does, and its legacy keys", CompatSection),

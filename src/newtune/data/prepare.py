@@ -31,6 +31,7 @@ from filelock import FileLock
 from newtune import fileio
 from newtune.chat_templates import resolve_chat_template
 from newtune.config.schema import DatasetEntry, NewtuneConfig
+from newtune.config.schema.multimodal import is_multimodal
 from newtune.config.schema.preference import training_method
 from newtune.data import prepare_preference as pref
 from newtune.data.packing import packing_plan, packing_report, sample_lengths
@@ -679,6 +680,10 @@ def _build(
     test_strats: list,
     work: Path,
 ) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    if is_multimodal(config):  # image rows: messages and image references, no tokens
+        from newtune.data.prepare_vision import build_vision
+
+        return build_vision(config, strategies, test_strats, _split)
     merged, per_dataset = _load_entries(
         config.datasets, "datasets", config, tokenizer, template, strategies, work
     )
@@ -721,6 +726,13 @@ def prepare_data(loaded: Any, force: bool = False) -> tuple[Any, PreparedData]:
     """
     from newtune.models.tokenizer import load_tokenizer  # transformers, but no Trainer
 
+    if is_multimodal(loaded.config):  # the processor's tokenizer and template, as train has
+        from newtune.models.processor import load_processor
+
+        processor = load_processor(loaded.config).processor
+        return processor.tokenizer, prepare(
+            loaded.config, processor.tokenizer, processor.chat_template, force=force
+        )
     tokenizer, _ = load_tokenizer(loaded.config)  # new token ids matter to the model only
     return tokenizer, prepare(loaded.config, tokenizer, tokenizer.chat_template, force=force)
 
@@ -735,6 +747,8 @@ def prepare(
         for i, e in enumerate(config.test_datasets or [])
     ]
     inputs = fingerprint_inputs(config, tokenizer, chat_template)
+    if is_multimodal(config):
+        inputs["multimodal"] = {"check_images": not config.skip_prepare_dataset}
     fp = fingerprint(inputs, strategies + test_strats)
     root = Path(config.dataset_prepared_path)
     root.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ def report_table(stats: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [("fingerprint", str(stats.get("fingerprint", "")))]
     rows += [(f"rows ({split})", f"{n:,}") for split, n in stats["rows"].items()]
     rows += [(d["path"], f"{d['rows']:,} rows ({d['type']})") for d in stats["datasets"]]
+    if stats.get("multimodal"):  # image rows are tokenized in the collator
+        checked = "checked" if stats.get("images_checked") else "not checked (skip_prepare_dataset)"
+        return _aligned([*rows, ("images", f"{stats.get('images', 0):,} ({checked})")])
     for key in (
         "total_tokens",
         "supervised_tokens",
@@ -35,6 +38,10 @@ def report_table(stats: dict[str, Any]) -> str:
                 f"({100 * packing['efficiency']:.2f}%)",
             )
         )
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -119,6 +119,8 @@ class VisionCollator:
     base_dir: Path | None = None
     limits: ImageLimits = field(default_factory=ImageLimits)
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None  # (height, width) every image is resized to
+    resample: str = "bilinear"  # PIL filter for image_size
 
     def __post_init__(self) -> None:
         self.tok = getattr(self.processor, "tokenizer", self.processor)
@@ -173,8 +175,11 @@ class VisionCollator:
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def render(self, row: dict[str, Any], index: int = 0) -> Rendered:
-        """A row's rendered text, loaded images and per-message text spans."""
+    def render(
+        self, row: dict[str, Any], index: int = 0, add_generation_prompt: bool = False
+    ) -> Rendered:
+        """A row's rendered text, loaded images and per-message text spans (with the template's
+        generation prompt at the end for inference)."""
         where = _where(row, index)
         try:
             messages = attach_images(row["messages"], row.get("images") or ())
@@ -192,7 +197,7 @@ class VisionCollator:
             plain.append(p)
             marked.append(mk)
             texts.append(t)
-        text, spans = self._spans(plain, marked, texts, where)
+        text, spans = self._spans(plain, marked, texts, where, add_generation_prompt)
         train = list(row.get("train") or ())
         return Rendered(text, images, spans, [str(m.get("role")) for m in messages], train)
 
@@ -228,7 +233,7 @@ class VisionCollator:
                     raise DataError(
                         f"{where}: an image part has no image ({', '.join(IMAGE_KEYS)})"
                     )
-                images.append(load_image(ref, where, base_dir, self.limits))
+                images.append(self._sized(load_image(ref, where, base_dir, self.limits)))
                 plain_parts.append({"type": "image"})
                 marked_parts.append({"type": "image"})
             else:
@@ -237,6 +242,15 @@ class VisionCollator:
                     f"...}}`, got {str(part)[:80]}"
                 )
         return {**rest, "content": plain_parts}, {**rest, "content": marked_parts}, found
+
+    def _sized(self, image: Any) -> Any:
+        """The image resized to `image_size` (Axolotl's image_size/image_resize_algorithm)."""
+        if self.image_size is None:
+            return image
+        from PIL import Image
+
+        height, width = self.image_size
+        return image.resize((width, height), getattr(Image.Resampling, self.resample.upper()))
 
     def _check_text(self, text: str, where: str) -> None:
         if _START in text or _END in text:
@@ -247,17 +261,25 @@ class VisionCollator:
                 "`{type: image}` parts, not in the text"
             )
 
-    def _render(self, conversation: list[dict]) -> str:
+    def _render(self, conversation: list[dict], generation: bool = False) -> str:
         return self.processor.apply_chat_template(
-            conversation, chat_template=self.chat_template, tokenize=False
+            conversation,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=generation,
         )
 
     def _spans(
-        self, plain: list[dict], marked: list[dict], texts: list[list[str]], where: str
+        self,
+        plain: list[dict],
+        marked: list[dict],
+        texts: list[list[str]],
+        where: str,
+        generation: bool = False,
     ) -> tuple[str, list[list[tuple[int, int]]]]:
         """The plain render and each message's text spans in it (from the marked render)."""
-        text = self._render(plain)
-        pieces = self._render(marked).split(_START)
+        text = self._render(plain, generation)
+        pieces = self._render(marked, generation).split(_START)
         flat = [t for ts in texts for t in ts]
         spans: list[list[tuple[int, int]]] = [[] for _ in texts]
         if len(pieces) - 1 == len(flat):

@@ -10,6 +10,7 @@ import torch
 
 from newtune.config.load import LoadedConfig
 from newtune.config.resolve import resolve
+from newtune.config.schema.multimodal import is_multimodal
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import prepare_data
 from newtune.errors import DataError
@@ -32,6 +33,10 @@ def evaluate(
     config = loaded.config
     for entry in clean_stale(Path(config.output_dir)):  # what killed runs left there
         log.info("removed %s, left by a process that no longer runs", entry)
+    if is_multimodal(config):  # image rows: the vision collator (inference_vision)
+        from newtune.inference_vision import evaluate_vision
+
+        return evaluate_vision(loaded, split, base_only, base_overridden)
     check_sequence_len(config, resolve(config))  # padded batches must fit: refuse before work
     method = method_for(config)
     _, prepared = prepare_data(loaded)

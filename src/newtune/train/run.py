@@ -124,6 +124,12 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
 def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None, method: Any) -> Path:
     """Prepare data, build the model, train, and save the outputs."""
     config = loaded.config
+    from newtune.config.schema.multimodal import is_multimodal
+
+    if is_multimodal(config):  # a processor, image rows, a VLM: train.methods.vision
+        from newtune.train.methods.vision import train_vision
+
+        return train_vision(loaded, plan, checkpoint)
     tokenizer, new_ids = load_tokenizer(config)
     prepared = prepare(config, tokenizer, tokenizer.chat_template)
     log.info("prepared data: %s (%s)", prepared.path, "reused" if prepared.reused else "new")

@@ -8,6 +8,7 @@ from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.inference import InferenceSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
+from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
@@ -16,6 +17,7 @@ from newtune.config.schema.unsupported import UnsupportedSection
 class NewtuneConfig(
     UnsupportedSection,
     CompatSection,
+    MultimodalSection,
     PreferenceSection,
     InferenceSection,
     LoggingSection,

@@ -26,6 +26,20 @@ def tools_of(row: dict[str, Any], column: str = "tools") -> list[dict[str, Any]]
     return tools
 
 
+def parts_of(content: list[Any], what: str) -> list[dict[str, Any]]:
+    """A content that is a list of parts (`{type: text, text}`, `{type: image, ...}`), checked."""
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image", "image_url"):
+            raise DataError(
+                f"{what} part {j} must be `{{type: text, text: ...}}` or `{{type: image, "
+                f"path|url|base64|image: ...}}`, got {str(part)[:80]}"
+            )
+        out.append({k: v for k, v in part.items() if v is not None})
+    return out
+
+
 DEFAULT_ROLES = {
     "human": "user",
     "user": "user",
@@ -43,6 +57,7 @@ class ChatTemplate(Strategy):
 
     chat: ClassVar[bool] = True
     keep_extra_keys: ClassVar[bool] = False  # pass other message keys (tool_calls, ...) through
+    parts: bool = False  # contents may be lists of parts (set for multimodal configs)
 
     def __init__(
         self, entry: DatasetEntry, train_on_inputs: bool, style: str | None = None
@@ -92,7 +107,10 @@ class ChatTemplate(Strategy):
             role = self.roles.get(msg[role_key], msg[role_key])
             content = msg[content_key]
             what = f"message {i} of `{column}`: `{content_key}`"
-            out = {"role": role, "content": "" if content is None else as_text(content, what)}
+            if self.parts and isinstance(content, list):  # a multimodal config: text/image parts
+                out = {"role": role, "content": parts_of(content, what)}
+            else:
+                out = {"role": role, "content": "" if content is None else as_text(content, what)}
             if self.keep_extra_keys:
                 extra = {
                     k: v
