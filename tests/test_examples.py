@@ -15,6 +15,7 @@ from newtune.train.distributed import distributed_kwargs
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
 FAMILIES = ("llama-3", "qwen2.5", "qwen3", "mistral", "gemma", "phi")
+VISION_FAMILIES = ("qwen2.5-vl", "gemma3-vision", "llama-3.2-vision", "smolvlm2")  # lora.yml
 CONFIGS = sorted(
     p for p in EXAMPLES.glob("*/*.yml") if p.parent.name not in ("accelerate", "quickstart")
 )
@@ -34,7 +35,8 @@ def no_network(monkeypatch):
 
 def test_every_family_has_lora_qlora_and_full():
     found = {(p.parent.name, p.stem) for p in CONFIGS}
-    assert found == {(f, k) for f in FAMILIES for k in ("lora", "qlora", "full")}
+    text = {(f, k) for f in FAMILIES for k in ("lora", "qlora", "full")}
+    assert found == text | {(f, "lora") for f in VISION_FAMILIES}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -46,6 +48,9 @@ def test_example_validates_without_the_network(path, no_network):
     assert bool(cfg.load_in_4bit) == (kind == "qlora")
     assert "/" in cfg.base_model and not Path(cfg.base_model).exists()  # a hub id
     assert Path(cfg.output_dir).name == f"{path.parent.name}-{kind}"
+    vision = path.parent.name in VISION_FAMILIES
+    assert (cfg.processor_type == "AutoProcessor") == vision
+    assert not (vision and cfg.sample_packing)
     # the distributed keys map too (on the GPUs the example is written for)
     plan = resolve(cfg, env={"WORLD_SIZE": "8"}, probe=lambda: ("cuda", True))
     kwargs = distributed_kwargs(cfg, plan)

@@ -86,8 +86,7 @@ def colour_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, rgb in COLOURS.items():
-        for k in range(2):
-            _picture(root / "heldout" / f"{name}{k}.png", rgb, rng)
+        _picture(root / "heldout" / f"{name}0.png", rgb, rng)
     return root
 
 
@@ -163,7 +162,7 @@ def test_tiny_vlm_learns_colours(tmp_path: Path, vlm_dir: Path, colour_data: Pat
         assert result.returncode == 0, result.stderr[-3000:]
         answers[picture.stem[:-1] + picture.stem[-1]] = result.stdout.strip().splitlines()[-1]
     right = sum(a.startswith(k[:-1]) for k, a in answers.items())
-    assert right >= 6, answers  # of 8 held-out pictures
+    assert right >= 3, answers  # of 4 held-out pictures, one per colour
 
     evaluated = cli("evaluate", str(cfg))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
