@@ -396,19 +396,17 @@ def test_dropped_and_legacy_keys_accepted_when_off(tmp_path):
     assert result.notes == [] and result.config.gptq_model_v1 is False
 
 
-# -- 4. pretraining_dataset without datasets names the real reason ---------------------------
+# -- 4. pretraining_dataset without datasets is streamed (needs max_steps) --------------------
 
 
-def test_pretraining_dataset_without_datasets_names_it(tmp_path):
+def test_pretraining_dataset_without_datasets_needs_max_steps(tmp_path):
     path = tmp_path / "cfg.yml"
     path.write_text("base_model: m\npretraining_dataset:\n  - path: c4\n    type: pretrain\n")
     err = error_line(cli("validate", str(path)))
-    assert (
-        f"`pretraining_dataset` ({path}, line 2) is set instead of `datasets`, and newtune does "
-        "not stream pretraining data (not implemented); give the same data as `datasets:` "
-        "entries with `type: completion`"
-    ) in err
+    assert "`pretraining_dataset` needs `max_steps`: a stream has no length" in err
     assert "is required" not in err
+    path.write_text(path.read_text() + "max_steps: 10\n")
+    assert cli("validate", str(path)).returncode == 0
 
 
 # -- 6. attention values Axolotl accepts ------------------------------------------------------

@@ -58,14 +58,9 @@ def test_every_axolotl_key_left_null_validates(tmp_path):
 
 
 def test_not_implemented_key_with_value_says_what_to_do(tmp_path):
-    msg = error_of(
-        write(tmp_path, BASE + "push_dataset_to_hub: me/data\ndataset_keep_in_memory: true\n")
-    )
-    assert (
-        "`push_dataset_to_hub: 'me/data'` is not implemented by newtune; use `huggingface-cli "
-        "upload` of the `dataset_prepared_path` folder instead; remove it or set it to null" in msg
-    )
-    assert "`dataset_keep_in_memory: True` is not implemented by newtune; remove it" in msg
+    msg = error_of(write(tmp_path, BASE + "s2_attention: true\ntorchdistx_path: x\n"))
+    assert "`s2_attention: True` is not implemented by newtune; remove it" in msg
+    assert "`torchdistx_path: 'x'` is not implemented by newtune; remove it" in msg
     assert "planned" not in msg and " work" not in msg
 
 

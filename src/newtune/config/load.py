@@ -517,16 +517,6 @@ def format_validation_error(
         path = ""
         for loc in err["loc"]:
             path += f"[{loc}]" if isinstance(loc, int) else (f".{loc}" if path else str(loc))
-        given = err.get("input")
-        pretraining = given if err["loc"] == ("datasets",) and isinstance(given, dict) else {}
-        if err["type"] == "missing" and not is_off(pretraining.get("pretraining_dataset")):
-            parts.append(
-                f"`pretraining_dataset` ({where('pretraining_dataset')}) is set instead of "
-                "`datasets`, and newtune does not stream pretraining data (not implemented); "
-                "give the same data as `datasets:` entries with `type: completion` (the "
-                "`text` column; `max_steps` is not needed) and remove `pretraining_dataset`"
-            )
-            continue
         if err["type"] == "missing":
             parts.append(f"`{path}` is required but missing ({source})")
             continue

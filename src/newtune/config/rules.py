@@ -13,6 +13,7 @@ from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
 from newtune.config.schema.formats import entry_problems
 from newtune.config.schema.multimodal import multimodal_rules
 from newtune.config.schema.preference import training_method
+from newtune.config.schema.pretraining import streaming_rules
 
 
 @dataclass
@@ -92,6 +93,7 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
             "safetensors (loadable everywhere, safe to open); remove the key"
         )
     out.errors += _training_rules(cfg, names)
+    out.errors += streaming_rules(cfg, names)
     out.errors += multimodal_rules(cfg)
     out.errors += compat_rules(cfg, names)
     # packages this machine lacks are warnings: the config may train on another machine

@@ -118,6 +118,10 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     check_sequence_len(config, plan)
     checkpoint = resume_checkpoint(config)  # a missing or incomplete folder fails now
     with tf32_scope(config.tf32):  # process-wide torch switches: restored after the run
+        if config.pretraining_dataset or config.streaming:  # no prepared copy: train.streamed
+            from newtune.train.streamed import train_streamed
+
+            return train_streamed(loaded, plan, checkpoint)
         return _train(loaded, plan, checkpoint, method)
 
 

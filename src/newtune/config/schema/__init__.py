@@ -10,6 +10,7 @@ from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
+from newtune.config.schema.pretraining import PretrainingSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
@@ -19,6 +20,7 @@ class NewtuneConfig(
     CompatSection,
     MultimodalSection,
     PreferenceSection,
+    PretrainingSection,
     InferenceSection,
     LoggingSection,
     DistributedSection,

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from newtune.config.schema.base import Section, unsupported
+from newtune.config.schema.base import Section
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
 
@@ -121,12 +121,13 @@ class DatasetEntry(Section):
 class DataSection(Section):
     """Datasets, templates, caching, splits and packing."""
 
-    datasets: list[DatasetEntry] = Field(min_length=1, description="Training data sources.")
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list,
+        min_length=1,
+        description="Training data sources (required unless `pretraining_dataset` is set).",
+    )
     test_datasets: list[DatasetEntry] | None = Field(
         default=None, description="Evaluation data sources (instead of val_set_size)."
-    )
-    pretraining_dataset: Any = unsupported(
-        "A streamed pretraining dataset.", "`datasets:` with `type: completion`"
     )
     chat_template: str | None = Field(
         default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
@@ -137,15 +138,8 @@ class DataSection(Section):
     dataset_prepared_path: str = Field(
         default="last_run_prepared", description="Folder of the tokenized-dataset cache."
     )
-    push_dataset_to_hub: str | None = unsupported(
-        "Hub repo to push the prepared data to.",
-        "`huggingface-cli upload` of the `dataset_prepared_path` folder",
-    )
     dataset_processes: int | None = Field(
         default=None, gt=0, description="Processes used to tokenize (default: CPU count)."
-    )
-    dataset_keep_in_memory: bool | None = unsupported(
-        "Keep the dataset in memory (newtune memory-maps the prepared rows from disk)."
     )
     shuffle_merged_datasets: bool | None = Field(
         default=None, description="Shuffle the rows after merging the datasets."
