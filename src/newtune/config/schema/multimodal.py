@@ -60,7 +60,7 @@ class MultimodalSection(Section):
         default=None,
         description="Axolotl's token markers of each role's turn. Accepted and checked; newtune "
         "takes turn spans from the chat template's render of each message, so the markers "
-        "are not needed (a note says so).",
+        "are not needed.",
     )
 
     @field_validator("image_size")
