@@ -15,10 +15,14 @@ import torch
 
 from newtune.errors import DataError
 from newtune.train.methods.preference import (
+    IGNORE_INDEX,
     SequenceStats,
+    packed_segments,
     packed_sequence_logps,
+    segment_logps,
     sequence_logps,
 )
+from newtune.train.trainer import head_can_skip
 
 Metrics = dict[str, torch.Tensor]
 Collator = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -101,9 +105,31 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def forward_stats(
     model: Any, batch: dict[str, Any], labels: str = "labels", extras: bool = True
 ) -> SequenceStats:
-    """Per-sequence log-prob stats of a padded or packed batch, in the collator's order."""
-    logits = model(**model_inputs(batch), use_cache=False).logits
-    return stats_of(logits, batch, labels, extras)
+    """Per-sequence log-prob stats of a padded or packed batch, in the collator's order.
+
+    When the model takes a `logits_to_keep` mask, the output head runs only at the positions
+    that predict a trained token (prompts and padding skip the vocabulary projection).
+    """
+    if not head_can_skip(unwrap(model)):
+        logits = model(**model_inputs(batch), use_cache=False).logits
+        return stats_of(logits, batch, labels, extras)
+    targets = batch[labels][:, 1:]
+    keep = targets != IGNORE_INDEX
+    positions = torch.nn.functional.pad(keep, (0, 1), value=False)  # p predicts label p + 1
+    logits = model(**model_inputs(batch), logits_to_keep=positions, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    if is_packed(batch):
+        position_ids = batch["position_ids"]
+        if (batch[labels][position_ids == 0] != IGNORE_INDEX).any():
+            raise ValueError("a packed sequence's first label must be -100")
+        index = batch["sequence_index"].to(targets.device)[packed_segments(position_ids)]
+    else:
+        rows = torch.arange(targets.shape[0], device=targets.device)
+        index = rows.unsqueeze(1).expand(-1, targets.shape[1] + 1)
+    sequence = index[:, 1:][keep]
+    if (sequence < 0).any():
+        raise ValueError("a padding segment has trained labels")
+    return segment_logps(logits, targets[keep], sequence, num_sequences(batch), extras=extras)
 
 
 def stats_of(
