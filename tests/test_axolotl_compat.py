@@ -353,12 +353,6 @@ def test_use_wandb_agrees_with_wandb_project(tmp_path):
         ),
         ("gptq_groupsize", 128, "`gptq_groupsize: 128`: `gptq_groupsize` was removed from Axolotl"),
         (
-            "trackio_project_name",
-            "p",
-            "`trackio_project_name` sets up trackio reporting, which newtune does not do; use "
-            "`wandb_project`",
-        ),
-        (
             "jagged_restart_steps",
             100,
             "`jagged_restart_steps: 100`: `jagged_restart_steps` shapes jagged lr restarts",

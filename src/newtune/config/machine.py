@@ -168,7 +168,9 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
                     f"remove the {tracker} keys",
                 )
             )
-    return needs
+    from newtune.config.compat2 import machine_needs2
+
+    return needs + machine_needs2(cfg, names, Need)
 
 
 def _installed(module: str) -> bool:
@@ -213,6 +215,11 @@ def machine_problems(
             )
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    from newtune.train.compat2 import parallel_problem
+
+    parallel = parallel_problem(cfg, world_size)
+    if parallel:
+        problems.append(parallel)
     if cfg.ddp is True and world_size == 1:
         problems.append(
             "`ddp: true`, but this run is one process; launch it on several (`accelerate "

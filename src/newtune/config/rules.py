@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from newtune.config.compat import compat_notes, compat_rules
+from newtune.config.compat2 import compat2_notes, compat2_rules
 from newtune.config.keys import is_off
 from newtune.config.machine import missing_here
 from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
@@ -96,6 +97,7 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
     out.errors += streaming_rules(cfg, names)
     out.errors += multimodal_rules(cfg)
     out.errors += compat_rules(cfg, names)
+    out.errors += compat2_rules(cfg, names)  # plugins, kernels, trackers, parallelism
     # packages this machine lacks are warnings: the config may train on another machine
     # (`train` refuses at start: config.machine.check_machine)
     out.warnings += missing_here(cfg, names)
@@ -188,12 +190,6 @@ def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
                 "liger_fused_linear_cross_entropy",
                 "the fused kernel already computes the cross-entropy; keep one",
             )
-        )
-    others = [p for p in cfg.plugins or [] if p != LIGER_PLUGIN]
-    if others:
-        errors.append(
-            f"`{names('plugins')}`: {', '.join(others)} are Axolotl plugins newtune does not run; "
-            f"only {LIGER_PLUGIN} is understood (its liger_* keys work without it); remove them"
         )
     return errors
 
@@ -337,4 +333,4 @@ def ignored_keys(cfg: NewtuneConfig) -> list[str]:
         info = type(cfg).model_fields[name]
         if status_of(info)["status"] == "ignored" and getattr(cfg, name) is not None:
             notes.append(f"`{name}` is ignored: {info.description}")
-    return notes + compat_notes(cfg)
+    return notes + compat_notes(cfg) + compat2_notes(cfg)

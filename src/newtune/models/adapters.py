@@ -114,6 +114,7 @@ def lora_config(config: NewtuneConfig, model: Any = None, new_tokens: bool = Fal
         use_rslora=bool(config.peft_use_rslora),
         use_dora=bool(config.peft_use_dora),
         ensure_weight_tying=tied and bool(to_save),
+        target_parameters=config.lora_target_parameters,  # lora_target_parameters (MoE experts)
         bias="none",
         task_type="SEQ_CLS" if getattr(config, "reward_model", None) else "CAUSAL_LM",
         **_peft_extras(config),

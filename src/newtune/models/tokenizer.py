@@ -48,6 +48,8 @@ def load_tokenizer(config: NewtuneConfig, source: str | None = None) -> LoadedTo
         kwargs["use_fast"] = config.tokenizer_use_fast
     if config.tokenizer_legacy is not None:
         kwargs["legacy"] = config.tokenizer_legacy
+    if config.tokenizer_use_mistral_common:  # transformers' MistralCommonBackend
+        kwargs["mistral_format"] = True
     if key == "base_model" and source is None and config.revision_of_model:
         kwargs["revision"] = config.revision_of_model
     try:

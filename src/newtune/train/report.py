@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 LOSS_PLOT = "loss_curve.png"
 MODEL_CARD = "README.md"
-TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_", "HF_MLFLOW_")
+TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_", "HF_MLFLOW_", "SWANLAB_")
 FRAMEWORKS = ("newtune", "transformers", "torch", "peft", "accelerate", "datasets")
 
 
@@ -31,6 +31,9 @@ def report_targets(config: NewtuneConfig) -> list[str] | str:
         targets.append("mlflow")
     if config.use_tensorboard:
         targets.append("tensorboard")
+    from newtune.train.compat2 import report_targets2
+
+    targets += report_targets2(config)  # use_swanlab, trackio_project_name
     return targets or "none"
 
 
@@ -62,6 +65,9 @@ def tracker_env(config: NewtuneConfig) -> dict[str, str]:
         if config.mlflow_experiment_name:
             env["MLFLOW_EXPERIMENT_NAME"] = config.mlflow_experiment_name
         env["HF_MLFLOW_LOG_ARTIFACTS"] = "1" if config.hf_mlflow_log_artifacts else "0"
+    from newtune.train.compat2 import tracker_env2
+
+    env.update(tracker_env2(config))  # SWANLAB_*
     return env
 
 

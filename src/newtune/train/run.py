@@ -86,6 +86,9 @@ def training_model(
     set_seed(config.seed)  # adapter init (LoRA A matrices) is reproducible from `seed`
     model = build_model(config, plan, tokenizer, new_ids or [])
     apply_liger(model, config)
+    from newtune.train.compat2 import apply_model_keys
+
+    apply_model_keys(model, config)  # unfrozen_parameters, kernels, offloading, CCE
     return model
 
 

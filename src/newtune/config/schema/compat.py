@@ -125,19 +125,6 @@ class CompatSection(Section):
         f"`sample_packing_seq_len_multiplier` {AXOLOTL_REMOVED}",
         "`sample_packing: true` (newtune packs rows of `sequence_len` x `micro_batch_size`)",
     )
-    trackio_project_name: Any = refused(
-        "trackio project.",
-        "`trackio_project_name` sets up trackio reporting, which newtune does not do",
-        "`wandb_project`, `mlflow_experiment_name` or `use_tensorboard`",
-    )
-    trackio_run_name: Any = refused(
-        "trackio run name.",
-        "`trackio_run_name` sets up trackio reporting, which newtune does not do",
-        "`wandb_name`",
-    )
-    trackio_space_id: Any = refused(
-        "trackio Space.", "`trackio_space_id` sets up trackio reporting, which newtune does not do"
-    )
     jagged_restart_steps: Any = refused(
         "Jagged (ReLoRA-style) learning-rate restarts.",
         "`jagged_restart_steps` shapes jagged lr restarts, which newtune does not have",

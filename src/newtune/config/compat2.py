@@ -1,0 +1,306 @@
+"""Rules, notes and machine needs of the Axolotl plugin/kernel/tracker/parallelism keys
+(schema/compat2.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from newtune.config.schema import NewtuneConfig
+
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+KERNELS_PLUGIN = "axolotl.integrations.kernels.KernelsPlugin"
+SWANLAB_PLUGIN = "axolotl.integrations.swanlab.SwanLabPlugin"
+# plugin -> what newtune does for it (the plugin itself only makes its keys readable)
+KNOWN_PLUGINS = {
+    LIGER_PLUGIN: "the liger_* keys (liger-kernel)",
+    CCE_PLUGIN: "cut_cross_entropy (the cut-cross-entropy package)",
+    KERNELS_PLUGIN: "use_kernels / experts_implementation (transformers' kernels integration)",
+    SWANLAB_PLUGIN: "use_swanlab / swanlab_* (transformers' SwanLabCallback)",
+}
+PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field
+    "dp_replicate_size": "dp_replicate_size",
+    "dp_shard_size": "dp_shard_size",
+    "tensor_parallel_size": "tp_size",
+    "context_parallel_size": "cp_size",
+}
+RANGE = re.compile(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$")
+
+
+def _short(plugin: str) -> str:
+    return plugin.rsplit(".", 1)[-1]
+
+
+def _listed(cfg: NewtuneConfig, plugin: str) -> bool:
+    return any(_short(p) == _short(plugin) for p in cfg.plugins or [])
+
+
+def unknown_plugins(cfg: NewtuneConfig) -> list[str]:
+    """Plugins in `plugins` that newtune has no equivalent for."""
+    known = {_short(p) for p in KNOWN_PLUGINS}
+    return [p for p in cfg.plugins or [] if _short(p) not in known]
+
+
+def cce_enabled(cfg: NewtuneConfig) -> bool:
+    """Cut Cross Entropy is on: `cut_cross_entropy: true`, or its plugin listed (Axolotl's
+    default for the key is true once the plugin is loaded)."""
+    if cfg.cut_cross_entropy is not None:
+        return bool(cfg.cut_cross_entropy)
+    return _listed(cfg, CCE_PLUGIN)
+
+
+def swanlab_enabled(cfg: NewtuneConfig) -> bool:
+    """Reporting to SwanLab is asked for (`use_swanlab: true`)."""
+    return bool(cfg.use_swanlab)
+
+
+def trackio_enabled(cfg: NewtuneConfig) -> bool:
+    """Reporting to trackio is asked for (`trackio_project_name` set)."""
+    return bool(cfg.trackio_project_name)
+
+
+def parallel_sizes(cfg: NewtuneConfig) -> dict[str, int]:
+    """ParallelismConfig keyword arguments for the sizes the config sets (1 = off is kept)."""
+    return {field: getattr(cfg, key) for key, field in PARALLEL_KEYS.items() if getattr(cfg, key)}
+
+
+def parallel_world(cfg: NewtuneConfig) -> int:
+    """The number of processes the parallelism sizes ask for (1 when none is set)."""
+    world = 1
+    for size in parallel_sizes(cfg).values():
+        world *= size
+    return world
+
+
+def unfreeze_pattern(pattern: str) -> tuple[re.Pattern[str], tuple[int, int | None] | None]:
+    """Axolotl's unfrozen_parameters pattern: a regex matched at the start of the parameter
+    name, where `.` not followed by `+` is a literal dot, with an optional row range `[a:b]`."""
+    rows: tuple[int, int | None] | None = None
+    match = RANGE.match(pattern)
+    if match:
+        pattern = match.group(1)
+        start = int(match.group(2) or 0)
+        end_text = match.group(3)
+        end = int(end_text) if end_text else None
+        rows = (start, end) if ":" in match.group(0)[len(pattern) :] else (start, start + 1)
+    return re.compile(re.sub(r"\.(?!\+)", r"\\.", pattern)), rows
+
+
+def _unfrozen_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = []
+    key = names("unfrozen_parameters")
+    for pattern in cfg.unfrozen_parameters or []:
+        try:
+            unfreeze_pattern(pattern)
+        except re.error as exc:
+            errors.append(f"`{key}`: {pattern!r} is not a valid regex ({exc})")
+    if cfg.unfrozen_parameters and cfg.adapter:
+        errors.append(
+            f"`{key}` chooses the trained parameters of a full fine-tune, and `adapter: "
+            f"{cfg.adapter}` trains adapter weights (in Axolotl the patterns then freeze the "
+            "LoRA weights too, since names start with base_model.model.); remove `adapter` for a "
+            "partial full fine-tune, or remove `unfrozen_parameters` (LoRA freezes the base "
+            "itself; `lora_modules_to_save` trains whole modules beside it)"
+        )
+    kwargs = cfg.gradient_checkpointing_kwargs or {}
+    if cfg.unfrozen_parameters and kwargs.get("use_reentrant") is True:
+        errors.append(
+            f"`{key}` with `gradient_checkpointing_kwargs.use_reentrant: true`: reentrant "
+            "checkpoints do not backpropagate into a partly frozen model; set it false "
+            "(Axolotl refuses this too)"
+        )
+    return errors
+
+
+def _kernel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = []
+    if cce_enabled(cfg) and not (cfg.bf16 or cfg.fp16):
+        errors.append(
+            "Cut Cross Entropy (`cut_cross_entropy`, or CutCrossEntropyPlugin in `plugins`) "
+            "needs half-precision training for its backward pass; set `bf16: true` (or "
+            "`fp16: true`), or `cut_cross_entropy: false` (Axolotl refuses this too)"
+        )
+    liger = [
+        k for k in ("liger_cross_entropy", "liger_fused_linear_cross_entropy") if getattr(cfg, k)
+    ]
+    if cce_enabled(cfg) and liger:
+        errors.append(
+            f"Cut Cross Entropy and `{names(liger[0])}` both replace the loss; keep one "
+            "(`cut_cross_entropy: false` turns the plugin's off)"
+        )
+    offload = cfg.activation_offloading
+    if offload in ("disk", "hidden_states"):
+        errors.append(
+            f"`{names('activation_offloading')}: {offload}` uses TRL's offloader with "
+            "Axolotl's trainer mixin, which newtune does not wire; use `activation_offloading: "
+            "true` (saved activations in CPU memory)"
+        )
+    if offload and not cfg.gradient_checkpointing:
+        errors.append(
+            f"`{names('activation_offloading')}` requires `gradient_checkpointing: true` "
+            "(Axolotl refuses it without too)"
+        )
+    if cfg.lora_target_parameters and cfg.lora_dropout:
+        errors.append(
+            f"`{names('lora_target_parameters')}` needs `lora_dropout: 0` (peft's "
+            f"ParamWrapper has no dropout); `lora_dropout` is {cfg.lora_dropout}"
+        )
+    if cfg.lora_target_parameters and cfg.adapter not in (None, "lora", "qlora"):
+        errors.append(f"`{names('lora_target_parameters')}` needs `adapter: lora` or `qlora`")
+    return errors
+
+
+def _tracker_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = []
+    if cfg.use_swanlab and not cfg.swanlab_project:
+        errors.append(
+            f"`{names('use_swanlab')}: true` needs `swanlab_project` (Axolotl refuses it "
+            "without too)"
+        )
+    swan = sorted(
+        k
+        for k in cfg.model_fields_set
+        if k.startswith("swanlab_") and getattr(cfg, k) not in (None, False)
+    )
+    if swan and not cfg.use_swanlab:
+        errors.append(
+            f"{', '.join(f'`{names(k)}`' for k in swan)} set without `use_swanlab: true`; "
+            "nothing would be reported to SwanLab: add `use_swanlab: true` or remove them"
+        )
+    if cfg.swanlab_log_completions:
+        errors.append(
+            f"`{names('swanlab_log_completions')}: true` asks for Axolotl's completion table; "
+            "transformers' SwanLabCallback logs metrics only: set it false"
+        )
+    for key in ("trackio_run_name", "trackio_space_id"):
+        if getattr(cfg, key) and not cfg.trackio_project_name:
+            errors.append(
+                f"`{names(key)}` without `trackio_project_name`; set the project to report to "
+                "trackio, or remove it"
+            )
+    return errors
+
+
+def _parallel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    errors = []
+    sizes = {k: getattr(cfg, k) for k in PARALLEL_KEYS if (getattr(cfg, k) or 1) > 1}
+    if sizes and cfg.deepspeed:
+        errors.append(
+            f"{', '.join(f'`{names(k)}`' for k in sizes)} build accelerate's ParallelismConfig "
+            "(FSDP2 / DDP / TP / CP device mesh), and `deepspeed` is its own engine; choose one"
+        )
+    if (cfg.dp_shard_size or 1) > 1 and cfg.fsdp_version not in (None, 2):
+        errors.append(
+            f"`{names('dp_shard_size')}` shards with FSDP2; `fsdp_version: {cfg.fsdp_version}` "
+            "is FSDP1: set `fsdp_version: 2` or remove dp_shard_size"
+        )
+    return errors
+
+
+def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
+    """Errors for the plugin, kernel, tracker and parallelism keys."""
+    errors = []
+    others = unknown_plugins(cfg)
+    if others:
+        errors.append(
+            f"`{names('plugins')}`: {', '.join(others)} are Axolotl plugins newtune does not run; "
+            f"newtune reads {', '.join(_short(p) for p in KNOWN_PLUGINS)}; remove them"
+        )
+    return (
+        errors
+        + _unfrozen_rules(cfg, names)
+        + _kernel_rules(cfg, names)
+        + _tracker_rules(cfg, names)
+        + _parallel_rules(cfg, names)
+    )
+
+
+def compat2_notes(cfg: NewtuneConfig) -> list[str]:
+    """Notes: what the plugins in `plugins` turn into, and parallelism that is off."""
+    notes = []
+    for plugin in cfg.plugins or []:
+        for known, what in KNOWN_PLUGINS.items():
+            if _short(plugin) == _short(known) and known != LIGER_PLUGIN:
+                notes.append(f"plugin {_short(known)}: newtune reads {what}")
+    sizes = parallel_sizes(cfg)
+    if sizes and parallel_world(cfg) > 1:
+        notes.append(
+            "parallelism: accelerate ParallelismConfig("
+            + ", ".join(f"{k}={v}" for k, v in sizes.items())
+            + f"); launch {parallel_world(cfg)} processes"
+        )
+    return notes
+
+
+def machine_needs2(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -> list[Any]:
+    """The packages (and CUDA) these keys need; `need` builds a config.machine.Need."""
+    needs = []
+    if cce_enabled(cfg):
+        needs.append(
+            need(
+                "Cut Cross Entropy (`cut_cross_entropy` / CutCrossEntropyPlugin)",
+                "the cut-cross-entropy package",
+                "cut_cross_entropy",
+                ("pip install cut-cross-entropy",),
+                "set `cut_cross_entropy: false` (plain cross-entropy)",
+                "its kernels are Triton GPU kernels",
+            )
+        )
+    impl = cfg.experts_implementation
+    if cfg.use_kernels or impl in ("sonicmoe", "deepgemm"):
+        what = (
+            f"`{names('use_kernels')}: true`"
+            if cfg.use_kernels
+            else f"`experts_implementation: {impl}`"
+        )
+        needs.append(
+            need(
+                what,
+                "the kernels package (transformers' hub-kernels integration)",
+                "kernels",
+                ("pip install kernels",),
+                "remove it (the model's own PyTorch layers)",
+                "hub kernels are CUDA builds" if impl in ("sonicmoe", "deepgemm") else None,
+            )
+        )
+    if cfg.tokenizer_use_mistral_common:
+        needs.append(
+            need(
+                f"`{names('tokenizer_use_mistral_common')}: true`",
+                "the mistral-common package",
+                "mistral_common",
+                ("pip install mistral-common",),
+                "remove it (the model's Hugging Face tokenizer)",
+            )
+        )
+    for on, tracker in ((swanlab_enabled(cfg), "swanlab"), (trackio_enabled(cfg), "trackio")):
+        if on:
+            needs.append(
+                need(
+                    f"reporting to {tracker}",
+                    tracker,
+                    tracker,
+                    (f"pip install {tracker}",),
+                    f"remove the {tracker} keys",
+                )
+            )
+    gpu_only = [
+        k
+        for k in ("dp_shard_size", "tensor_parallel_size", "context_parallel_size")
+        if (getattr(cfg, k) or 1) > 1
+    ]
+    if gpu_only:
+        needs.append(
+            need(
+                ", ".join(f"`{names(k)}`" for k in gpu_only),
+                "torch",
+                "torch",
+                ("pip install torch",),
+                "use `dp_replicate_size` (DDP) alone",
+                "accelerate builds FSDP2 / tensor / context parallelism on a CUDA device mesh",
+                plural=len(gpu_only) > 1,
+            )
+        )
+    return needs

@@ -1,0 +1,229 @@
+"""Axolotl keys of its plugins, kernels, trackers and parallelism (issue 16, part 2).
+
+Each key is implemented on the library made for the job (cut-cross-entropy, transformers'
+kernels / experts / tracker integrations, accelerate's ParallelismConfig, torch's save_on_cpu),
+or refused by name with the reason (Axolotl's own kernels and patched modeling code).
+"""
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from newtune.config.schema.base import Section
+from newtune.config.schema.compat import refused
+
+AXOLOTL_OWN = "is Axolotl's own code (not in transformers, peft or a kernel package newtune runs)"
+# transformers 5's ExpertsInterface names (integrations.moe) plus its built-in eager path
+EXPERTS = ("eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe")
+SWANLAB_MODES = ("cloud", "local", "offline", "disabled")
+
+
+def _swanlab_refused(key: str) -> Any:
+    return refused(
+        f"SwanLab {key.removeprefix('swanlab_').replace('_', ' ')} (Axolotl's SwanLab plugin).",
+        f"`{key}` is read by Axolotl's own SwanLab plugin; transformers' SwanLabCallback, "
+        "which newtune reports through, has no such setting",
+    )
+
+
+class Compat2Section(Section):
+    """Axolotl plugin, kernel, tracker and parallelism keys: implemented, or refused by name."""
+
+    # -- cut cross entropy / kernels -------------------------------------------------------
+    cut_cross_entropy: bool | None = Field(
+        default=None,
+        description="Apple's Cut Cross Entropy (the cut-cross-entropy package): the loss is "
+        "computed from the hidden states and the output head's weight without materialising "
+        "the logits. Default true when `plugins` lists CutCrossEntropyPlugin. Needs bf16/fp16, "
+        "a CUDA GPU and `pip install cut-cross-entropy`.",
+    )
+    use_kernels: bool | None = Field(
+        default=None,
+        description="transformers' hub-kernels integration (`model.set_use_kernels(True)`, as "
+        "`from_pretrained(use_kernels=True)`): layers with a registered kernel are replaced. "
+        "Needs `pip install kernels` and the kernels downloaded from the hub.",
+    )
+    experts_implementation: str | None = Field(
+        default=None,
+        description="MoE experts kernel through transformers' ExpertsInterface "
+        f"(`model.set_experts_implementation`): {', '.join(EXPERTS)}.",
+    )
+    use_scattermoe: Any = refused(
+        "Axolotl's ScatterMoE experts kernel.",
+        f"`use_scattermoe` {AXOLOTL_OWN}",
+        "`experts_implementation: grouped_mm` (transformers' grouped experts)",
+    )
+    use_sonicmoe: Any = refused(
+        "Axolotl's SonicMoE build.",
+        f"`use_sonicmoe` registers {AXOLOTL_OWN.removeprefix('is ')}",
+        "`experts_implementation: sonicmoe` (transformers' hub kernel)",
+    )
+    use_dsv4_kernels: Any = refused(
+        "Axolotl's DeepSeek-V4 kernels.", f"`use_dsv4_kernels` {AXOLOTL_OWN}"
+    )
+    use_glm_dsa_kernels: Any = refused(
+        "Axolotl's GLM DSA attention kernels.", f"`use_glm_dsa_kernels` {AXOLOTL_OWN}"
+    )
+    dsv4_fp4_grouped_mode: Any = refused(
+        "Axolotl's DeepSeek-V4 fp4 experts path.", f"`dsv4_fp4_grouped_mode` {AXOLOTL_OWN}"
+    )
+    nvfp4_merge_aware: Any = refused(
+        "Axolotl's merge-aware NVFP4 LoRA (sonicmoe experts).",
+        f"`nvfp4_merge_aware` {AXOLOTL_OWN}",
+    )
+    nvfp4_merge_aware_start_step: Any = refused(
+        "Start step of nvfp4_merge_aware.", f"`nvfp4_merge_aware_start_step` {AXOLOTL_OWN}"
+    )
+    quantize_moe_experts: Any = refused(
+        "Quantize MoE expert weights on load (Axolotl).",
+        "`quantize_moe_experts` quantizes the 3-D expert parameters with Axolotl's own loader "
+        "patch; bitsandbytes (load_in_4bit/8bit) quantizes nn.Linear layers only, so the "
+        "experts would stay in full precision",
+        "`load_in_4bit: true` without it (experts kept in bf16), with `lora_target_parameters`",
+    )
+    llama4_linearized_experts: Any = refused(
+        "Axolotl's linearized Llama 4 experts.",
+        "`llama4_linearized_experts` swaps in Axolotl's patched Llama 4 modeling (experts as "
+        "nn.Linear); transformers' Llama 4 keeps fused 3-D experts",
+        "`lora_target_parameters` on the experts' parameters",
+    )
+    # -- training ----------------------------------------------------------------------------
+    unfrozen_parameters: list[str] | None = Field(
+        default=None,
+        description="Full fine-tune only these parameters: regexes searched in each parameter "
+        "name (Axolotl's re.match on the name); every other parameter gets requires_grad False.",
+    )
+    lora_target_parameters: str | list[str] | None = Field(
+        default=None,
+        description="peft's LoraConfig.target_parameters: LoRA on parameters (e.g. MoE experts' "
+        "`mlp.experts.gate_up_proj`) rather than modules; needs lora_dropout 0.",
+    )
+    activation_offloading: bool | Literal["legacy", "disk", "hidden_states"] | None = Field(
+        default=None,
+        description="With gradient_checkpointing: keep the activations saved for backward in "
+        "CPU memory (torch's save_on_cpu, as `gradient_checkpointing: offload`); `true` and "
+        "`legacy` only (`disk` / `hidden_states` are refused).",
+    )
+    qat: Any = refused(
+        "Quantization-aware training (torchao).",
+        "`qat` runs Axolotl's torchao fake-quantization integration, which newtune does not "
+        "wire (torchao QAT's int4/fp8 kernels are GPU kernels)",
+        "train normally and quantize afterwards",
+    )
+    fp8: Any = refused(
+        "FP8 training (torchao / accelerate).",
+        "`fp8` needs fp8 matmuls (Hopper/Ada GPUs and torchao's Float8Linear), which newtune "
+        "does not wire",
+        "`bf16: true`",
+    )
+    fp8_enable_fsdp_float8_all_gather: Any = refused(
+        "FP8 all-gather under FSDP.", "`fp8_enable_fsdp_float8_all_gather` goes with `fp8`"
+    )
+    # -- trackers ----------------------------------------------------------------------------
+    use_swanlab: bool | None = Field(
+        default=None,
+        description="Report to SwanLab (transformers' SwanLabCallback); needs swanlab_project.",
+    )
+    swanlab_project: str | None = Field(default=None, description="SwanLab project.")
+    swanlab_experiment_name: str | None = Field(
+        default=None, description="SwanLab experiment name (TrainingArguments.run_name)."
+    )
+    swanlab_mode: str | None = Field(
+        default=None, description=f"SWANLAB_MODE: {', '.join(SWANLAB_MODES)}."
+    )
+    swanlab_log_model: bool | None = Field(
+        default=None, description="SWANLAB_LOG_MODEL (false: no model upload)."
+    )
+    swanlab_api_key: str | None = Field(default=None, description="SWANLAB_API_KEY.")
+    swanlab_web_host: str | None = Field(default=None, description="SWANLAB_WEB_HOST.")
+    swanlab_api_host: str | None = Field(default=None, description="SWANLAB_API_HOST.")
+    swanlab_description: Any = _swanlab_refused("swanlab_description")
+    swanlab_workspace: Any = _swanlab_refused("swanlab_workspace")
+    swanlab_lark_webhook_url: Any = _swanlab_refused("swanlab_lark_webhook_url")
+    swanlab_lark_secret: Any = _swanlab_refused("swanlab_lark_secret")
+    swanlab_log_completions: bool | None = Field(
+        default=None,
+        description="Axolotl's completion table for preference training; `false` accepted, "
+        "`true` refused (transformers' SwanLabCallback logs metrics only).",
+    )
+    swanlab_completion_log_interval: Any = _swanlab_refused("swanlab_completion_log_interval")
+    swanlab_completion_max_buffer: Any = _swanlab_refused("swanlab_completion_max_buffer")
+    trackio_project_name: str | None = Field(
+        default=None,
+        description="Report to trackio (transformers' TrackioCallback) in this project "
+        "(TrainingArguments.project).",
+    )
+    trackio_run_name: str | None = Field(
+        default=None, description="trackio run name (TrainingArguments.run_name)."
+    )
+    trackio_space_id: str | None = Field(
+        default=None,
+        description="Hugging Face Space the trackio dashboard syncs to "
+        "(TrainingArguments.trackio_space_id); unset: local only.",
+    )
+    use_otel_metrics: Any = refused(
+        "OpenTelemetry metrics (Axolotl).",
+        "`use_otel_metrics` starts Axolotl's own OpenTelemetry/Prometheus callback; transformers "
+        "has no OpenTelemetry integration",
+        "`use_tensorboard`, `wandb_project` or `mlflow_experiment_name`",
+    )
+    otel_metrics_host: Any = refused("OpenTelemetry host.", "goes with `use_otel_metrics`")
+    otel_metrics_port: Any = refused("OpenTelemetry port.", "goes with `use_otel_metrics`")
+    # -- parallelism (accelerate's ParallelismConfig) ----------------------------------------
+    dp_shard_size: int | None = Field(
+        default=None, ge=1, description="FSDP shard group size (ParallelismConfig.dp_shard_size)."
+    )
+    dp_replicate_size: int | None = Field(
+        default=None, ge=1, description="DDP replica groups (ParallelismConfig.dp_replicate_size)."
+    )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, description="Tensor parallel size (ParallelismConfig.tp_size)."
+    )
+    context_parallel_size: int | None = Field(
+        default=None, ge=1, description="Context parallel size (ParallelismConfig.cp_size)."
+    )
+    expert_parallel_size: Any = refused(
+        "Expert parallelism (Axolotl's ExpertParallelPlugin).",
+        "`expert_parallel_size` is Axolotl's DeepEP expert-parallel plugin; accelerate's "
+        "ParallelismConfig has no expert-parallel axis",
+        "`dp_shard_size` (FSDP shards the experts)",
+    )
+    expert_parallel_num_nvl_bytes: Any = refused(
+        "DeepEP buffer.", "goes with `expert_parallel_size`"
+    )
+    expert_parallel_token_capacity: Any = refused(
+        "DeepEP capacity.", "goes with `expert_parallel_size`"
+    )
+    use_ray: Any = refused(
+        "Ray Train launch.",
+        "`use_ray` launches through Ray Train, which newtune does not integrate",
+        "`accelerate launch` (multi-node: configs/accelerate/multi_node.yaml)",
+    )
+    ray_num_workers: Any = refused("Ray Train workers.", "goes with `use_ray`")
+    # -- tokenizer ---------------------------------------------------------------------------
+    tokenizer_use_mistral_common: bool | None = Field(
+        default=None,
+        description="Load the tokenizer with mistral-common (transformers' MistralCommonBackend, "
+        "from the model's tekken.json / tokenizer.model.v*); needs `pip install mistral-common`.",
+    )
+
+    @field_validator("experts_implementation")
+    @classmethod
+    def _experts(cls, value: str | None) -> str | None:
+        """transformers' experts implementations; Axolotl's scattermoe is refused by name."""
+        if value is None or value in EXPERTS:
+            return value
+        if value == "scattermoe":
+            raise ValueError(
+                "`scattermoe` is registered by Axolotl's KernelsPlugin (its own kernel), not "
+                f"by transformers; choose {', '.join(EXPERTS)} (grouped_mm is the closest)"
+            )
+        raise ValueError(f"`{value}` is not one of transformers' {', '.join(EXPERTS)}")
+
+    @field_validator("swanlab_mode")
+    @classmethod
+    def _swanlab_mode(cls, value: str | None) -> str | None:
+        """SwanLab's modes."""
+        if value is None or value in SWANLAB_MODES:
+            return value
+        raise ValueError(f"`{value}` is not one of {', '.join(SWANLAB_MODES)}")

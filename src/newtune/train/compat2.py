@@ -1,0 +1,250 @@
+"""The Axolotl plugin/kernel/parallelism keys applied to a run (config/schema/compat2.py):
+Cut Cross Entropy, hub kernels, experts implementation, unfrozen_parameters, activation
+offloading, trackers and accelerate's ParallelismConfig."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import torch
+
+from newtune.config.compat2 import (
+    cce_enabled,
+    parallel_sizes,
+    parallel_world,
+    swanlab_enabled,
+    trackio_enabled,
+    unfreeze_pattern,
+)
+from newtune.config.schema import NewtuneConfig
+from newtune.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def _base(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# -- unfrozen_parameters ---------------------------------------------------------------------
+
+
+def _zero_rows_hook(keep: list[tuple[int, int]]) -> Any:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+        for start, end in keep:
+            mask[start:end] = True
+        return grad * mask.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
+
+    return hook
+
+
+def freeze_except(model: Any, patterns: list[str]) -> list[str]:
+    """Axolotl's freeze_layers_except: requires_grad only on parameters whose name a pattern
+    matches (re.match); a row range `[a:b]` trains those rows only (the other rows' gradient is
+    zeroed). Returns the trained names; no match at all is a ConfigError."""
+    parsed = [(p, *unfreeze_pattern(p)) for p in patterns]
+    trained = []
+    for name, param in model.named_parameters():
+        hits = [(p, rows) for p, regex, rows in parsed if regex.match(name)]
+        param.requires_grad = bool(hits)
+        if not hits:
+            continue
+        trained.append(name)
+        ranges = [rows for _, rows in hits]
+        if any(r is None for r in ranges):
+            continue
+        size = param.shape[0]
+        keep = [(start, size if end is None else min(end, size)) for start, end in ranges]
+        param.register_hook(_zero_rows_hook(keep))
+    if not trained:
+        raise ConfigError(
+            f"`unfrozen_parameters` {patterns} matches none of the model's parameters, so "
+            "nothing would train; patterns are matched at the start of names such as "
+            f"{next(iter(n for n, _ in model.named_parameters()))!r}"
+        )
+    if any(k in p for p in patterns for k in ("embed_tokens", "lm_head")):
+        model.enable_input_require_grads()
+    return trained
+
+
+# -- Cut Cross Entropy -----------------------------------------------------------------------
+
+
+def _cce_module() -> Any:
+    try:
+        return importlib.import_module("cut_cross_entropy")
+    except ImportError as exc:
+        raise ConfigError(
+            "Cut Cross Entropy (`cut_cross_entropy` / CutCrossEntropyPlugin) needs the "
+            f"cut-cross-entropy package, which cannot be imported here ({exc}); run `pip install "
+            "cut-cross-entropy` on a CUDA machine, or set `cut_cross_entropy: false`"
+        ) from exc
+
+
+def apply_cut_cross_entropy(model: Any, impl: str = "cce") -> None:
+    """Replace the causal LM's training loss with cut_cross_entropy.linear_cross_entropy on
+    the hidden states and the output head's weight (the logits are never materialised).
+
+    Eval and calls without labels run the model's own forward (they need logits). The loss is
+    summed and divided by `num_items_in_batch` when the Trainer passes it, else averaged over
+    the trained tokens, as transformers' ForCausalLMLoss does.
+    """
+    cce = _cce_module()
+    lm = _base(model)
+    head = lm.get_output_embeddings()
+    config = lm.config
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ModelError(
+            f"Cut Cross Entropy needs a bias-free output head; {type(lm).__name__} has "
+            f"{'none' if head is None else 'a bias'}: set `cut_cross_entropy: false`"
+        )
+    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            raise ModelError(
+                f"Cut Cross Entropy: {type(lm).__name__} scales its logits (`{attr}`), which "
+                "the fused loss does not; set `cut_cross_entropy: false`"
+            )
+    softcap = getattr(config, "final_logit_softcapping", None)
+    original = lm.forward
+    decoder = lm.get_decoder()
+
+    def forward(
+        *args: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any
+    ) -> Any:
+        if labels is None or not lm.training:
+            kwargs.pop("shift_labels", None)
+            return original(*args, labels=labels, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("shift_labels", None)
+        out = decoder(*args, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        summed = num_items_in_batch is not None
+        loss = cce.linear_cross_entropy(
+            hidden,
+            head.weight,
+            labels,
+            ignore_index=IGNORE_INDEX,
+            softcap=softcap,
+            reduction="sum" if summed else "mean",
+            shift=True,
+            impl=impl,
+        )
+        if summed:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    forward.__doc__ = original.__doc__  # no __wrapped__: newtune must not pass logits_to_keep
+    lm.forward = forward
+    log.info("Cut Cross Entropy (%s) computes the training loss of %s", impl, type(lm).__name__)
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
+    """Apply unfrozen_parameters, experts_implementation, use_kernels, activation_offloading
+    and Cut Cross Entropy to the built model (adapter attached)."""
+    base = _base(model)
+    if config.unfrozen_parameters:
+        trained = freeze_except(model, config.unfrozen_parameters)
+        log.info("unfrozen_parameters: training %s of the model's parameters", len(trained))
+    if config.experts_implementation:
+        try:
+            base.set_experts_implementation(config.experts_implementation)
+        except (ValueError, ImportError) as exc:
+            raise ModelError(
+                f"`experts_implementation: {config.experts_implementation}`: transformers "
+                f"refused it for {type(base).__name__} ({exc}); remove the key"
+            ) from exc
+    if config.use_kernels:
+        try:
+            base.set_use_kernels(True)
+        except (ValueError, ImportError, OSError) as exc:
+            raise ModelError(
+                f"`use_kernels: true`: transformers could not kernelize {type(base).__name__} "
+                f"({exc}); the kernels come from the Hugging Face hub (`pip install kernels`, "
+                "online or in the hub cache), or remove `use_kernels`"
+            ) from exc
+    offload = config.activation_offloading
+    if offload in (True, "legacy") and config.gradient_checkpointing not in ("offload", "unsloth"):
+        from newtune.models.load import _offload_activations
+
+        _offload_activations(model)
+    if cce_enabled(config):
+        apply_cut_cross_entropy(model)
+
+
+# -- TrainingArguments -----------------------------------------------------------------------
+
+
+def report_targets2(config: NewtuneConfig) -> list[str]:
+    """The trackers these keys add to `report_to`."""
+    return [
+        name
+        for on, name in ((swanlab_enabled(config), "swanlab"), (trackio_enabled(config), "trackio"))
+        if on
+    ]
+
+
+def tracker_env2(config: NewtuneConfig) -> dict[str, str]:
+    """SWANLAB_* variables transformers' SwanLabCallback (and swanlab) read."""
+    if not swanlab_enabled(config):
+        return {}
+    values = {
+        "SWANLAB_PROJECT": config.swanlab_project,
+        "SWANLAB_MODE": config.swanlab_mode,
+        "SWANLAB_LOG_MODEL": None
+        if config.swanlab_log_model is None
+        else str(config.swanlab_log_model).lower(),
+        "SWANLAB_API_KEY": config.swanlab_api_key,
+        "SWANLAB_WEB_HOST": config.swanlab_web_host,
+        "SWANLAB_API_HOST": config.swanlab_api_host,
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def parallelism_config(config: NewtuneConfig) -> Any:
+    """accelerate's ParallelismConfig for the sizes set, or None when they multiply to 1."""
+    if parallel_world(config) <= 1:
+        return None
+    from accelerate import ParallelismConfig
+
+    return ParallelismConfig(**parallel_sizes(config))
+
+
+def training_kwargs2(config: NewtuneConfig) -> dict[str, Any]:
+    """TrainingArguments entries of these keys (trackio project/space, run names, parallelism)."""
+    kwargs: dict[str, Any] = {}
+    if trackio_enabled(config):
+        kwargs["project"] = config.trackio_project_name
+        if config.trackio_space_id:
+            kwargs["trackio_space_id"] = config.trackio_space_id
+    name = config.trackio_run_name if trackio_enabled(config) else None
+    if swanlab_enabled(config) and config.swanlab_experiment_name:
+        name = name or config.swanlab_experiment_name
+    if name and not config.wandb_name:
+        kwargs["run_name"] = name
+    parallel = parallelism_config(config)
+    if parallel is not None:
+        kwargs["parallelism_config"] = parallel
+    return kwargs
+
+
+def parallel_problem(config: NewtuneConfig, world_size: int) -> str | None:
+    """Why the launch does not fit the parallelism sizes (None when it does)."""
+    wanted = parallel_world(config)
+    if wanted <= 1 or wanted == world_size:
+        return None
+    sizes = ", ".join(f"{k}={v}" for k, v in parallel_sizes(config).items())
+    return (
+        f"the parallelism sizes ({sizes}) multiply to {wanted} processes, and this run was "
+        f"launched on {world_size}; launch {wanted} (`accelerate launch --num_processes "
+        f"{wanted}`), or change the sizes"
+    )

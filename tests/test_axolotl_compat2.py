@@ -1,0 +1,466 @@
+"""Axolotl plugin, kernel, tracker and parallelism keys (issue 16, part 2): each reaches the
+object it configures (loss, parameters, LoraConfig, TrainingArguments, ParallelismConfig,
+tokenizer call), or is refused by name with the reason."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+from test_trust_config import cli, error_line
+from transformers import LlamaForCausalLM
+
+from newtune.config.load import load_config
+from newtune.config.machine import check_machine, machine_problems
+from newtune.config.resolve import resolve
+from newtune.errors import ConfigError, ModelError
+from newtune.models.adapters import lora_config
+from newtune.train.args import build_training_args
+from newtune.train.compat2 import (
+    apply_cut_cross_entropy,
+    apply_model_keys,
+    freeze_except,
+    parallelism_config,
+)
+from newtune.train.report import tracker_env
+
+BASE = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
+CCE = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+
+
+def write(tmp_path: Path, **keys) -> str:
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump({**BASE, **keys}, sort_keys=False))
+    return str(path)
+
+
+def loaded(tmp_path: Path, **keys):
+    return load_config(write(tmp_path, **keys))
+
+
+def error_of(tmp_path: Path, **keys) -> str:
+    with pytest.raises(ConfigError) as info:
+        loaded(tmp_path, **keys)
+    return str(info.value)
+
+
+def args_of(cfg):
+    return build_training_args(cfg, resolve(cfg, env={}), True, steps_per_epoch=10)
+
+
+def runnable(tmp_path: Path, **keys) -> str:
+    """A config file whose dataset exists (for `newtune train`)."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    return write(
+        tmp_path,
+        **{**BASE, "datasets": [{"path": str(data), "type": "alpaca"}]},
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        **keys,
+    )
+
+
+# -- 1. plugins: Cut Cross Entropy ------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cut_cross_entropy") is not None, reason="needs it absent"
+)
+def test_cce_plugin_validates_with_a_warning_and_train_refuses_with_pip_and_cuda(tmp_path):
+    cfg = runnable(tmp_path, plugins=[CCE], bf16=True)
+    proc = cli("validate", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "warning: Cut Cross Entropy (`cut_cross_entropy` / CutCrossEntropyPlugin) needs the "
+        "cut-cross-entropy package, which is not installed here; the machine that trains needs "
+        "it (`pip install cut-cross-entropy`)." in proc.stderr
+    )
+    assert "plugin CutCrossEntropyPlugin: newtune reads cut_cross_entropy" in proc.stderr
+    err = error_line(cli("train", cfg))
+    assert "needs the cut-cross-entropy package, which is not installed; run `pip install " in err
+    assert (
+        "Cut Cross Entropy (`cut_cross_entropy` / CutCrossEntropyPlugin) needs CUDA (its kernels "
+        "are Triton GPU kernels), and this machine trains on cpu" in err
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_cce_needs_half_precision_and_excludes_liger_losses(tmp_path):
+    assert "needs half-precision training for its backward pass; set `bf16: true`" in error_of(
+        tmp_path, plugins=[CCE]
+    )
+    assert "Cut Cross Entropy and `liger_cross_entropy` both replace the loss" in error_of(
+        tmp_path, cut_cross_entropy=True, bf16=True, liger_cross_entropy=True
+    )
+    # the plugin listed with `cut_cross_entropy: false` is off: no rule, no package needed
+    cfg = loaded(tmp_path, plugins=[CCE], cut_cross_entropy=False).config
+    assert not any("cut-cross-entropy" in p for p in machine_problems(cfg, "cuda"))
+
+
+def test_unknown_plugins_are_refused_by_name_and_known_ones_accepted(tmp_path):
+    err = error_of(tmp_path, plugins=["axolotl.integrations.diffusion.DiffusionPlugin"])
+    assert (
+        "axolotl.integrations.diffusion.DiffusionPlugin are Axolotl plugins newtune does not run"
+        in err
+    )
+    assert "newtune reads LigerPlugin, CutCrossEntropyPlugin, KernelsPlugin, SwanLabPlugin" in err
+    result = loaded(
+        tmp_path,
+        plugins=[
+            "axolotl.integrations.kernels.KernelsPlugin",
+            "axolotl.integrations.liger.LigerPlugin",
+        ],
+    )
+    assert [p.rsplit(".", 1)[-1] for p in result.config.plugins] == ["KernelsPlugin", "LigerPlugin"]
+
+
+def _stub_cce(calls: list) -> types.ModuleType:
+    """A cut_cross_entropy stand-in: its linear_cross_entropy is the plain math (logits = e @ c.T,
+    shift, ignore -100), and it records what newtune hands it."""
+    module = types.ModuleType("cut_cross_entropy")
+    module.__spec__ = importlib.machinery.ModuleSpec("cut_cross_entropy", None)
+
+    def linear_cross_entropy(
+        e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False, impl="cce"
+    ):
+        calls.append({"c": c, "shift": shift, "reduction": reduction, "impl": impl, "e": e.shape})
+        logits = (e @ c.T).float()
+        if shift:
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+
+    module.linear_cross_entropy = linear_cross_entropy
+    return module
+
+
+def test_cce_loss_goes_through_the_package_on_hidden_states_and_head_weight(model_dir, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", _stub_cce(calls))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    model.train()
+    plain = model(input_ids=ids, labels=labels).loss
+    plain_sum = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
+    apply_cut_cross_entropy(model)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None  # the logits are never built
+    torch.testing.assert_close(out.loss, plain)
+    torch.testing.assert_close(
+        model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss, plain_sum
+    )
+    assert calls[0]["c"] is model.lm_head.weight and calls[0]["shift"] is True
+    assert [c["reduction"] for c in calls] == ["mean", "sum"]
+    assert calls[0]["e"] == (2, 9, model.config.hidden_size)  # the decoder's hidden states
+    model.eval()  # eval: the model's own forward, with logits
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 9, model.config.vocab_size)
+    assert len(calls) == 2
+
+
+def test_cce_loss_backpropagates_like_the_plain_loss_under_lora(model_dir, monkeypatch, tmp_path):
+    from peft import get_peft_model
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", _stub_cce([]))
+    cfg = loaded(
+        tmp_path, adapter="lora", lora_target_modules=["q_proj"], cut_cross_entropy=True, bf16=True
+    ).config
+    grads = []
+    for cce in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), lora_config(cfg))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)
+        if cce:
+            apply_cut_cross_entropy(model)
+        model.train()
+        ids = torch.arange(8).view(1, 8) + 3
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for n, p in model.named_parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cut_cross_entropy") is None, reason="needs cut-cross-entropy"
+)
+def test_cce_torch_compile_impl_equals_plain_cross_entropy(model_dir):
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    model.train()
+    plain = model(input_ids=ids, labels=ids).loss
+    apply_cut_cross_entropy(model, impl="torch_compile")
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, plain, rtol=1e-4, atol=1e-4)
+
+
+# -- kernels ----------------------------------------------------------------------------------
+
+
+def test_experts_implementation_reaches_the_moe_model(tmp_path):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
+    cfg = loaded(tmp_path, experts_implementation="batched_mm").config
+    apply_model_keys(model, cfg)
+    assert model.config._experts_implementation == "batched_mm"
+    err = error_of(tmp_path, experts_implementation="scattermoe")
+    assert "`scattermoe` is registered by Axolotl's KernelsPlugin (its own kernel)" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="needs it absent")
+def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, model_dir):
+    result = loaded(tmp_path, use_kernels=True)
+    problems = machine_problems(result.config, "cuda")
+    assert problems == [
+        "`use_kernels: true` needs the kernels package (transformers' hub-kernels integration), "
+        "which is not installed; run `pip install kernels`, or remove it (the model's own "
+        "PyTorch layers)"
+    ]
+    with pytest.raises(ModelError, match=r"`use_kernels: true`: transformers could not kernelize"):
+        apply_model_keys(LlamaForCausalLM.from_pretrained(model_dir), result.config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("use_scattermoe", True, "`use_scattermoe` is Axolotl's own code"),
+        (
+            "quantize_moe_experts",
+            True,
+            "bitsandbytes (load_in_4bit/8bit) quantizes nn.Linear layers only",
+        ),
+        ("llama4_linearized_experts", True, "swaps in Axolotl's patched Llama 4 modeling"),
+        ("qat", {"weight_dtype": "int4"}, "`qat` runs Axolotl's torchao fake-quantization"),
+        ("fp8", True, "`fp8` needs fp8 matmuls"),
+        ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),
+        ("expert_parallel_size", 4, "ParallelismConfig has no expert-parallel axis"),
+        ("use_otel_metrics", True, "transformers has no OpenTelemetry integration"),
+        ("nvfp4_merge_aware", True, "`nvfp4_merge_aware` is Axolotl's own code"),
+    ],
+)
+def test_keys_without_a_library_are_refused_by_name(tmp_path, key, value, expected):
+    err = error_of(tmp_path, **{key: value})
+    assert f"`{key}: " in err and expected in err
+    assert loaded(tmp_path, **{key: None if value is not True else False}).config is not None
+
+
+# -- training keys ----------------------------------------------------------------------------
+
+
+def test_unfrozen_parameters_train_only_the_matching_parameters(tmp_path, model_dir):
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    cfg = loaded(tmp_path, unfrozen_parameters=["model.layers.1.mlp.*", "lm_head"]).config
+    apply_model_keys(model, cfg)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    }
+    # `.` is a literal dot: `model.layers.1` does not match model.layers.10/1x names by accident
+    assert not any(n.startswith("model.layers.0") for n in trained)
+
+
+def test_unfrozen_parameters_row_range_zeroes_the_other_rows_gradient(model_dir):
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    freeze_except(model, ["model.embed_tokens.weight$[:5]"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "model.embed_tokens.weight"
+    ]
+    ids = torch.arange(12).view(1, 12)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad[:5].abs().sum() > 0 and grad[5:].abs().sum() == 0
+
+
+def test_unfrozen_parameters_refusals(tmp_path, model_dir):
+    err = error_of(tmp_path, unfrozen_parameters=["^model.*"], adapter="lora")
+    assert "`unfrozen_parameters` chooses the trained parameters of a full fine-tune" in err
+    with pytest.raises(ConfigError, match=r"matches none of the model's parameters"):
+        freeze_except(LlamaForCausalLM.from_pretrained(model_dir), ["^nothing"])
+
+
+def test_lora_target_parameters_reach_the_lora_config(tmp_path):
+    cfg = loaded(
+        tmp_path,
+        adapter="lora",
+        lora_target_modules=["q_proj"],
+        lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ).config
+    assert lora_config(cfg).target_parameters == [
+        "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj",
+    ]
+    err = error_of(tmp_path, adapter="lora", lora_target_parameters=["x"], lora_dropout=0.05)
+    assert "`lora_target_parameters` needs `lora_dropout: 0`" in err
+
+
+def test_activation_offloading_keeps_saved_tensors_on_the_cpu(tmp_path, model_dir, monkeypatch):
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def spy(*args, **kwargs):
+        entered.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", spy)
+    cfg = loaded(tmp_path, activation_offloading=True, gradient_checkpointing=True).config
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    apply_model_keys(model, cfg)
+    ids = torch.arange(6).view(1, 6)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert entered == [{"pin_memory": torch.cuda.is_available()}]
+    assert "requires `gradient_checkpointing: true`" in error_of(
+        tmp_path, activation_offloading=True
+    )
+    err = error_of(tmp_path, activation_offloading="disk", gradient_checkpointing=True)
+    assert "`activation_offloading: disk` uses TRL's offloader" in err
+
+
+# -- tokenizer --------------------------------------------------------------------------------
+
+
+def test_mistral_common_reaches_the_tokenizer_call(tmp_path, model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from newtune.models.tokenizer import load_tokenizer
+
+    seen = {}
+    real = AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        kwargs.pop("mistral_format")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    cfg = loaded(tmp_path, tokenizer_use_mistral_common=True).config.model_copy(
+        update={"base_model": str(model_dir)}
+    )
+    load_tokenizer(cfg)
+    assert seen["mistral_format"] is True
+    if importlib.util.find_spec("mistral_common") is None:
+        assert machine_problems(cfg, "cpu") == [
+            "`tokenizer_use_mistral_common: true` needs the mistral-common package, which is not "
+            "installed; run `pip install mistral-common`, or remove it (the model's Hugging Face "
+            "tokenizer)"
+        ]
+
+
+# -- trackers ---------------------------------------------------------------------------------
+
+
+def test_trackio_reaches_training_arguments(tmp_path):
+    cfg = loaded(
+        tmp_path, trackio_project_name="proj", trackio_run_name="run1", trackio_space_id="me/space"
+    ).config
+    args = args_of(cfg)
+    assert args.report_to == ["trackio"]
+    assert (args.project, args.run_name, args.trackio_space_id) == ("proj", "run1", "me/space")
+    assert "`trackio_run_name` without `trackio_project_name`" in error_of(
+        tmp_path, trackio_run_name="r"
+    )
+
+
+def test_swanlab_reaches_report_to_and_its_environment(tmp_path):
+    cfg = loaded(
+        tmp_path,
+        plugins=["axolotl.integrations.swanlab.SwanLabPlugin"],
+        use_swanlab=True,
+        swanlab_project="p",
+        swanlab_experiment_name="e",
+        swanlab_mode="offline",
+        swanlab_log_model=False,
+    ).config
+    args = args_of(cfg)
+    assert args.report_to == ["swanlab"] and args.run_name == "e"
+    env = tracker_env(cfg)
+    assert {k: v for k, v in env.items() if k.startswith("SWANLAB_")} == {
+        "SWANLAB_PROJECT": "p",
+        "SWANLAB_MODE": "offline",
+        "SWANLAB_LOG_MODEL": "false",
+    }
+    if importlib.util.find_spec("swanlab") is None:
+        assert (
+            "reporting to swanlab needs swanlab, which is not installed; run `pip install swanlab`"
+            in machine_problems(cfg, "cpu")[0]
+        )
+    assert "`use_swanlab: true` needs `swanlab_project`" in error_of(tmp_path, use_swanlab=True)
+    assert "set without `use_swanlab: true`" in error_of(tmp_path, swanlab_project="p")
+    assert "`swanlab_description` is read by Axolotl's own SwanLab plugin" in error_of(
+        tmp_path, use_swanlab=True, swanlab_project="p", swanlab_description="d"
+    )
+
+
+# -- parallelism ------------------------------------------------------------------------------
+
+
+def test_parallelism_sizes_map_onto_accelerates_parallelism_config(tmp_path):
+    cfg = loaded(
+        tmp_path,
+        dp_shard_size=2,
+        dp_replicate_size=2,
+        tensor_parallel_size=2,
+        context_parallel_size=1,
+    ).config
+    parallel = parallelism_config(cfg)
+    assert (
+        parallel.dp_replicate_size,
+        parallel.dp_shard_size,
+        parallel.tp_size,
+        parallel.cp_size,
+    ) == (2, 2, 2, 1)
+    # sizes of 1 are off: no ParallelismConfig at all
+    assert (
+        parallelism_config(loaded(tmp_path, dp_shard_size=1, tensor_parallel_size=1).config) is None
+    )
+    problems = machine_problems(cfg, "cpu", world_size=8)
+    assert problems == [
+        "`dp_shard_size`, `tensor_parallel_size` need CUDA (accelerate builds FSDP2 / tensor / "
+        "context parallelism on a CUDA device mesh), and this machine trains on cpu; train on a "
+        "CUDA GPU, or use `dp_replicate_size` (DDP) alone"
+    ]
+    assert machine_problems(cfg, "cuda", world_size=4) == [
+        "the parallelism sizes (dp_replicate_size=2, dp_shard_size=2, tp_size=2, cp_size=1) "
+        "multiply to 8 processes, and this run was launched on 4; launch 8 (`accelerate launch "
+        "--num_processes 8`), or change the sizes"
+    ]
+
+
+def test_dp_replicate_reaches_training_arguments_and_runs_on_cpu_ranks(tmp_path):
+    cfg = loaded(tmp_path, dp_replicate_size=2).config
+    assert machine_problems(cfg, "cpu", world_size=2) == []
+    parallel = parallelism_config(cfg)
+    assert (parallel.dp_replicate_size, parallel.total_size) == (2, 2)
+    with pytest.raises(ConfigError, match="launched on 1"):
+        check_machine(cfg, "cpu")
+    assert "`dp_shard_size` shards with FSDP2; `fsdp_version: 1`" in error_of(
+        tmp_path, dp_shard_size=2, fsdp_version=1, fsdp_config={"fsdp_offload_params": False}
+    )
