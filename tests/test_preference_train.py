@@ -524,3 +524,34 @@ def test_kto_method_equals_trls_trainer(tmp_path, model_dir, chat_tokenizer):
             1.0, abs(trl_metrics[name])
         ), name
     assert float(metrics["kl"]) > 0
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precomputed"])
+def test_interrupted_then_resumed_dpo_equals_uninterrupted(
+    tmp_path, model_dir, monkeypatch, precompute
+):
+    from test_resume import CrashAfterSave, SimulatedCrash, StepCounter, _train
+
+    keys = {
+        "rl": "dpo",
+        "max_steps": None,
+        "num_epochs": 2,  # 3 steps per epoch: the crash lies in the second epoch
+        "sample_packing": True,
+        "precompute_ref_log_probs": precompute or None,
+    }
+    (tmp_path / "a").mkdir()
+    out_a = _train(make_config(tmp_path / "a", model_dir, PAIRS, "preference", **keys), monkeypatch)
+    (tmp_path / "b").mkdir()
+    resume = {"auto_resume_from_checkpoints": True, "save_steps": 5}
+    broken = make_config(tmp_path / "b", model_dir, PAIRS, "preference", **resume, **keys)
+    with pytest.raises(SimulatedCrash):
+        _train(broken, monkeypatch, CrashAfterSave(5))
+    counter = StepCounter()
+    out_b = _train(broken, monkeypatch, counter)
+    assert counter.steps == [6]
+    logs_a, logs_b = history(out_a), history(out_b)
+    assert [h["step"] for h in logs_b] == list(range(1, 7))
+    for a, b in zip(logs_a, logs_b, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+        assert abs(a["rewards/margins"] - b["rewards/margins"]) <= 1e-6
+    assert _max_difference(_adapter(out_a), _adapter(out_b)) <= 1e-6
