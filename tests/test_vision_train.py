@@ -285,3 +285,34 @@ def test_trl_images_column(tmp_path: Path, vlm_dir: Path) -> None:
     tok = load_processor(config).processor.tokenizer
     trained = [t for t in batch["labels"][0].tolist() if t != -100]
     assert tok.decode(trained) == "red<|im_end|>"
+
+
+def test_qwen2_vl_processor_without_torchvision(tmp_path: Path, chat_tok_dir: Path) -> None:
+    """A Qwen2-VL folder loads as an images-only Qwen2VLProcessor that saves under its name."""
+    from test_vision_data import _qwen2_vl
+
+    from newtune.config.schema import NewtuneConfig
+    from newtune.models.processor import load_processor
+
+    proc, _ = _qwen2_vl(chat_tok_dir)
+    proc.tokenizer.save_pretrained(tmp_path)
+    proc.image_processor.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(proc.chat_template)
+    (tmp_path / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}')
+    cfg = NewtuneConfig(
+        base_model=str(tmp_path),
+        processor_type="AutoProcessor",
+        datasets=[{"path": "x.jsonl", "type": "chat_template"}],
+    )
+    loaded = load_processor(cfg).processor
+    assert type(loaded).__name__ == "Qwen2VLProcessor"
+    parts = [{"type": "image"}, {"type": "text", "text": "hi"}]
+    text = loaded.apply_chat_template(
+        [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
+    )
+    out = loaded(text=[text], images=[[Image.new("RGB", (30, 30))]], return_tensors="pt")
+    assert tuple(out["image_grid_thw"][0].tolist()) == (1, 4, 4)
+    assert out["input_ids"][0].tolist().count(loaded.image_token_id) == 4
+    loaded.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"
