@@ -35,6 +35,7 @@ from newtune.config.schema.multimodal import is_multimodal
 from newtune.config.schema.preference import training_method
 from newtune.data import prepare_preference as pref
 from newtune.data.packing import packing_plan, packing_report, sample_lengths
+from newtune.data.publish import push_prepared
 from newtune.data.sources import is_pretokenized, load_rows, local_files, pretokenized
 from newtune.data.strategies import Strategy, get_strategy
 from newtune.data.tokenize import IGNORE_INDEX, Engine
@@ -741,6 +742,12 @@ def prepare(
     config: NewtuneConfig, tokenizer: Any, chat_template: str | None, force: bool = False
 ) -> PreparedData:
     """Prepare (or reuse) the tokenized dataset; concurrent processes wait for one writer."""
+    if not config.datasets:  # a pretraining_dataset config: streamed while training
+        raise ConfigError(
+            "this config has `pretraining_dataset` and no `datasets`: a stream is read, "
+            "tokenized and packed while training (`newtune train`), so there is nothing to "
+            "prepare on disk"
+        )
     strategies = [_strategy_for(e, i, "datasets", config) for i, e in enumerate(config.datasets)]
     test_strats = [
         _strategy_for(e, i, "test_datasets", config)
@@ -767,8 +774,10 @@ def prepare(
                 )
                 _save(splits, tmp, {"fingerprint": fp, **stats}, inputs)
                 shutil.rmtree(work, ignore_errors=True)
-        data = datasets.load_from_disk(str(final))
+        data = datasets.load_from_disk(str(final), keep_in_memory=config.dataset_keep_in_memory)
         stats = _with_packing(final, data, config)
+    if config.push_dataset_to_hub:
+        push_prepared(config.push_dataset_to_hub, data, fp)
     return PreparedData(final, data, stats, reused=reused)
 
 
