@@ -116,8 +116,9 @@ def test_config_schema_via_python_m():
 
 
 def test_dispatch_imports_only_the_chosen_command(cfg):
-    proc = run_main("merge_lora", str(cfg))  # fails on the missing base model, before torch
-    assert proc.returncode == 2 and "`base_model: ./model` does not exist" in proc.stderr
+    proc = run_main("merge_lora", str(cfg))  # fails on the missing adapter, before torch
+    assert proc.returncode == 2 and "`output_dir: ./outputs` does not exist" in proc.stderr
+    assert heavy_of(proc) == []
     proc = run_main("train", "--help")  # fire exits 2 here, as it did before lazy dispatch
     assert "newtune train CONFIG <flags>" in proc.stdout + proc.stderr
     assert "--debug" in proc.stdout + proc.stderr and heavy_of(proc) == []
