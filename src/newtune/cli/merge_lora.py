@@ -11,14 +11,14 @@ from newtune.cli.common import command, load, log
 
 
 def _merge(config: str, overrides: dict[str, Any]) -> None:
-    from newtune.config.resolve import resolve
-    from newtune.models.merge import merge_lora
-    from newtune.models.tokenizer import load_tokenizer
-
     loaded = load(config, overrides)
     cfg = loaded.config
     adapter_dir = cfg.lora_model_dir or cfg.output_dir
     _check_adapter(adapter_dir, "lora_model_dir" if cfg.lora_model_dir else "output_dir")
+    from newtune.config.resolve import resolve  # heavy imports only once there is work to do
+    from newtune.models.merge import merge_lora
+    from newtune.models.tokenizer import load_tokenizer
+
     if cfg.processor_type:  # a VLM: peft's merge in memory, model + processor written
         from newtune.models.processor import load_processor, merge_vlm
 
