@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -66,12 +67,38 @@ def test_quickstart_config_validates_without_the_network(no_network, monkeypatch
     assert cfg.adapter == "lora"
 
 
-@pytest.mark.parametrize("name", ["multi_gpu", "multi_node_rank0", "multi_node_rank1"])
+LAUNCHERS = {  # configs/accelerate/<name>.yaml -> accelerate's distributed_type
+    "single_gpu": "NO",
+    "multi_gpu": "MULTI_GPU",
+    "multi_node_rank0": "MULTI_GPU",
+    "multi_node_rank1": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
+
+
+def test_launcher_presets_are_in_configs_and_named_in_their_usage_line():
+    folder = ROOT / "configs" / "accelerate"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(LAUNCHERS)
+    assert not (EXAMPLES / "accelerate").exists()  # examples/ holds training configs only
+    for name in LAUNCHERS:
+        text = (folder / f"{name}.yaml").read_text()
+        assert f"accelerate launch --config_file configs/accelerate/{name}.yaml" in text
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_accelerate_configs_parse_with_accelerate(name):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    cluster = ClusterConfig.from_yaml_file(str(EXAMPLES / "accelerate" / f"{name}.yaml"))
-    assert cluster.distributed_type == "MULTI_GPU"
+    cluster = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cluster.distributed_type == LAUNCHERS[name]
+    if name == "fsdp":
+        assert cluster.fsdp_config["fsdp_version"] == 2
+    if name.startswith("deepspeed"):
+        shipped = ROOT / cluster.deepspeed_config["deepspeed_config_file"]
+        stage = json.loads(shipped.read_text())["zero_optimization"]["stage"]
+        assert stage == int(name[-1])
     if name.startswith("multi_node"):
         assert (cluster.num_machines, cluster.num_processes) == (2, 16)
         assert cluster.machine_rank == int(name[-1])
