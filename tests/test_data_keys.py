@@ -74,3 +74,21 @@ def test_preprocess_of_a_pretraining_config_says_it_streams(tmp_path, model_dir)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "nothing to prepare on disk" in proc.stderr
     assert not (tmp_path / "prepared").exists()
+
+
+def test_gptq_is_refused_naming_what_fails(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(
+        f"base_model: m\ndatasets:\n  - path: {data}\n    type: alpaca\n"
+        "gptq: true\ngptq_disable_exllama: true\n"
+    )
+    proc = cli("-m", "newtune.cli.main", "validate", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "`gptq: True`: newtune cannot load GPTQ checkpoints here" in proc.stderr
+    assert "gptqmodel 7.x requires torch>=2.14.1" in proc.stderr
+    assert "`gptq_disable_exllama: True`: `gptq_disable_exllama` was removed from Axolotl" in (
+        proc.stderr
+    )
+    cfg.write_text(cfg.read_text().replace("true", "false"))
+    assert cli("-m", "newtune.cli.main", "validate", str(cfg)).returncode == 0

@@ -14,6 +14,7 @@ from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
+from newtune.config.schema.pretraining import PretrainingEntry, PretrainingSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
@@ -24,6 +25,11 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Adapter", AdapterSection),
     ("Training", TrainingSection),
     ("Preference and reward training", PreferenceSection),
+    (
+        "Streamed data (`pretraining_dataset`, `streaming`) and prepared-data keys",
+        PretrainingSection,
+    ),
+    ("`pretraining_dataset:` items", PretrainingEntry),
     ("Vision-language models", MultimodalSection),
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),

@@ -122,7 +122,7 @@ class DataSection(Section):
     """Datasets, templates, caching, splits and packing."""
 
     datasets: list[DatasetEntry] = Field(
-        default_factory=list,
+        default=[],
         min_length=1,
         description="Training data sources (required unless `pretraining_dataset` is set).",
     )

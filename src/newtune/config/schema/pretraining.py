@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from newtune.config.schema.base import Section
+from newtune.config.schema.compat import AXOLOTL_REMOVED, refused
 from newtune.config.schema.data import DatasetEntry
 
 
@@ -57,6 +58,21 @@ class PretrainingSection(Section):
     )
     dataset_keep_in_memory: bool | None = Field(
         default=None, description="Load the prepared rows into memory instead of memory-mapping."
+    )
+    gptq: Any = refused(
+        "Load a GPTQ-quantized model (transformers' GPTQ integration).",
+        "newtune cannot load GPTQ checkpoints here: transformers' GPTQ integration needs "
+        "`gptqmodel` and `optimum`, and gptqmodel 7.x requires torch>=2.14.1 (newtune pins torch "
+        "2.13) while 6.0.3, the last release for torch 2.13, builds only from source (CUDA "
+        "toolchain; with BUILD_CUDA_EXT=0 it still needs `pypcre` and setuptools>=70.1 at build "
+        "time and no build isolation)",
+        "`load_in_4bit: true` with `adapter: qlora` (bitsandbytes), or dequantize the GPTQ "
+        "checkpoint to a float model first",
+    )
+    gptq_disable_exllama: Any = refused(
+        "Pre-2024 GPTQ kernel switch.",
+        f"`gptq_disable_exllama` {AXOLOTL_REMOVED}; newtune does not load GPTQ models (`gptq`)",
+        "`load_in_4bit: true` with `adapter: qlora`",
     )
 
 

@@ -11,7 +11,6 @@ def _liger(key: str) -> str:
 class UnsupportedSection(Section):
     """Accepted when off (null/false/empty); any other value is an error naming the alternative."""
 
-    gptq: bool | None = unsupported("Load a GPTQ-quantized model.", "`load_in_4bit: true` (QLoRA)")
     relora_steps: int | None = unsupported("ReLoRA restart interval.")
     relora_warmup_steps: int | None = unsupported("ReLoRA warmup.")
     relora_anneal_steps: int | None = unsupported("ReLoRA annealing.")
