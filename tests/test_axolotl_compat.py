@@ -353,11 +353,6 @@ def test_use_wandb_agrees_with_wandb_project(tmp_path):
         ),
         ("gptq_groupsize", 128, "`gptq_groupsize: 128`: `gptq_groupsize` was removed from Axolotl"),
         (
-            "jagged_restart_steps",
-            100,
-            "`jagged_restart_steps: 100`: `jagged_restart_steps` shapes jagged lr restarts",
-        ),
-        (
             "flex_attn_compile_kwargs",
             {"dynamic": False},
             "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on "

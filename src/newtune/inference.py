@@ -108,6 +108,10 @@ def choose_model(
         and _has(config.output_dir, "adapter_config.json")
     ):
         adapter_dir = config.output_dir
+    if adapter_dir is not None and not base_overridden:
+        from newtune.train.relora import base_for
+
+        model_source = base_for(adapter_dir, model_source)  # a ReLoRA run's merged base
     if (
         adapter_dir is None
         and config.adapter is None

@@ -32,8 +32,10 @@ def _merge(config: str, overrides: dict[str, Any]) -> None:
         return
     tok_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else None
     tokenizer, _ = load_tokenizer(cfg, tok_source)
+    from newtune.train.relora import base_for
+
     out = merge_lora(
-        cfg.base_model,
+        base_for(adapter_dir, cfg.base_model),  # a ReLoRA run's merged-so-far base
         adapter_dir,
         Path(cfg.output_dir) / "merged",
         resolve(cfg).dtype,

@@ -20,6 +20,9 @@ LEGACY_KEYS: dict[str, Legacy] = {
     "bfloat16": Legacy("bf16"),
     "evaluation_strategy": Legacy("eval_strategy"),
     "model_config": Legacy("overrides_of_model_config"),
+    "relora_steps": Legacy("jagged_restart_steps"),
+    "relora_warmup_steps": Legacy("jagged_restart_warmup_steps"),
+    "relora_anneal_steps": Legacy("jagged_restart_anneal_steps"),
 }
 
 

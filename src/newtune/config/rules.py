@@ -15,6 +15,7 @@ from newtune.config.schema.formats import entry_problems
 from newtune.config.schema.multimodal import multimodal_rules
 from newtune.config.schema.preference import training_method
 from newtune.config.schema.pretraining import streaming_rules
+from newtune.config.schema.seed_training import seed_training_rules
 
 
 @dataclass
@@ -98,6 +99,7 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
     out.errors += multimodal_rules(cfg)
     out.errors += compat_rules(cfg, names)
     out.errors += compat2_rules(cfg, names)  # plugins, kernels, trackers, parallelism
+    out.errors += seed_training_rules(cfg, names)
     # packages this machine lacks are warnings: the config may train on another machine
     # (`train` refuses at start: config.machine.check_machine)
     out.warnings += missing_here(cfg, names)

@@ -46,6 +46,7 @@ from newtune.train.report import (
     tracker_environment,
     write_loss_plot,
 )
+from newtune.train.seed_features import attach
 from newtune.train.trainer import NewtuneTrainer, packed_loader
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None, method: 
             )
         else:
             trainer = _sft_trainer(config, plan, model, tokenizer, prepared, callbacks)
+        attach(trainer, config, tokenizer)  # ReLoRA, jagged lr, LoRA+, LISA, generation metrics
         if checkpoint is not None:
             log.info("resuming from %s (step %s)", checkpoint, _checkpoint_step(checkpoint))
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -267,7 +267,28 @@ class NewtuneTrainer(Trainer):
                 "or remove hub_model_id to train without pushing"
             ) from exc
 
+    def create_optimizer(self, model: Any = None) -> Any:
+        """Trainer's optimizer, or peft's LoRA+ parameter groups (`loraplus_lr_ratio`)."""
+        plus = getattr(self, "loraplus", None)
+        if plus is not None and self.optimizer is None:
+            from newtune.train.seed_features import loraplus_optimizer
+
+            self.optimizer = loraplus_optimizer(self, plus)
+        return super().create_optimizer(model)
+
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The scheduler below, times the jagged restart factor when `jagged_restart_steps`."""
+        created = self.lr_scheduler is None
+        scheduler = self._create_scheduler(num_training_steps, optimizer)
+        jagged = getattr(self, "jagged", None)
+        if jagged is not None and created:
+            from newtune.train.relora import jagged_scheduler
+
+            opt = optimizer if optimizer is not None else self.optimizer
+            self.lr_scheduler = scheduler = jagged_scheduler(scheduler, opt, jagged)
+        return scheduler
+
+    def _create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """transformers' scheduler, or newtune's (one_cycle, cosine variants) when configured."""
         if self.schedule is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)

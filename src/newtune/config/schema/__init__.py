@@ -12,6 +12,7 @@ from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.pretraining import PretrainingSection
+from newtune.config.schema.seed_training import SeedTrainingSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
@@ -20,6 +21,7 @@ class NewtuneConfig(
     UnsupportedSection,
     CompatSection,
     Compat2Section,
+    SeedTrainingSection,
     MultimodalSection,
     PreferenceSection,
     PretrainingSection,

@@ -125,18 +125,6 @@ class CompatSection(Section):
         f"`sample_packing_seq_len_multiplier` {AXOLOTL_REMOVED}",
         "`sample_packing: true` (newtune packs rows of `sequence_len` x `micro_batch_size`)",
     )
-    jagged_restart_steps: Any = refused(
-        "Jagged (ReLoRA-style) learning-rate restarts.",
-        "`jagged_restart_steps` shapes jagged lr restarts, which newtune does not have",
-    )
-    jagged_restart_warmup_steps: Any = refused(
-        "Warmup of jagged restarts.",
-        "`jagged_restart_warmup_steps` shapes jagged lr restarts, which newtune does not have",
-    )
-    jagged_restart_anneal_steps: Any = refused(
-        "Annealing of jagged restarts.",
-        "`jagged_restart_anneal_steps` shapes jagged lr restarts, which newtune does not have",
-    )
     flex_attn_compile_kwargs: Any = refused(
         "torch.compile options of flex attention.",
         "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on torch "
