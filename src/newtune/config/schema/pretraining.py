@@ -63,9 +63,8 @@ class PretrainingSection(Section):
         "Load a GPTQ-quantized model (transformers' GPTQ integration).",
         "newtune cannot load GPTQ checkpoints here: transformers' GPTQ integration needs "
         "`gptqmodel` and `optimum`, and gptqmodel 7.x requires torch>=2.14.1 (newtune pins torch "
-        "2.13) while 6.0.3, the last release for torch 2.13, builds only from source (CUDA "
-        "toolchain; with BUILD_CUDA_EXT=0 it still needs `pypcre` and setuptools>=70.1 at build "
-        "time and no build isolation)",
+        "2.13) while 6.0.3, the last release for torch 2.13, pins numpy==2.2.6 (newtune has "
+        "2.4) and builds only from source (`pypcre` and setuptools>=70.1 at build time)",
         "`load_in_4bit: true` with `adapter: qlora` (bitsandbytes), or dequantize the GPTQ "
         "checkpoint to a float model first",
     )
