@@ -79,17 +79,29 @@ class Generator:
         options: GenerationOptions | None = None,
     ) -> str:
         """Generate the model's answer to one prompt."""
-        ids = torch.tensor([self.prompt_ids(text, history)], device=self.model.device)
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                streamer=stream,
-                **(options or self.options).kwargs(),
-            )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        ids = self.prompt_ids(text, history)
+        return generate_answer(self.model, self.tokenizer, ids, options or self.options, stream)
+
+
+def generate_answer(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    options: GenerationOptions,
+    stream: Any = None,
+) -> str:
+    """The model's answer to one tokenized prompt: generated tokens, decoded without specials."""
+    ids = torch.tensor([prompt_ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=stream,
+            **options.kwargs(),
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def choose_model(
