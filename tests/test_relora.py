@@ -231,3 +231,42 @@ def test_relora_misuse_is_refused_by_name(tmp_path, model_dir, case):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert expected in " ".join(proc.stderr.split())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_a_restart_loads_the_merged_base_and_ends_as_the_uninterrupted_run(
+    tmp_path, model_dir
+):
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    keys = {
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "max_steps": 5,
+        "learning_rate": 0.05,
+        "relora": True,
+        "jagged_restart_steps": 2,
+        "save_steps": 3,
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = make_config(tmp_path / "a", model_dir, data, "chat_template", **keys)
+    assert cli("-m", "newtune.cli.main", "train", str(whole)).returncode == 0
+    a = tmp_path / "a" / "out"
+    assert (a / "checkpoint-3" / RELORA_BASE / "model.safetensors").is_file()  # restart at 2
+
+    keys["resume_from_checkpoint"] = str(a / "checkpoint-3")
+    resumed = make_config(tmp_path / "b", model_dir, data, "chat_template", **keys)
+    proc = cli("-m", "newtune.cli.main", "train", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ReLoRA: merged base loaded from" in proc.stderr
+    assert "ReLoRA restart 2 at step 4" in " ".join(proc.stderr.split())
+    b = tmp_path / "b" / "out"
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", f"{RELORA_BASE}/model.safetensors"):
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], atol=1e-6, rtol=0)

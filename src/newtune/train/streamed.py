@@ -90,6 +90,7 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
     from newtune.train.kernels import fused_head
     from newtune.train.report import tracker_environment
     from newtune.train.run import _checkpoint_step, _raise_if_aborted, save_outputs, training_model
+    from newtune.train.seed_features import attach
 
     config = loaded.config
     tokenizer, new_ids = load_tokenizer(config)
@@ -122,6 +123,7 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
             fused_head=fused_head(config),
             stream=stream,
         )
+        attach(trainer, config, tokenizer)  # ReLoRA, jagged lr, LoRA+, LISA
         if checkpoint is not None:
             log.info("resuming from %s (step %s) at stream position %s", checkpoint, step, start)
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -256,6 +256,11 @@ def _generation_rules(cfg: Any, names: Callable[[str], str]) -> list[str]:
             f"`{key}` applies to supervised fine-tuning (prompt and reference "
             "completion), not to preference or reward training"
         )
+    if getattr(cfg, "pretraining_dataset", None) or getattr(cfg, "streaming", None):
+        errors.append(
+            f"`{key}` with a streamed run (`pretraining_dataset` / `streaming`): it has no "
+            "prepared eval split to answer"
+        )
     if getattr(cfg, "processor_type", None):
         errors.append(f"`{key}` with `processor_type`: generation metrics need text-only rows")
     return errors
