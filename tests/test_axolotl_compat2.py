@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import write_jsonl
+from test_cli import cli as launch
 from test_trust_config import cli, error_line
 from transformers import LlamaForCausalLM
 
@@ -22,6 +24,7 @@ from newtune.config.machine import check_machine, machine_problems
 from newtune.config.resolve import resolve
 from newtune.errors import ConfigError, ModelError
 from newtune.models.adapters import lora_config
+from newtune.models.load import ModelOptions
 from newtune.train.args import build_training_args
 from newtune.train.compat2 import (
     apply_cut_cross_entropy,
@@ -424,43 +427,135 @@ def test_swanlab_reaches_report_to_and_its_environment(tmp_path):
 
 def test_parallelism_sizes_map_onto_accelerates_parallelism_config(tmp_path):
     cfg = loaded(
-        tmp_path,
-        dp_shard_size=2,
-        dp_replicate_size=2,
-        tensor_parallel_size=2,
-        context_parallel_size=1,
-    ).config
-    parallel = parallelism_config(cfg)
-    assert (
-        parallel.dp_replicate_size,
-        parallel.dp_shard_size,
-        parallel.tp_size,
-        parallel.cp_size,
-    ) == (2, 2, 2, 1)
-    # sizes of 1 are off: no ParallelismConfig at all
-    assert (
-        parallelism_config(loaded(tmp_path, dp_shard_size=1, tensor_parallel_size=1).config) is None
-    )
-    problems = machine_problems(cfg, "cpu", world_size=8)
-    assert problems == [
+        tmp_path, dp_shard_size=2, dp_replicate_size=2, tensor_parallel_size=2,
+        context_parallel_size=1, fsdp_version=2, fsdp_config={"fsdp_offload_params": False},
+    ).config  # fmt: skip
+    parallel = parallelism_config(cfg, world_size=8)
+    assert (parallel.dp_replicate_size, parallel.dp_shard_size, parallel.tp_size) == (2, 2, 2)
+    assert parallel.cp_size == 1 and parallel.total_size == 8
+    plan = resolve(cfg, env={"WORLD_SIZE": "8"}, probe=lambda: ("cuda", True))
+    args = build_training_args(cfg, plan, True, 10)
+    assert args.parallelism_config.tp_size == 2
+    assert ModelOptions.from_config(cfg).tensor_parallel == {"tp_plan": "auto", "tp_size": 2}
+    # sizes of 1 are off: no ParallelismConfig, no TP loading
+    off = loaded(tmp_path, dp_shard_size=1, tensor_parallel_size=1).config
+    assert parallelism_config(off, world_size=1) is None
+    assert ModelOptions.from_config(off).tensor_parallel == {}
+    assert machine_problems(cfg, "cpu", world_size=8) == [
         "`dp_shard_size`, `tensor_parallel_size` need CUDA (accelerate builds FSDP2 / tensor / "
         "context parallelism on a CUDA device mesh), and this machine trains on cpu; train on a "
         "CUDA GPU, or use `dp_replicate_size` (DDP) alone"
     ]
     assert machine_problems(cfg, "cuda", world_size=4) == [
-        "the parallelism sizes (dp_replicate_size=2, dp_shard_size=2, tp_size=2, cp_size=1) "
-        "multiply to 8 processes, and this run was launched on 4; launch 8 (`accelerate launch "
-        "--num_processes 8`), or change the sizes"
+        "the parallelism sizes (`dp_replicate_size: 2`, `dp_shard_size: 2`, "
+        "`tensor_parallel_size: 2`, `context_parallel_size: 1`) do not fit this launch of 4 "
+        "process(es): they need a multiple of 8 processes; launch a fitting number (`accelerate "
+        "launch --num_processes N`), or change the sizes (with TP/CP the other processes must "
+        "shard: add `fsdp_config` with `fsdp_version: 2`)"
     ]
 
 
-def test_dp_replicate_reaches_training_arguments_and_runs_on_cpu_ranks(tmp_path):
+def test_parallelism_fills_the_rest_of_the_launch_as_axolotl_does(tmp_path):
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"fsdp_offload_params": False}}
+    tp_fsdp = loaded(tmp_path, tensor_parallel_size=2, **fsdp).config
+    parallel = parallelism_config(tp_fsdp, world_size=8)  # FSDP: the rest shard
+    assert (parallel.tp_size, parallel.dp_shard_size, parallel.dp_replicate_size) == (2, 4, 1)
+    hsdp_tp = loaded(tmp_path, tensor_parallel_size=2, dp_shard_size=2, **fsdp).config
+    parallel = parallelism_config(hsdp_tp, world_size=8)  # shard given: the rest replicate
+    assert (parallel.tp_size, parallel.dp_shard_size, parallel.dp_replicate_size) == (2, 2, 2)
+    # without FSDP the rest are DDP replicas, which accelerate does not compose with TP
+    tp = loaded(tmp_path, tensor_parallel_size=2).config
+    problem = machine_problems(tp, "cuda", world_size=8)[-1]
+    assert "do not fit this launch of 8 process(es): Tensor/Context parallelism" in problem
+    assert "add `fsdp_config` with `fsdp_version: 2`" in problem
+    assert "`dp_shard_size` shards with FSDP2, which is not configured" in error_of(
+        tmp_path, dp_shard_size=2
+    )
+
+
+def test_dp_replicate_alone_is_ddp_and_must_match_the_launch(tmp_path):
     cfg = loaded(tmp_path, dp_replicate_size=2).config
     assert machine_problems(cfg, "cpu", world_size=2) == []
-    parallel = parallelism_config(cfg)
-    assert (parallel.dp_replicate_size, parallel.total_size) == (2, 2)
-    with pytest.raises(ConfigError, match="launched on 1"):
+    assert parallelism_config(cfg, world_size=2) is None  # plain DDP: no device mesh
+    hsdp = parallelism_config(
+        loaded(
+            tmp_path, dp_replicate_size=2, dp_shard_size=2, fsdp_version=2,
+            fsdp_config={"fsdp_offload_params": False},
+        ).config,
+        4,
+    )  # fmt: skip
+    assert (hsdp.dp_replicate_size, hsdp.dp_shard_size, hsdp.total_size) == (2, 2, 4)
+    with pytest.raises(ConfigError, match="do not fit this launch of 1 process"):
         check_machine(cfg, "cpu")
     assert "`dp_shard_size` shards with FSDP2; `fsdp_version: 1`" in error_of(
         tmp_path, dp_shard_size=2, fsdp_version=1, fsdp_config={"fsdp_offload_params": False}
     )
+
+
+PARALLEL_SPY = """
+import json, os, sys
+import newtune.train.run as run
+from newtune.cli.train import main
+
+spy = sys.argv.pop(1)
+train = run.NewtuneTrainer.train
+
+def spied_train(self, *args, **kwargs):
+    result = train(self, *args, **kwargs)
+    with open(os.path.join(spy, f"rank-{os.environ['RANK']}.json"), "w") as f:
+        json.dump({
+            "parallelism_config": repr(self.args.parallelism_config),
+            "distributed": str(self.accelerator.distributed_type),
+            "processes": self.accelerator.num_processes,
+            "wrapped": type(self.model_wrapped).__name__,
+            "steps": self.state.global_step,
+        }, f)
+    return result
+
+run.NewtuneTrainer.train = spied_train
+main()
+"""
+
+
+@pytest.mark.slow
+def test_dp_replicate_size_trains_on_two_cpu_ranks_with_ddp(tmp_path, model_dir):
+    rows = [
+        {"instruction": f"Add {a} and {b}.", "output": f"{a + b}."}
+        for a in range(2)
+        for b in range(4)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = write(
+        tmp_path,
+        base_model=str(model_dir),
+        datasets=[{"path": str(data), "type": "alpaca"}],
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        adapter="lora",
+        lora_r=2,
+        lora_target_modules=["q_proj"],
+        micro_batch_size=2,
+        max_steps=2,
+        learning_rate=0.001,
+        dp_replicate_size=2,
+    )
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    script = tmp_path / "spy.py"
+    script.write_text(PARALLEL_SPY)
+    proc = launch(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), str(spy), cfg,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((spy / f"rank-{rank}.json").read_text())
+        assert seen == {
+            "parallelism_config": "None",
+            "distributed": "DistributedType.MULTI_CPU",
+            "processes": 2,
+            "wrapped": "DistributedDataParallel",
+            "steps": 2,
+        }
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

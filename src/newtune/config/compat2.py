@@ -67,11 +67,39 @@ def parallel_sizes(cfg: NewtuneConfig) -> dict[str, int]:
 
 
 def parallel_world(cfg: NewtuneConfig) -> int:
-    """The number of processes the parallelism sizes ask for (1 when none is set)."""
+    """The product of the parallelism sizes set (1 when none is)."""
     world = 1
     for size in parallel_sizes(cfg).values():
         world *= size
     return world
+
+
+def parallel_layout(cfg: NewtuneConfig, world_size: int) -> dict[str, int]:
+    """The ParallelismConfig sizes for `world_size` processes, filled as Axolotl does: the
+    processes the set sizes leave over go to `dp_shard_size` when FSDP is on and it is unset,
+    else to `dp_replicate_size` (DDP replicas) when that is unset. ValueError when the launch
+    does not fit the sizes."""
+    sizes = parallel_sizes(cfg)
+    fixed = parallel_world(cfg)
+    if world_size % fixed:
+        raise ValueError(f"they need a multiple of {fixed} processes")
+    rest = world_size // fixed
+    if rest > 1:
+        fsdp = bool(cfg.fsdp or cfg.fsdp_config)
+        if fsdp and "dp_shard_size" not in sizes:
+            sizes["dp_shard_size"] = rest
+        elif "dp_replicate_size" not in sizes:
+            sizes["dp_replicate_size"] = rest
+        else:
+            raise ValueError(f"they multiply to {fixed} processes")
+    return sizes
+
+
+def tensor_parallel_kwargs(config: NewtuneConfig) -> dict[str, Any]:
+    """from_pretrained arguments that shard the model for tensor parallelism (transformers'
+    `tp_plan="auto"` over `tp_size` ranks), as Axolotl loads it; empty without TP."""
+    size = config.tensor_parallel_size or 1
+    return {"tp_plan": "auto", "tp_size": size} if size > 1 else {}
 
 
 def unfreeze_pattern(pattern: str) -> tuple[re.Pattern[str], tuple[int, int | None] | None]:
@@ -191,6 +219,12 @@ def _parallel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
             f"{', '.join(f'`{names(k)}`' for k in sizes)} build accelerate's ParallelismConfig "
             "(FSDP2 / DDP / TP / CP device mesh), and `deepspeed` is its own engine; choose one"
         )
+    if (cfg.dp_shard_size or 1) > 1 and not (cfg.fsdp or cfg.fsdp_config):
+        errors.append(
+            f"`{names('dp_shard_size')}` shards with FSDP2, which is not configured; add "
+            "`fsdp_config` (with `fsdp_version: 2`) or remove dp_shard_size (Axolotl refuses "
+            "this too)"
+        )
     if (cfg.dp_shard_size or 1) > 1 and cfg.fsdp_version not in (None, 2):
         errors.append(
             f"`{names('dp_shard_size')}` shards with FSDP2; `fsdp_version: {cfg.fsdp_version}` "
@@ -224,12 +258,14 @@ def compat2_notes(cfg: NewtuneConfig) -> list[str]:
         for known, what in KNOWN_PLUGINS.items():
             if _short(plugin) == _short(known) and known != LIGER_PLUGIN:
                 notes.append(f"plugin {_short(known)}: newtune reads {what}")
-    sizes = parallel_sizes(cfg)
-    if sizes and parallel_world(cfg) > 1:
+    sizes = {k: v for k, v in parallel_sizes(cfg).items() if v > 1}
+    if sizes:
+        mesh = "ParallelismConfig" if set(sizes) - {"dp_replicate_size"} else "DDP replicas"
         notes.append(
-            "parallelism: accelerate ParallelismConfig("
+            f"parallelism ({mesh}): "
             + ", ".join(f"{k}={v}" for k, v in sizes.items())
-            + f"); launch {parallel_world(cfg)} processes"
+            + f"; launch a multiple of {parallel_world(cfg)} processes (the rest fill "
+            "dp_shard_size with FSDP, else dp_replicate_size)"
         )
     return notes
 

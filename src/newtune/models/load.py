@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from newtune.config.compat import attention
+from newtune.config.compat2 import tensor_parallel_kwargs
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
@@ -45,6 +46,7 @@ class ModelOptions:
     device_map: Any = None
     max_memory: dict[Any, Any] | None = None
     num_labels: int | None = None  # a sequence classifier (reward model) with this many outputs
+    tensor_parallel: dict[str, Any] = field(default_factory=dict)  # tp_plan/tp_size (train.compat2)
 
     @classmethod
     def from_config(
@@ -64,6 +66,7 @@ class ModelOptions:
             device_map=_device_map(config, plan, bits if quantize else None),
             max_memory=_max_memory(config),
             num_labels=1 if getattr(config, "reward_model", None) else None,
+            tensor_parallel=tensor_parallel_kwargs(config),  # tensor_parallel_size
         )
 
 
@@ -185,8 +188,9 @@ def load_model(
     }
     if options.config_source or options.overrides:
         kwargs["config"] = _model_config(loc, options, key, value)
-    if options.device_map is not None:
+    if options.device_map is not None and not options.tensor_parallel:  # TP places the shards
         kwargs["device_map"] = options.device_map
+    kwargs.update(options.tensor_parallel)
     if options.max_memory is not None:
         kwargs["max_memory"] = options.max_memory
     quant = quantization_config(options, torch_dtype)

@@ -9,8 +9,8 @@ from transformers import TrainingArguments
 
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
-from newtune.train.compat2 import training_kwargs2
 from newtune.errors import ConfigError
+from newtune.train.compat2 import training_kwargs2
 from newtune.train.distributed import distributed_kwargs
 from newtune.train.report import report_targets
 from newtune.train.schedules import Schedule
@@ -164,7 +164,7 @@ def training_kwargs(
         "use_cpu": plan.device == "cpu",  # also makes CPU DDP (gloo) under a launcher work
         **distributed_kwargs(config, plan),  # deepspeed, fsdp, fsdp_config, ddp_*
         # trackio_* / swanlab_experiment_name / parallelism sizes: train.compat2
-        **training_kwargs2(config),
+        **training_kwargs2(config, plan.world_size),
     }
 
 

@@ -197,7 +197,7 @@ class Compat2Section(Section):
     use_ray: Any = refused(
         "Ray Train launch.",
         "`use_ray` launches through Ray Train, which newtune does not integrate",
-        "`accelerate launch` (multi-node: configs/accelerate/multi_node.yaml)",
+        "`accelerate launch` (multi-node: configs/accelerate/multi_node_rank0.yaml)",
     )
     ray_num_workers: Any = refused("Ray Train workers.", "goes with `use_ray`")
     # -- tokenizer ---------------------------------------------------------------------------
