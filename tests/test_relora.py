@@ -206,7 +206,14 @@ REFUSED = {
         "`relora: true` with `adapter: qlora`: ReLoRA merges a LoRA adapter into unquantized base "
         "weights; set `adapter: lora` and remove load_in_4bit",
     ),
-    "one_cycle": ({"lr_scheduler": "one_cycle"}, "`relora: true` with `lr_scheduler: one_cycle`"),
+    "one_cycle": (
+        {"lr_scheduler": "one_cycle"},
+        "`jagged_restart_steps` with `lr_scheduler: one_cycle`: jagged restarts scale",
+    ),
+    "one_cycle without relora": (
+        {"relora": None, "lr_scheduler": "one_cycle"},
+        "`jagged_restart_steps` with `lr_scheduler: one_cycle`",
+    ),
     "no steps": ({"jagged_restart_steps": None}, "`relora: true` needs `jagged_restart_steps`"),
     "dora": ({"peft_use_dora": True}, "`relora: true` with `peft_use_dora: true`"),
     "sgd": ({"optimizer": "sgd"}, "`relora: true` with `optimizer: sgd`: restarts prune Adam"),

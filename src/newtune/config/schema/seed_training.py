@@ -132,6 +132,12 @@ def seed_training_rules(cfg: Any, names: Callable[[str], str] = str) -> list[str
 
 def _relora_rules(cfg: Any, names: Callable[[str], str]) -> list[str]:
     errors = []
+    if cfg.jagged_restart_steps and cfg.lr_scheduler in ("one_cycle", "reduce_lr_on_plateau"):
+        errors.append(
+            f"`{names('jagged_restart_steps')}` with `{names('lr_scheduler')}: "
+            f"{cfg.lr_scheduler}`: jagged restarts scale a step-wise schedule (as in Axolotl, "
+            "not one_cycle); use cosine, linear or constant"
+        )
     if not cfg.relora:
         given = [k for k in RELORA_KEYS if not is_off(getattr(cfg, k))]
         if given:
@@ -178,11 +184,6 @@ def _relora_rules(cfg: Any, names: Callable[[str], str]) -> list[str]:
         errors.append(f"{why} with `{names('deepspeed')}`: not supported (as in Axolotl)")
     if cfg.fsdp or cfg.fsdp_config:
         errors.append(f"{why} with FSDP: not supported (as in Axolotl)")
-    if cfg.lr_scheduler == "one_cycle":
-        errors.append(
-            f"{why} with `{names('lr_scheduler')}: one_cycle`: not supported "
-            "(as in Axolotl); use cosine, linear or constant"
-        )
     if "adam" not in cfg.optimizer:
         errors.append(
             f"{why} with `{names('optimizer')}: {cfg.optimizer}`: restarts prune Adam "
