@@ -102,6 +102,40 @@ def tensor_parallel_kwargs(config: NewtuneConfig) -> dict[str, Any]:
     return {"tp_plan": "auto", "tp_size": size} if size > 1 else {}
 
 
+def parallelism_config(config: NewtuneConfig, world_size: int = 1) -> Any:
+    """accelerate's ParallelismConfig for `world_size` processes (config.compat2.parallel_layout);
+    None when no size is set or only data replicas remain: that is plain DDP over the launched
+    processes, which the Trainer runs without a device mesh (and which, unlike a
+    ParallelismConfig, accelerate also runs on CPU processes). ValueError (accelerate's, or the
+    layout's) when the sizes do not fit the launch or each other."""
+    if not parallel_sizes(config):
+        return None
+    sizes = parallel_layout(config, world_size)
+    if all(size == 1 for key, size in sizes.items() if key != "dp_replicate_size"):
+        return None
+    from accelerate import ParallelismConfig
+
+    return ParallelismConfig(**sizes)
+
+
+def parallel_problem(config: NewtuneConfig, world_size: int) -> str | None:
+    """Why the launch does not fit the parallelism sizes, or accelerate refuses them (None when
+    they run)."""
+    try:
+        parallelism_config(config, world_size)
+    except ValueError as exc:
+        sizes = ", ".join(
+            f"`{k}: {getattr(config, k)}`" for k in PARALLEL_KEYS if getattr(config, k)
+        )
+        return (
+            f"the parallelism sizes ({sizes}) do not fit this launch of {world_size} "
+            f"process(es): {str(exc).splitlines()[0]}; launch a fitting number (`accelerate "
+            f"launch --num_processes N`), or change the sizes (with TP/CP the other processes "
+            "must shard: add `fsdp_config` with `fsdp_version: 2`)"
+        )
+    return None
+
+
 def unfreeze_pattern(pattern: str) -> tuple[re.Pattern[str], tuple[int, int | None] | None]:
     """Axolotl's unfrozen_parameters pattern: a regex matched at the start of the parameter
     name, where `.` not followed by `+` is a literal dot, with an optional row range `[a:b]`."""

@@ -8,6 +8,7 @@ from newtune.config.keys import LEGACY_KEYS
 from newtune.config.schema import DatasetEntry, status_of
 from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.compat import CompatSection
+from newtune.config.schema.compat2 import Compat2Section
 from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
@@ -34,6 +35,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),
     ("Axolotl keys read as Axolotl does, and its legacy keys", CompatSection),
+    ("Axolotl plugins, kernels, trackers and parallelism", Compat2Section),
     ("Not implemented", UnsupportedSection),
 ]
 

@@ -215,7 +215,7 @@ def machine_problems(
             )
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    from newtune.train.compat2 import parallel_problem
+    from newtune.config.compat2 import parallel_problem
 
     parallel = parallel_problem(cfg, world_size)
     if parallel:

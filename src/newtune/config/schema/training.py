@@ -132,8 +132,10 @@ class TrainingSection(Section):
     )
     plugins: list[str] | None = Field(
         default=None,
-        description="Axolotl plugins; only axolotl.integrations.liger.LigerPlugin is understood "
-        "(the liger_* keys do its work).",
+        description="Axolotl plugins newtune has an equivalent for: LigerPlugin (the liger_* "
+        "keys), CutCrossEntropyPlugin (cut_cross_entropy, on by default with it), KernelsPlugin "
+        "(use_kernels, experts_implementation), SwanLabPlugin (use_swanlab); any other is "
+        "refused by name.",
     )
     liger_rope: bool | None = Field(default=None, description="liger-kernel fused RoPE.")
     liger_rms_norm: bool | None = Field(default=None, description="liger-kernel RMSNorm.")
