@@ -77,6 +77,9 @@ def test_cli_run_logs_sacrebleu_metrics_and_writes_the_predictions_table(tmp_pat
             "\n| "
         ) == 1 + 4  # header + rows
     assert any("eval_perplexity" in h for h in history)  # perplexity: the eval loss's
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["eval_sacrebleu"] == logged[2]["eval_sacrebleu"]  # the final eval's
+    assert results["eval_chrf"] == logged[2]["eval_chrf"]
 
     # the answers at the last step (the final weights) are `newtune inference`'s answers
     loaded = load_config(str(cfg))

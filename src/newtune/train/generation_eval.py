@@ -211,7 +211,11 @@ class GenerationEvalCallback(TrainerCallback):
                 scores["eval_comet"] = comet_score(rows)
             if metrics is not None:
                 metrics.update(scores)  # evaluate() returns them (metric_for_best_model)
-            self.trainer.log(scores)
+            for entry in reversed(state.log_history):  # the eval's own entry: train_results.json
+                if "eval_loss" in entry and entry.get("step") == state.global_step:
+                    entry.update(scores)
+                    break
+            self.trainer.log(scores)  # the trackers
         table = rows[: self.table_size]
         if table and self.trainer.is_world_process_zero():
             folder = Path(self.trainer.args.output_dir) / TABLE_DIR
