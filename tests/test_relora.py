@@ -277,3 +277,28 @@ def test_resume_after_a_restart_loads_the_merged_base_and_ends_as_the_uninterrup
         assert x.keys() == y.keys()
         for key in x:
             torch.testing.assert_close(y[key], x[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_restart_together(tmp_path, model_dir):
+    from test_cli import train_on_two_cpu_ranks
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    cfg = make_config(
+        tmp_path,
+        model_dir,
+        data,
+        "chat_template",
+        adapter="lora",
+        lora_r=2,
+        max_steps=3,
+        relora=True,
+        jagged_restart_steps=2,
+        relora_prune_method="random",
+    )
+    proc = train_on_two_cpu_ranks(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ReLoRA restart 1 at step 2" in " ".join(proc.stderr.split())
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [h["num_lora_restarts"] for h in history if "loss" in h] == [0, 0, 1]
+    assert (tmp_path / "out" / RELORA_BASE / "model.safetensors").is_file()

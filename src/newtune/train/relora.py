@@ -155,7 +155,9 @@ def _prune_count(numel: int, ratio: float) -> int:
 
 
 @torch.no_grad()
-def prune_(tensor: torch.Tensor, ratio: float, method: str) -> None:
+def prune_(
+    tensor: torch.Tensor, ratio: float, method: str, generator: torch.Generator | None = None
+) -> None:
     """Zero round(ratio x size) entries: the smallest by magnitude, or a random set."""
     count = _prune_count(tensor.numel(), ratio)
     if count == 0:
@@ -165,20 +167,24 @@ def prune_(tensor: torch.Tensor, ratio: float, method: str) -> None:
         order = flat.abs().float().argsort(stable=True)
         flat[order[:count]] = 0
     else:  # random, reset
-        flat[torch.randperm(flat.numel(), device=flat.device)[:count]] = 0
+        order = torch.randperm(flat.numel(), generator=generator)[:count]
+        flat[order.to(flat.device)] = 0
 
 
 def prune_optimizer(
-    optimizer: Any, params: list[torch.nn.Parameter], ratio: float, method: str
+    optimizer: Any, params: list[torch.nn.Parameter], ratio: float, method: str, seed: int = 0
 ) -> tuple[int, int]:
-    """Prune the Adam state of `params`; return (zeros, entries) over the pruned tensors."""
+    """Prune the Adam state of `params`; return (zeros, entries) over the pruned tensors.
+
+    Random choices come from a CPU generator seeded with `seed`, so every rank prunes alike."""
+    generator = torch.Generator().manual_seed(seed)
     zeros = total = 0
     state = getattr(optimizer, "optimizer", optimizer).state  # accelerate's wrapper
     for param in params:
         for key in ADAM_STATE:
             value = state.get(param, {}).get(key)
             if torch.is_tensor(value):
-                prune_(value, ratio, method)
+                prune_(value, ratio, method, generator)
                 zeros += int((value == 0).sum())
                 total += value.numel()
     return zeros, total
@@ -189,6 +195,15 @@ def prune_ratio(config: Any) -> float:
     if config.relora_prune_ratio is not None:
         return float(config.relora_prune_ratio)
     return FULL_RESET_RATIO if config.relora_prune_method == "reset" else DEFAULT_PRUNE_RATIO
+
+
+def same_on_every_rank(params: list[torch.nn.Parameter]) -> None:
+    """Under DDP, broadcast rank 0's values (re-drawn adapters must agree across ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for param in params:
+            dist.broadcast(param.data, src=0)
 
 
 # -- the merged base on disk ------------------------------------------------------------------
@@ -248,6 +263,7 @@ class ReLoRACallback(TrainerCallback):
         self.ratio = prune_ratio(config)
         self.cpu_offload = bool(config.relora_cpu_offload)
         self.resume = config.resume_from_checkpoint
+        self.seed = int(config.seed)
         self.restarts = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -270,7 +286,11 @@ class ReLoRACallback(TrainerCallback):
         model = self.trainer.model
         params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         layers = merge_and_reinit(model, self.cpu_offload)
-        zeros, total = prune_optimizer(self.trainer.optimizer, params, self.ratio, self.method)
+        same_on_every_rank(params)  # the re-drawn A matrices of rank 0
+        seed = self.seed * 1_000_003 + step
+        zeros, total = prune_optimizer(
+            self.trainer.optimizer, params, self.ratio, self.method, seed
+        )
         self.restarts += 1
         log.info(
             "ReLoRA restart %d at step %d: %d LoRA layers merged into the base and "
