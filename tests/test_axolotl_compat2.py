@@ -61,13 +61,13 @@ def args_of(cfg):
 def runnable(tmp_path: Path, **keys) -> str:
     """A config file whose dataset exists (for `newtune train`)."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
-    return write(
-        tmp_path,
-        **{**BASE, "datasets": [{"path": str(data), "type": "alpaca"}]},
-        output_dir=str(tmp_path / "out"),
-        dataset_prepared_path=str(tmp_path / "prepared"),
+    keys = {
+        "datasets": [{"path": str(data), "type": "alpaca"}],
+        "output_dir": str(tmp_path / "out"),
+        "dataset_prepared_path": str(tmp_path / "prepared"),
         **keys,
-    )
+    }
+    return write(tmp_path, **keys)
 
 
 # -- 1. plugins: Cut Cross Entropy ------------------------------------------------------------
@@ -259,7 +259,6 @@ def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, 
             "bitsandbytes (load_in_4bit/8bit) quantizes nn.Linear layers only",
         ),
         ("llama4_linearized_experts", True, "swaps in Axolotl's patched Llama 4 modeling"),
-        ("qat", {"weight_dtype": "int4"}, "`qat` runs Axolotl's torchao fake-quantization"),
         ("fp8", True, "`fp8` needs fp8 matmuls"),
         ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),
         ("expert_parallel_size", 4, "ParallelismConfig has no expert-parallel axis"),
@@ -559,3 +558,102 @@ def test_dp_replicate_size_trains_on_two_cpu_ranks_with_ddp(tmp_path, model_dir)
             "steps": 2,
         }
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# -- quantization-aware training (torchao) ----------------------------------------------------
+
+QAT = {"activation_dtype": "int8", "weight_dtype": "int4", "group_size": 16}
+
+
+def test_qat_layouts_torchao_cannot_train_are_refused(tmp_path):
+    assert "int8 weight-only is not a layout torchao's QAT supports" in error_of(
+        tmp_path, qat={"weight_dtype": "int8"}
+    )
+    assert "int4 activations with int4 weights" in error_of(
+        tmp_path, qat={"activation_dtype": "int4", "weight_dtype": "int4"}
+    )
+    assert "nvfp4 uses a group_size of 16, not 32" in error_of(
+        tmp_path, qat={"activation_dtype": "nvfp4", "weight_dtype": "nvfp4", "group_size": 32}
+    )
+    assert "fake-quantizes the model's own linear layers in a full fine-tune" in error_of(
+        tmp_path, qat=QAT, adapter="lora"
+    )
+    assert "Extra inputs are not permitted" in error_of(tmp_path, qat={**QAT, "bits": 4})
+
+
+def test_qat_needs_torchao_and_cuda_for_the_fp4_layouts(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "torchao" else real(n, *a)
+    )
+    fp4 = {"activation_dtype": "nvfp4", "weight_dtype": "nvfp4", "group_size": 16}
+    cfg = loaded(tmp_path, qat=fp4).config
+    assert machine_problems(cfg, "cpu") == [
+        "`qat` (nvfp4 weights) needs CUDA (torchao's nvfp4 fake quantization targets CUDA GPUs), "
+        "and this machine trains on cpu; train on a CUDA GPU, or use `weight_dtype: int4` / "
+        "`activation_dtype: int8`, or remove `qat`"
+    ]
+    assert machine_problems(loaded(tmp_path, qat=QAT).config, "cpu") == []
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if importlib.util.find_spec("torchao") is None:
+        assert machine_problems(loaded(tmp_path, qat=QAT).config, "cpu") == [
+            "`qat` (int4 weights) needs the torchao package, which is not installed; run "
+            "`pip install torchao`, or remove `qat`"
+        ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+def test_qat_fake_quantizes_the_linear_layers_and_converts_them_back(tmp_path, model_dir):
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
+
+    from newtune.train.compat2 import QATCallback, callbacks2, set_fake_quant
+
+    cfg = loaded(
+        tmp_path, qat={**QAT, "quantize_embedding": True, "fake_quant_after_n_steps": 3}
+    ).config
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    ids = torch.arange(10).view(1, 10) + 3
+    plain = model(input_ids=ids, labels=ids).loss
+    apply_model_keys(model, cfg)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, FakeQuantizedLinear) and isinstance(
+        model.lm_head, FakeQuantizedLinear
+    )
+    assert isinstance(model.model.embed_tokens, FakeQuantizedEmbedding)
+    assert q_proj.weight_fake_quantizer.config.group_size == 16
+    assert q_proj.activation_fake_quantizer.config.dtype == torch.int8
+    faked = model(input_ids=ids, labels=ids).loss
+    assert not torch.equal(faked, plain)  # the forward sees quantized weights
+    # fake_quant_after_n_steps: off at step 0, on from step 3
+    (callback,) = callbacks2(cfg)
+    state = types.SimpleNamespace(global_step=0)
+    callback.on_step_begin(None, state, None, model=model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, plain)
+    state.global_step = 3
+    callback.on_step_begin(None, state, None, model=model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, faked)
+    assert set_fake_quant(model, True) == 16  # 2 layers x 7 linear, lm_head, embeddings
+    callback.on_train_end(None, state, None, model=model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    assert isinstance(callback, QATCallback)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
+def test_qat_trains_two_steps_and_saves_a_plain_model(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    cfg = runnable(
+        tmp_path, base_model=str(model_dir), qat=QAT, max_steps=2, micro_batch_size=1,
+        learning_rate=0.01, save_steps=1,
+    )  # fmt: skip
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(model_dir / "model.safetensors")
+    assert saved.keys() == base.keys()  # plain layers: no fake-quantizer state
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.weight"],
+        base["model.layers.0.self_attn.q_proj.weight"],
+    )

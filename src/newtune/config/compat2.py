@@ -267,6 +267,42 @@ def _parallel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
     return errors
 
 
+GPU_QUANT = ("float8_e4m3fn", "nvfp4", "mxfp4")
+
+
+def _qat_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """Axolotl's QAT layout rules (torchao's QAT supports these combinations only)."""
+    qat = cfg.qat
+    if qat is None:
+        return []
+    key = names("qat")
+    act, weight, group = qat.activation_dtype, qat.weight_dtype, qat.group_size
+    errors = []
+    if cfg.adapter:
+        errors.append(
+            f"`{key}` fake-quantizes the model's own linear layers in a full fine-tune, and "
+            f"`adapter: {cfg.adapter}` trains adapter weights; remove one of them"
+        )
+    unsupported = {
+        (None, "int8"): "int8 weight-only",
+        ("int4", "int4"): "int4 activations with int4 weights",
+        ("int8", "int8"): "int8 activations with int8 weights",
+    }
+    if (act, weight) in unsupported:
+        errors.append(
+            f"`{key}`: {unsupported[(act, weight)]} is not a layout torchao's QAT supports; use "
+            "`weight_dtype: int4` (with `activation_dtype: int8` or none), or a float8/nvfp4/"
+            "mxfp4 layout (Axolotl refuses this too)"
+        )
+    if weight == "nvfp4" and group not in (None, 16):
+        errors.append(f"`{key}`: nvfp4 uses a group_size of 16, not {group}")
+    if weight == "mxfp4" and group not in (None, 32):
+        errors.append(f"`{key}`: mxfp4 uses a group_size (block size) of 32, not {group}")
+    if cfg.fp8:
+        errors.append(f"`{key}` and `fp8` both change the linear layers; keep one")
+    return errors
+
+
 def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
     """Errors for the plugin, kernel, tracker and parallelism keys."""
     errors = []
@@ -282,6 +318,7 @@ def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
         + _kernel_rules(cfg, names)
         + _tracker_rules(cfg, names)
         + _parallel_rules(cfg, names)
+        + _qat_rules(cfg, names)
     )
 
 
@@ -356,6 +393,20 @@ def machine_needs2(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -
                     f"remove the {tracker} keys",
                 )
             )
+    if cfg.qat is not None:
+        gpu = [d for d in (cfg.qat.weight_dtype, cfg.qat.activation_dtype) if d in GPU_QUANT]
+        needs.append(
+            need(
+                f"`{names('qat')}` ({cfg.qat.weight_dtype} weights)",
+                "the torchao package",
+                "torchao",
+                ("pip install torchao",),
+                "use `weight_dtype: int4` / `activation_dtype: int8`, or remove `qat`"
+                if gpu
+                else "remove `qat`",
+                f"torchao's {gpu[0]} fake quantization targets CUDA GPUs" if gpu else None,
+            )
+        )
     gpu_only = [
         k
         for k in ("dp_shard_size", "tensor_parallel_size", "context_parallel_size")

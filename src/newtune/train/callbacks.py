@@ -86,6 +86,9 @@ def build_callbacks(config: NewtuneConfig) -> list[TrainerCallback]:
     if config.loss_watchdog_threshold is not None:
         patience = config.loss_watchdog_patience or DEFAULT_WATCHDOG_PATIENCE
         callbacks.append(LossWatchdogCallback(config.loss_watchdog_threshold, patience))
+    from newtune.train.compat2 import callbacks2
+
+    callbacks += callbacks2(config)  # qat: fake quantization switch and final conversion
     return callbacks
 
 

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from newtune.config.compat2 import (
     cce_enabled,
@@ -144,6 +145,122 @@ def apply_cut_cross_entropy(model: Any, impl: str = "cce") -> None:
     log.info("Cut Cross Entropy (%s) computes the training loss of %s", impl, type(lm).__name__)
 
 
+# -- quantization-aware training (torchao) ---------------------------------------------------
+
+
+def _torchao(what: str) -> Any:
+    try:
+        return importlib.import_module(what)
+    except ImportError as exc:
+        raise ConfigError(
+            f"`qat` needs the torchao package, which cannot be imported here ({exc}); run "
+            "`pip install torchao`, or remove `qat`"
+        ) from exc
+
+
+def qat_config(qat: Any, step: str = "prepare", embedding: bool = False) -> Any:
+    """torchao's QATConfig for Axolotl's `qat:` layout (weights, and activations unless
+    `embedding`: torchao fake-quantizes embedding weights only)."""
+    tq = _torchao("torchao.quantization.qat")
+    if step == "convert":
+        return tq.QATConfig(step="convert")
+    weight, act = qat.weight_dtype, None if embedding else qat.activation_dtype
+    if weight in ("int4", "int8"):
+        bits = torch.int4 if weight == "int4" else torch.int8
+        weight_fq = tq.IntxFakeQuantizeConfig(bits, group_size=qat.group_size, is_symmetric=True)
+    elif weight == "float8_e4m3fn":
+        weight_fq = tq.Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn)
+    else:  # nvfp4 / mxfp4: torchao's prototype formats (CUDA)
+        return _mx_qat_config(weight, qat.group_size)
+    act_fq = None
+    if act == "int8":
+        act_fq = tq.IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    elif act == "float8_e4m3fn":
+        act_fq = tq.Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn)
+    return tq.QATConfig(activation_config=act_fq, weight_config=weight_fq, step="prepare")
+
+
+def _mx_qat_config(weight: str, group_size: int | None) -> Any:
+    tq = _torchao("torchao.quantization.qat")
+    if weight == "nvfp4":
+        proto = _torchao("torchao.prototype.mx_formats")
+        return tq.QATConfig(proto.NVFP4WeightOnlyConfig(), step="prepare")
+    proto = _torchao("torchao.prototype.qat")
+    fq = proto.MXFakeQuantizeConfig(dtype=torch.float4_e2m1fn_x2, block_size=group_size or 32)
+    return tq.QATConfig(activation_config=fq, weight_config=fq)
+
+
+def prepare_qat(model: Any, qat: Any) -> None:
+    """Swap the linear layers (and embeddings with quantize_embedding) for torchao's
+    fake-quantized ones, as Axolotl's prepare_model_for_qat does."""
+    quantize_ = _torchao("torchao.quantization").quantize_
+    quantize_(model, qat_config(qat))
+    if qat.quantize_embedding:
+        quantize_(
+            model,
+            qat_config(qat, embedding=True),
+            filter_fn=lambda m, _: isinstance(m, torch.nn.Embedding),
+        )
+
+
+def _fake_quant_modules(model: Any) -> list[Any]:
+    tq = _torchao("torchao.quantization.qat")
+    kinds = (tq.FakeQuantizedLinear, tq.FakeQuantizedEmbedding)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def set_fake_quant(model: Any, enabled: bool) -> int:
+    """Turn the fake quantizers of every fake-quantized layer on or off; how many layers."""
+    layers = _fake_quant_modules(model)
+    for layer in layers:
+        for name in ("weight_fake_quantizer", "activation_fake_quantizer"):
+            quantizer = getattr(layer, name, None)
+            if quantizer is not None and hasattr(quantizer, "enabled"):
+                quantizer.enabled = enabled
+    return len(layers)
+
+
+def convert_qat(model: Any, qat: Any) -> None:
+    """Fake-quantized layers back to plain nn.Linear / nn.Embedding (the trained weights)."""
+    quantize_ = _torchao("torchao.quantization").quantize_
+    quantize_(model, qat_config(qat, "convert"))
+    if qat.quantize_embedding:
+        quantize_(
+            model,
+            qat_config(qat, "convert"),
+            filter_fn=lambda m, _: isinstance(m, torch.nn.Embedding),
+        )
+
+
+class QATCallback(TrainerCallback):
+    """`qat.fake_quant_after_n_steps`: fake quantization off until that step; at the end of
+    training the layers are converted back to plain ones, so the saved model is a normal
+    transformers model (quantize it afterwards, e.g. with torchao)."""
+
+    def __init__(self, qat: Any) -> None:
+        self.qat = qat
+
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+    ) -> None:
+        """Switch fake quantization at step 0 (off) and at fake_quant_after_n_steps (on)."""
+        after = self.qat.fake_quant_after_n_steps
+        if after and model is not None and state.global_step in (0, after):
+            set_fake_quant(model, state.global_step == after)
+
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+    ) -> None:
+        """Convert the fake-quantized layers back before the final save."""
+        if model is not None:
+            convert_qat(model, self.qat)
+
+
+def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
+    """The callbacks these keys need (QAT)."""
+    return [QATCallback(config.qat)] if config.qat is not None else []
+
+
 # -- the model -------------------------------------------------------------------------------
 
 
@@ -176,6 +293,8 @@ def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
         from newtune.models.load import _offload_activations
 
         _offload_activations(model)
+    if config.qat is not None:
+        prepare_qat(model, config.qat)
     if cce_enabled(config):
         apply_cut_cross_entropy(model)
 

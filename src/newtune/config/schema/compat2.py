@@ -7,7 +7,7 @@ or refused by name with the reason (Axolotl's own kernels and patched modeling c
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from newtune.config.schema.base import Section
 from newtune.config.schema.compat import refused
@@ -23,6 +23,25 @@ def _swanlab_refused(key: str) -> Any:
         f"SwanLab {key.removeprefix('swanlab_').replace('_', ' ')} (Axolotl's SwanLab plugin).",
         f"`{key}` is read by Axolotl's own SwanLab plugin; transformers' SwanLabCallback, "
         "which newtune reports through, has no such setting",
+    )
+
+
+QUANT_DTYPES = Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"]
+
+
+class QATArgs(BaseModel):
+    """Axolotl's `qat:` mapping (torchao fake quantization)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_dtype: QUANT_DTYPES | None = Field(
+        default=None, description="Fake-quantized activations (none: weights only)."
+    )
+    weight_dtype: QUANT_DTYPES = Field(default="int8", description="Fake-quantized weights.")
+    quantize_embedding: bool | None = Field(default=False, description="Embeddings too.")
+    group_size: int | None = Field(default=32, ge=1, description="Per-group weight scales.")
+    fake_quant_after_n_steps: int | None = Field(
+        default=None, ge=0, description="Train without fake quantization for the first N steps."
     )
 
 
@@ -104,11 +123,13 @@ class Compat2Section(Section):
         "CPU memory (torch's save_on_cpu, as `gradient_checkpointing: offload`); `true` and "
         "`legacy` only (`disk` / `hidden_states` are refused).",
     )
-    qat: Any = refused(
-        "Quantization-aware training (torchao).",
-        "`qat` runs Axolotl's torchao fake-quantization integration, which newtune does not "
-        "wire (torchao QAT's int4/fp8 kernels are GPU kernels)",
-        "train normally and quantize afterwards",
+    qat: QATArgs | None = Field(
+        default=None,
+        description="Quantization-aware training with torchao (full fine-tunes): every linear "
+        "layer (and with quantize_embedding the embeddings) trains through fake quantization "
+        "of its weights (and activations), converted back to plain layers before the final "
+        "save. int4/int8 layouts run anywhere; float8/nvfp4/mxfp4 need CUDA. Needs `pip "
+        "install torchao`.",
     )
     fp8: Any = refused(
         "FP8 training (torchao / accelerate).",
