@@ -16,6 +16,7 @@ from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.pretraining import PretrainingEntry, PretrainingSection
+from newtune.config.schema.seed_training import SeedTrainingSection
 from newtune.config.schema.training import TrainingSection
 from newtune.config.schema.unsupported import UnsupportedSection
 
@@ -31,6 +32,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
         PretrainingSection,
     ),
     ("`pretraining_dataset:` items", PretrainingEntry),
+    ("ReLoRA, LoRA+, LISA, generation metrics during eval", SeedTrainingSection),
     ("Vision-language models", MultimodalSection),
     ("Distributed", DistributedSection),
     ("Tracking and hub", LoggingSection),

@@ -11,11 +11,6 @@ def _liger(key: str) -> str:
 class UnsupportedSection(Section):
     """Accepted when off (null/false/empty); any other value is an error naming the alternative."""
 
-    relora_steps: int | None = unsupported("ReLoRA restart interval.")
-    relora_warmup_steps: int | None = unsupported("ReLoRA warmup.")
-    relora_anneal_steps: int | None = unsupported("ReLoRA annealing.")
-    relora_prune_ratio: float | None = unsupported("ReLoRA pruning.")
-    relora_cpu_offload: bool | None = unsupported("ReLoRA CPU offload.")
     s2_attention: bool | None = unsupported("Shifted sparse attention (LongLoRA).")
     xformers_attention: bool | None = unsupported(
         "xformers attention.", "`attn_implementation: sdpa`"
@@ -28,9 +23,6 @@ class UnsupportedSection(Section):
     flash_attn_fuse_qkv: bool | None = unsupported("Fused QKV projection.")
     flash_attn_fuse_mlp: bool | None = unsupported("Fused MLP.", _liger("liger_glu_activation"))
     torchdistx_path: str | None = unsupported("torchdistx deferred init.")
-    eval_causal_lm_metrics: list[str] | None = unsupported("Generation metrics during eval.")
-    eval_table_size: int | None = unsupported("Prediction table logged during eval.")
-    eval_max_new_tokens: int | None = unsupported("Tokens generated for the eval table.")
     is_llama_derived_model: bool | None = ignored("newtune reads the model type from its config.")
     is_falcon_derived_model: bool | None = ignored("newtune reads the model type from its config.")
     is_mistral_derived_model: bool | None = ignored("newtune reads the model type from its config.")
