@@ -135,6 +135,8 @@ def _stub_cce(calls: list) -> types.ModuleType:
     ):
         calls.append({"c": c, "shift": shift, "reduction": reduction, "impl": impl, "e": e.shape})
         logits = (e @ c.T).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         if shift:
             logits, targets = logits[:, :-1], targets[:, 1:]
         return torch.nn.functional.cross_entropy(
@@ -196,6 +198,51 @@ def test_cce_loss_backpropagates_like_the_plain_loss_under_lora(model_dir, monke
         grads.append([p.grad.clone() for n, p in model.named_parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [
+        ("GraniteForCausalLM", {"logits_scaling": 4.0}),
+        ("CohereForCausalLM", {"logit_scale": 0.25}),
+        ("Gemma2ForCausalLM", {"final_logit_softcapping": 0.5, "head_dim": 8}),
+    ],
+)
+def test_cce_keeps_the_models_logit_scaling(monkeypatch, cls, extra):
+    import transformers
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", _stub_cce(calls))
+    model_cls = getattr(transformers, cls)
+    config = model_cls.config_class(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = model_cls(config).train()
+    ids = torch.randint(0, 50, (2, 7))
+    plain = model(input_ids=ids, labels=ids).loss
+    apply_cut_cross_entropy(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, plain)
+    assert len(calls) == 1
+
+
+def test_cce_refuses_what_its_loss_would_drop(model_dir, monkeypatch):
+    from transformers import LlamaForSequenceClassification, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", _stub_cce([]))
+    moe = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+            num_experts_per_tok=2, output_router_logits=True,
+        )
+    )  # fmt: skip
+    with pytest.raises(ModelError, match=r"auxiliary loss \(`output_router_logits: true`\)"):
+        apply_cut_cross_entropy(moe)
+    scorer = LlamaForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    with pytest.raises(ModelError, match="LlamaForSequenceClassification is not one"):
+        apply_cut_cross_entropy(scorer)
 
 
 @pytest.mark.skipif(

@@ -96,6 +96,11 @@ def apply_cut_cross_entropy(model: Any, impl: str = "cce") -> None:
     """
     cce = _cce_module()
     lm = _base(model)
+    if not type(lm).__name__.endswith("ForCausalLM"):
+        raise ModelError(
+            f"Cut Cross Entropy replaces the loss of a text causal LM's forward; "
+            f"{type(lm).__name__} is not one: set `cut_cross_entropy: false`"
+        )
     head = lm.get_output_embeddings()
     config = lm.config
     if head is None or getattr(head, "bias", None) is not None:
@@ -103,12 +108,14 @@ def apply_cut_cross_entropy(model: Any, impl: str = "cce") -> None:
             f"Cut Cross Entropy needs a bias-free output head; {type(lm).__name__} has "
             f"{'none' if head is None else 'a bias'}: set `cut_cross_entropy: false`"
         )
-    for attr in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            raise ModelError(
-                f"Cut Cross Entropy: {type(lm).__name__} scales its logits (`{attr}`), which "
-                "the fused loss does not; set `cut_cross_entropy: false`"
-            )
+    if getattr(config, "output_router_logits", False):
+        raise ModelError(
+            "Cut Cross Entropy computes the language-model loss only, and this MoE config adds "
+            "the router's auxiliary loss (`output_router_logits: true`); set it false in "
+            "`overrides_of_model_config`, or `cut_cross_entropy: false`"
+        )
+    # logits = scale * (h @ W.T) is (scale * h) @ W.T: Granite divides, Cohere multiplies
+    scale = 1.0 / getattr(config, "logits_scaling", 1.0) * getattr(config, "logit_scale", 1.0)
     softcap = getattr(config, "final_logit_softcapping", None)
     original = lm.forward
     decoder = lm.get_decoder()
@@ -123,6 +130,8 @@ def apply_cut_cross_entropy(model: Any, impl: str = "cce") -> None:
         kwargs.pop("shift_labels", None)
         out = decoder(*args, **kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if scale != 1.0:
+            hidden = hidden * scale
         summed = num_items_in_batch is not None
         loss = cce.linear_cross_entropy(
             hidden,
