@@ -704,3 +704,14 @@ def test_qat_trains_two_steps_and_saves_a_plain_model(tmp_path, model_dir):
         saved["model.layers.0.self_attn.q_proj.weight"],
         base["model.layers.0.self_attn.q_proj.weight"],
     )
+
+
+def test_sequence_parallel_degree_is_the_legacy_context_parallel_size(tmp_path):
+    result = loaded(
+        tmp_path,
+        sequence_parallel_degree=2,
+        fsdp_version=2,
+        fsdp_config={"fsdp_offload_params": False},
+    )
+    assert result.config.context_parallel_size == 2
+    assert parallelism_config(result.config, world_size=4).cp_size == 2

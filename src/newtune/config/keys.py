@@ -20,6 +20,7 @@ LEGACY_KEYS: dict[str, Legacy] = {
     "bfloat16": Legacy("bf16"),
     "evaluation_strategy": Legacy("eval_strategy"),
     "model_config": Legacy("overrides_of_model_config"),
+    "sequence_parallel_degree": Legacy("context_parallel_size"),
     "relora_steps": Legacy("jagged_restart_steps"),
     "relora_warmup_steps": Legacy("jagged_restart_warmup_steps"),
     "relora_anneal_steps": Legacy("jagged_restart_anneal_steps"),
