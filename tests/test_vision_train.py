@@ -247,7 +247,7 @@ def test_preprocess_caches_rows_and_checks_images(
     import datasets
 
     ds = datasets.load_from_disk(result.stdout.strip().splitlines()[-1])["train"]
-    assert ds.column_names == ["messages", "train", "origin", "base_dir"]
+    assert ds.column_names == ["messages", "train", "origin", "base_dir", "mask"]
     first = json.loads(ds[0]["messages"])
     assert first[0]["content"][0] == {"type": "image", "path": "img/0.png"}
     assert ds[0]["base_dir"] == str(colour_data) and ds[0]["origin"].endswith("row 1")

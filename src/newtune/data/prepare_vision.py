@@ -4,8 +4,9 @@ Image rows are tokenized, and their pixels made, in the collator (`data.vision.V
 whether or not `skip_prepare_dataset` is set: the processor's image expansion is part of
 tokenizing, so doing it once per batch is the one exact place. Preprocess caches each row's
 messages (image parts carry their reference: a path, URL, or the image itself as a base64
-data URI), its per-message train flags, its origin (`data.jsonl row 3`) and the folder
-relative image paths are read from; it checks every image opens unless
+data URI), its per-message train flags, its origin (`data.jsonl row 3`), the folder
+relative image paths are read from, and its dataset entry's `roles_to_train`/`train_on_eos`
+(the collator masks each row by its own entry's keys); it checks every image opens unless
 `skip_prepare_dataset: true`.
 """
 
@@ -24,13 +25,13 @@ from newtune.config.schema import DatasetEntry, NewtuneConfig
 from newtune.data.images import load_image
 from newtune.data.sources import load_rows, local_files
 from newtune.data.strategies.chat_template import ChatTemplate
-from newtune.data.vision import BASE_DIR_KEY, IMAGE_KEYS, ORIGIN_KEY, attach_images
+from newtune.data.vision import BASE_DIR_KEY, IMAGE_KEYS, MASK_KEY, ORIGIN_KEY, attach_images
 from newtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 IMAGES_COLUMN = "images"  # TRL's vision format: images that fill `{type: image}` parts
-COLUMNS = ("messages", "train", "origin", "base_dir")
+COLUMNS = ("messages", "train", "origin", "base_dir", "mask")
 
 
 def _json_ref(ref: Any) -> Any:
@@ -85,6 +86,13 @@ def vision_rows(
     check = not config.skip_prepare_dataset
     out: dict[str, list[str]] = {c: [] for c in COLUMNS}
     images = 0
+    # each row keeps its own entry's masking keys (the collator applies them per row)
+    mask = json.dumps(
+        {
+            "roles_to_train": list(entry.roles_to_train or ("assistant",)),
+            "train_on_eos": entry.train_on_eos or "turn",
+        }
+    )
     for n, row in enumerate(rows):
         origin = f"{where} ({name}) row {n + 1}"
         try:
@@ -103,6 +111,7 @@ def vision_rows(
         out["train"].append(json.dumps(list(sample.train)))
         out["origin"].append(origin)
         out["base_dir"].append(base_dir)
+        out["mask"].append(mask)
     return datasets.Dataset.from_dict(out), images
 
 
@@ -156,10 +165,12 @@ def build_vision(
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A cached row as `VisionCollator` reads it (messages, train flags, origin, base dir)."""
+    """A cached row as `VisionCollator` reads it (messages, train flags, origin, base dir,
+    its dataset entry's masking keys)."""
     return {
         "messages": json.loads(row["messages"]),
         "train": json.loads(row["train"]) if row.get("train") else [],
         ORIGIN_KEY: row.get("origin"),
         BASE_DIR_KEY: row.get("base_dir") or None,
+        MASK_KEY: json.loads(row["mask"]) if row.get("mask") else None,
     }

@@ -12,6 +12,12 @@ it. Spans come from one render whose text parts are wrapped in private-use marke
 against the plain render), are moved past the processor's image expansions (its
 `text_replacement_offsets`) and are mapped to tokens by the tokenizer's offsets. Image
 tokens, and everything else a processor inserts for an image, are never trained.
+
+With `role_boundaries` (Axolotl's multimodal key) the trained spans come instead from the
+tokens: each declared role's start marker opens a turn that runs to its end marker (or the
+end of the sequence); the turns of trained roles are labelled, their end markers per
+`train_on_eos` and `include_end`. A row in which a declared role's marker is not found is
+an error naming the row. Each row may carry its dataset entry's masking keys (`MASK_KEY`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from newtune.data.images import ImageLimits, load_image
 from newtune.data.tokenize import EOT_WINDOW, IGNORE_INDEX
-from newtune.errors import DataError
+from newtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,7 @@ _START, _END = "\ue000", "\ue001"  # private-use characters that wrap text parts
 IMAGE_KEYS = ("image", "path", "url", "base64")  # where an image part holds its reference
 ORIGIN_KEY = "_origin"  # a row's place in its data file (`data.jsonl row 3`), for errors
 BASE_DIR_KEY = "_base_dir"  # the folder relative image paths of a row are read from
+MASK_KEY = "_mask"  # a row's own {roles_to_train, train_on_eos} (its dataset entry's keys)
 _DROPPED = ("offset_mapping", "text_replacement_offsets")
 
 
@@ -47,6 +54,61 @@ class Rendered:
     spans: list[list[tuple[int, int]]]
     roles: list[str]
     train: list[bool | None]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A resolved role boundary: the token ids that open and close one role's turn."""
+
+    role: str
+    start: tuple[int, ...]
+    end: tuple[int, ...]  # empty: the turn runs to the end of the sequence
+    include_start: bool
+    include_end: bool
+    text: str  # the start marker as the user wrote it, for errors
+
+
+def resolve_boundaries(specs: Sequence[Any], tok: Any) -> tuple[Boundary, ...]:
+    """`role_boundaries` entries (dicts or schema models) as token-id boundaries.
+
+    `end: eos_token` is the tokenizer's EOS id; `end` unset runs the turn to the end of the
+    sequence. A marker that encodes to no tokens is a ConfigError naming its entry.
+    """
+    out = []
+    for i, spec in enumerate(specs or ()):
+        d = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
+        where = f"role_boundaries[{i}] (role {d.get('role')!r})"
+        start = tuple(tok.encode(d["start"], add_special_tokens=False))
+        if not start:
+            raise ConfigError(
+                f"{where}: start marker {d['start']!r} encodes to no tokens; give the text that "
+                "opens this role's turn in the chat template's render"
+            )
+        end_text = d.get("end")
+        if end_text is None:
+            end: tuple[int, ...] = ()
+        elif end_text == "eos_token":
+            if tok.eos_token_id is None:
+                raise ConfigError(f"{where}: `end: eos_token` but the tokenizer has no EOS token")
+            end = (tok.eos_token_id,)
+        else:
+            end = tuple(tok.encode(end_text, add_special_tokens=False))
+            if not end:
+                raise ConfigError(
+                    f"{where}: end marker {end_text!r} encodes to no tokens; use `end: null` to "
+                    "run the turn to the end of the sequence or `end: eos_token`"
+                )
+        out.append(
+            Boundary(
+                str(d["role"]),
+                start,
+                end,
+                bool(d.get("include_start", False)),
+                bool(d.get("include_end", True)),
+                str(d["start"]),
+            )
+        )
+    return tuple(out)
 
 
 def attach_images(messages: Sequence[dict[str, Any]], images: Sequence[Any]) -> list[dict]:
@@ -121,9 +183,11 @@ class VisionCollator:
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: tuple[int, int] | None = None  # (height, width) every image is resized to
     resample: str = "bilinear"  # PIL filter for image_size
+    role_boundaries: Sequence[Any] = ()  # Axolotl's role_boundaries: token markers per role
 
     def __post_init__(self) -> None:
         self.tok = getattr(self.processor, "tokenizer", self.processor)
+        self.boundaries = resolve_boundaries(self.role_boundaries, self.tok)
         self.image_token = getattr(self.processor, "image_token", None)
         eot = set(self.eot_tokens) or ({self.tok.eos_token} if self.tok.eos_token else set())
         self.eot_ids = {self.tok.convert_tokens_to_ids(t) for t in eot}
@@ -163,8 +227,13 @@ class VisionCollator:
                 )
             ids = out["input_ids"][i, :n].tolist()
             offsets = [tuple(o) for o in out["offset_mapping"][i, :n].tolist()]
-            shift = _shifter(replacements[i], r.text, offsets, where)
-            labels[i, :n] = torch.tensor(self._labels(r, ids, offsets, shift))
+            roles, eos = self._mask_of(rows[i])
+            if self.boundaries:
+                row_labels = self._boundary_labels(r, ids, roles, eos, where)
+            else:
+                shift = _shifter(replacements[i], r.text, offsets, where)
+                row_labels = self._labels(r, ids, offsets, shift, roles, eos)
+            labels[i, :n] = torch.tensor(row_labels)
         if self.image_ids:
             labels[torch.isin(out["input_ids"], torch.tensor(sorted(self.image_ids)))] = (
                 IGNORE_INDEX
@@ -311,12 +380,24 @@ class VisionCollator:
 
     # -- labels ------------------------------------------------------------------------------
 
+    def _mask_of(self, row: dict[str, Any]) -> tuple[set[str], str]:
+        """The row's trained roles and train_on_eos: its own (`MASK_KEY`) or the collator's."""
+        mask = row.get(MASK_KEY) or {}
+        roles = mask.get("roles_to_train")
+        eos = mask.get("train_on_eos")
+        return (
+            set(self.roles_to_train if roles is None else roles),
+            eos or self.train_on_eos,
+        )
+
     def _labels(
         self,
         r: Rendered,
         ids: list[int],
         offsets: list[tuple[int, int]],
         shift: Callable[[int], int],
+        roles_to_train: set[str],
+        train_on_eos: str,
     ) -> list[int]:
         labels = [IGNORE_INDEX] * len(ids)
         starts = [a for a, _ in offsets]
@@ -327,9 +408,9 @@ class VisionCollator:
             train = (
                 forced
                 if forced is not None
-                else (self.train_on_inputs or r.roles[i] in self.roles_to_train)
+                else (self.train_on_inputs or r.roles[i] in roles_to_train)
             )
-            if (not train and self.train_on_eos != "all") or not spans:
+            if (not train and train_on_eos != "all") or not spans:
                 continue
             stop = 0
             for a, b in spans:
@@ -340,17 +421,98 @@ class VisionCollator:
             eot = self._find_eot(ids, stop)
             if eot != -1:
                 last_eot = eot
-                if self.train_on_eos == "all" or (self.train_on_eos == "turn" and train):
+                if train_on_eos == "all" or (train_on_eos == "turn" and train):
                     labels[eot] = ids[eot]
-        if self.train_on_eos == "last" and last_eot != -1:
+        if train_on_eos == "last" and last_eot != -1:
             labels[last_eot] = ids[last_eot]
         return labels
 
+    def _boundary_labels(
+        self, r: Rendered, ids: list[int], roles_to_train: set[str], train_on_eos: str, where: str
+    ) -> list[int]:
+        """Labels from `role_boundaries`: the turns of trained roles, scanned in the tokens.
+
+        At each position the longest matching start marker opens a turn, which ends at its
+        end marker (not found: an error) or, with `end` unset, at the end of the sequence.
+        With `include_end: false` the end marker may open the next turn.
+        """
+        if any(flag is not None for flag in r.train):
+            raise DataError(
+                f"{where} has per-message train flags, which `role_boundaries` cannot place "
+                "(its spans come from token markers, not messages); remove `role_boundaries` "
+                "or `message_field_training`"
+            )
+        declared = {b.role for b in self.boundaries}
+        trained = declared if self.train_on_inputs else roles_to_train
+        undeclared = sorted((set(r.roles) & trained) - declared)
+        if undeclared:
+            raise DataError(
+                f"{where} has {', '.join(undeclared)} turns to train but `role_boundaries` "
+                f"declares only {', '.join(sorted(declared))}; add a boundary for each trained role"
+            )
+        by_length = sorted(self.boundaries, key=lambda b: -len(b.start))
+        labels = [IGNORE_INDEX] * len(ids)
+        n, j, seen = len(ids), 0, set()
+        last: tuple[int, int] | None = None
+        while j < n:
+            b = next((b for b in by_length if tuple(ids[j : j + len(b.start)]) == b.start), None)
+            if b is None:
+                j += 1
+                continue
+            seen.add(b.role)
+            body = j + len(b.start)
+            stop = after = n
+            if b.end:
+                k = _find(ids, b.end, body)
+                if k == -1:
+                    raise DataError(
+                        f"{where}: the `{b.role}` turn opened by {b.text!r} at token {j} has no "
+                        f"end marker after it ({self.tok.decode(list(b.end))!r}); fix "
+                        "`role_boundaries` to the chat template's render"
+                    )
+                stop, after = k, k + len(b.end)
+            train = b.role in trained
+            if train:
+                first = j if b.include_start else body
+                labels[first:stop] = ids[first:stop]
+            if b.end and b.include_end:
+                if train_on_eos == "all" or (train and train_on_eos == "turn"):
+                    labels[stop:after] = ids[stop:after]
+                elif train and train_on_eos == "last":
+                    last = (stop, after)
+            j = stop if b.end and not b.include_end else after
+        if last is not None:
+            labels[last[0] : last[1]] = ids[last[0] : last[1]]
+        missing = [b for b in self.boundaries if b.role in r.roles and b.role not in seen]
+        if missing:
+            b = missing[0]
+            raise DataError(
+                f"{where} has `{b.role}` messages but the `role_boundaries` start marker "
+                f"{b.text!r} (tokens {list(b.start)}) is not in its tokens; set the marker to the "
+                f"text that opens a {b.role} turn in the chat template's render"
+            )
+        return labels
+
     def _find_eot(self, ids: list[int], start: int) -> int:
-        for j in range(start, min(len(ids), start + EOT_WINDOW + 1)):
+        """The end-of-turn token within EOT_WINDOW tokens of `start`, not counting image
+        tokens (a turn whose content ends with an image), or -1."""
+        others = 0
+        for j in range(start, len(ids)):
             if ids[j] in self.eot_ids:
                 return j
+            if ids[j] not in self.image_ids:
+                others += 1
+                if others > EOT_WINDOW:
+                    break
         return -1
+
+
+def _find(ids: list[int], marker: tuple[int, ...], start: int) -> int:
+    """The first position at or after `start` where `marker` begins in `ids`, or -1."""
+    for k in range(start, len(ids) - len(marker) + 1):
+        if tuple(ids[k : k + len(marker)]) == marker:
+            return k
+    return -1
 
 
 def _where(row: dict[str, Any], index: int) -> str:

@@ -58,9 +58,11 @@ class MultimodalSection(Section):
     )
     role_boundaries: list[RoleBoundary] | None = Field(
         default=None,
-        description="Axolotl's token markers of each role's turn. Accepted and checked; newtune "
-        "takes turn spans from the chat template's render of each message, so the markers "
-        "are not needed.",
+        description="Axolotl's token markers of each role's turn ({role, start, end, "
+        "include_start, include_end}; `end: eos_token` is the EOS token, no `end` runs to the "
+        "end of the sequence). When set, trained spans are the tokens between the markers of "
+        "`roles_to_train` roles instead of the chat template's render of each message; a row "
+        "whose messages' role markers are not found is an error naming the row.",
     )
 
     @field_validator("image_size")

@@ -53,7 +53,8 @@ class CachedRowsCollator:
 
 
 def vision_collator(config: NewtuneConfig, processor: Any) -> VisionCollator:
-    """The collator for this config: the first dataset entry's masking keys, sequence_len."""
+    """The collator for this config: sequence_len, image sizing, role_boundaries, and the
+    first dataset entry's masking keys (the default of rows cached without their own)."""
     entry = config.datasets[0]
     size = config.image_size
     return VisionCollator(
@@ -65,6 +66,7 @@ def vision_collator(config: NewtuneConfig, processor: Any) -> VisionCollator:
         max_length=config.sequence_len,
         image_size=(size, size) if isinstance(size, int) else (tuple(size) if size else None),
         resample=config.image_resize_algorithm or "bilinear",
+        role_boundaries=tuple(config.role_boundaries or ()),
     )
 
 
