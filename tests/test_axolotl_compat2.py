@@ -17,7 +17,7 @@ import yaml
 from conftest import write_jsonl
 from test_cli import cli as launch
 from test_trust_config import cli, error_line
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from newtune.config.load import load_config
 from newtune.config.machine import check_machine, machine_problems
@@ -463,9 +463,50 @@ def test_swanlab_reaches_report_to_and_its_environment(tmp_path):
         )
     assert "`use_swanlab: true` needs `swanlab_project`" in error_of(tmp_path, use_swanlab=True)
     assert "set without `use_swanlab: true`" in error_of(tmp_path, swanlab_project="p")
-    assert "`swanlab_description` is read by Axolotl's own SwanLab plugin" in error_of(
-        tmp_path, use_swanlab=True, swanlab_project="p", swanlab_description="d"
+    assert "`swanlab_lark_secret` is read by Axolotl's own SwanLab plugin" in error_of(
+        tmp_path, use_swanlab=True, swanlab_project="p", swanlab_lark_secret="s"
     )
+
+
+def test_swanlab_description_and_workspace_reach_swanlab_init(tmp_path, monkeypatch):
+    from newtune.train.callbacks import build_callbacks
+
+    inits = []
+    fake = types.ModuleType("swanlab")
+    fake.__spec__ = importlib.machinery.ModuleSpec("swanlab", None)
+    fake.config = {}  # swanlab.config: the callback updates it like a dict
+    runs = []
+    fake.get_run = lambda: runs[0] if runs else None
+    fake.init = lambda **kwargs: inits.append(kwargs) or runs.append(object())
+    monkeypatch.setitem(sys.modules, "swanlab", fake)
+    cfg = loaded(
+        tmp_path, use_swanlab=True, swanlab_project="p", swanlab_experiment_name="e",
+        swanlab_description="what this run tries", swanlab_workspace="team",
+    ).config  # fmt: skip
+    args = args_of(cfg)
+    assert args.report_to == []  # the callback below reports instead of report_to's
+    (callback,) = [c for c in build_callbacks(cfg) if "SwanLab" in type(c).__name__]
+    monkeypatch.setenv("SWANLAB_PROJECT", "p")
+    state = types.SimpleNamespace(is_world_process_zero=True, trial_name=None)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+        )
+    )
+    callback.setup(args, state, model)
+    assert inits == [
+        {
+            "description": "what this run tries",
+            "workspace": "team",
+            "experiment_name": "e",
+            "project": "p",
+        }
+    ]
+    assert callback._swanlab is fake  # the module itself is left unchanged
 
 
 # -- parallelism ------------------------------------------------------------------------------

@@ -266,8 +266,13 @@ class QATCallback(TrainerCallback):
 
 
 def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
-    """The callbacks these keys need (QAT)."""
-    return [QATCallback(config.qat)] if config.qat is not None else []
+    """The callbacks these keys need (QAT; SwanLab with a description or workspace)."""
+    callbacks: list[TrainerCallback] = []
+    if config.qat is not None:
+        callbacks.append(QATCallback(config.qat))
+    if swanlab_enabled(config) and _swanlab_init_extras(config):
+        callbacks.append(swanlab_callback(config))
+    return callbacks
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -311,13 +316,50 @@ def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
 # -- TrainingArguments -----------------------------------------------------------------------
 
 
+def _swanlab_init_extras(config: NewtuneConfig) -> dict[str, str]:
+    """swanlab.init arguments transformers' SwanLabCallback does not pass."""
+    extras = {"description": config.swanlab_description, "workspace": config.swanlab_workspace}
+    return {k: v for k, v in extras.items() if v is not None}
+
+
 def report_targets2(config: NewtuneConfig) -> list[str]:
-    """The trackers these keys add to `report_to`."""
-    return [
-        name
-        for on, name in ((swanlab_enabled(config), "swanlab"), (trackio_enabled(config), "trackio"))
-        if on
-    ]
+    """The trackers these keys add to `report_to` (SwanLab with a description or workspace
+    reports through NewtuneSwanLabCallback instead: callbacks2)."""
+    swanlab = swanlab_enabled(config) and not _swanlab_init_extras(config)
+    return [name for on, name in ((swanlab, "swanlab"), (trackio_enabled(config), "trackio")) if on]
+
+
+class _InitWith:
+    """The swanlab module, with extra keyword arguments added to its `init`."""
+
+    def __init__(self, module: Any, extras: dict[str, str]) -> None:
+        self._module, self._extras = module, extras
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def init(self, **kwargs: Any) -> Any:
+        """swanlab.init with the config's description/workspace."""
+        return self._module.init(**self._extras, **kwargs)
+
+
+def swanlab_callback(config: NewtuneConfig) -> TrainerCallback:
+    """transformers' SwanLabCallback whose swanlab.init also gets swanlab_description and
+    swanlab_workspace."""
+    from transformers.integrations import SwanLabCallback
+
+    extras = _swanlab_init_extras(config)
+
+    class NewtuneSwanLabCallback(SwanLabCallback):
+        def setup(self, args: Any, state: Any, model: Any, **kwargs: Any) -> None:
+            real = self._swanlab
+            self._swanlab = _InitWith(real, extras)
+            try:
+                super().setup(args, state, model, **kwargs)
+            finally:
+                self._swanlab = real
+
+    return NewtuneSwanLabCallback()
 
 
 def tracker_env2(config: NewtuneConfig) -> dict[str, str]:

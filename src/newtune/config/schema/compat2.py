@@ -158,8 +158,12 @@ class Compat2Section(Section):
     swanlab_api_key: str | None = Field(default=None, description="SWANLAB_API_KEY.")
     swanlab_web_host: str | None = Field(default=None, description="SWANLAB_WEB_HOST.")
     swanlab_api_host: str | None = Field(default=None, description="SWANLAB_API_HOST.")
-    swanlab_description: Any = _swanlab_refused("swanlab_description")
-    swanlab_workspace: Any = _swanlab_refused("swanlab_workspace")
+    swanlab_description: str | None = Field(
+        default=None, description="SwanLab experiment description (passed to swanlab.init)."
+    )
+    swanlab_workspace: str | None = Field(
+        default=None, description="SwanLab workspace (organisation) of the project."
+    )
     swanlab_lark_webhook_url: Any = _swanlab_refused("swanlab_lark_webhook_url")
     swanlab_lark_secret: Any = _swanlab_refused("swanlab_lark_secret")
     swanlab_log_completions: bool | None = Field(
