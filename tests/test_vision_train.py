@@ -4,6 +4,10 @@ A tiny VLM learns the colour of solid-colour pictures (LoRA on its language mode
 `newtune inference --image` names the colour of held-out pictures, `newtune evaluate` scores the
 image rows, and `newtune merge-lora` writes a folder plain transformers loads. User errors
 (missing image, non-image file, packing, DPO on images) are one paragraph, no traceback.
+
+The commands run in this process through the CLI's `main` (`newtune`), which prints errors
+and exits exactly as the console script does; `validate` also runs as a real subprocess. One
+process keeps the file fast: torch and transformers are imported once, not per command.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,40 @@ COLOURS = {
     "yellow": (240, 230, 10),
 }
 QUESTION = "What colour is this picture?"
+
+
+@dataclass
+class Result:
+    """What one `newtune` command did: exit code and its captured output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def newtune(capsys: pytest.CaptureFixture) -> Iterator[Callable[..., Result]]:
+    """Run `newtune ARGS` in this process through the CLI's main, capturing its output."""
+    import logging
+
+    from newtune.cli.main import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    yield run
+    root.handlers[:] = handlers  # the CLI's log handler writes to this test's captured stderr
+    root.setLevel(level)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -117,7 +157,7 @@ def _config(tmp: Path, vlm: Path, data: Path, **extra: Any) -> Path:
     return path
 
 
-def _clean_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+def _clean_error(result: Result | subprocess.CompletedProcess, *needles: str) -> str:
     """The CLI failed with one paragraph naming `needles`, and no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -127,9 +167,11 @@ def _clean_error(result: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_vlm_learns_colours(tmp_path: Path, vlm_dir: Path, colour_data: Path) -> None:
+def test_tiny_vlm_learns_colours(
+    tmp_path: Path, vlm_dir: Path, colour_data: Path, newtune: Callable[..., Result]
+) -> None:
     cfg = _config(tmp_path, vlm_dir, colour_data / "train.jsonl", val_set_size=8)
-    trained = cli("train", str(cfg))
+    trained = newtune("train", str(cfg))
     assert trained.returncode == 0, trained.stderr[-4000:]
     out = tmp_path / "out"
     adapter = json.loads((out / "adapter_config.json").read_text())
@@ -149,7 +191,7 @@ def test_tiny_vlm_learns_colours(tmp_path: Path, vlm_dir: Path, colour_data: Pat
 
     answers = {}
     for picture in sorted((colour_data / "heldout").iterdir()):
-        result = cli(
+        result = newtune(
             "inference",
             str(cfg),
             "--image",
@@ -164,13 +206,13 @@ def test_tiny_vlm_learns_colours(tmp_path: Path, vlm_dir: Path, colour_data: Pat
     right = sum(a.startswith(k[:-1]) for k, a in answers.items())
     assert right >= 3, answers  # of 4 held-out pictures, one per colour
 
-    evaluated = cli("evaluate", str(cfg))
+    evaluated = newtune("evaluate", str(cfg))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads(evaluated.stdout)
     assert metrics["eval_rows"] == 8 and metrics["eval_tokens"] > 0
     assert metrics["eval_loss"] < 6.0
 
-    merged = cli("merge-lora", str(cfg))
+    merged = newtune("merge-lora", str(cfg))
     assert merged.returncode == 0, merged.stderr[-3000:]
     _merged_loads(out / "merged", colour_data / "heldout" / "red0.png")
 
@@ -204,30 +246,34 @@ def _one_row(folder: Path, image: str) -> Path:
     return path
 
 
-def test_missing_image_is_a_clear_error(tmp_path: Path, vlm_dir: Path) -> None:
+def test_missing_image_is_a_clear_error(
+    tmp_path: Path, vlm_dir: Path, newtune: Callable[..., Result]
+) -> None:
     data = _one_row(tmp_path, "img/nowhere.png")
     cfg = _config(tmp_path, vlm_dir, data, skip_prepare_dataset=False)
     err = _clean_error(
-        cli("preprocess", str(cfg)), "data.jsonl) row 1", "img/nowhere.png", "does not exist"
+        newtune("preprocess", str(cfg)), "data.jsonl) row 1", "img/nowhere.png", "does not exist"
     )
     assert str(tmp_path / "img" / "nowhere.png") in err
     assert not (tmp_path / "out").exists()
 
 
-def test_non_image_file_is_a_clear_error(tmp_path: Path, vlm_dir: Path) -> None:
+def test_non_image_file_is_a_clear_error(
+    tmp_path: Path, vlm_dir: Path, newtune: Callable[..., Result]
+) -> None:
     (tmp_path / "notes.png").write_text("not a picture")
     data = _one_row(tmp_path, "notes.png")
     # skip_prepare_dataset: the image is first opened when its batch is built, in training
     cfg = _config(tmp_path, vlm_dir, data, max_steps=1)
-    err = _clean_error(cli("train", str(cfg)), "data.jsonl) row 1", "notes.png")
+    err = _clean_error(newtune("train", str(cfg)), "data.jsonl) row 1", "notes.png")
     assert not (tmp_path / "out" / "adapter_config.json").exists()
     assert "error: datasets[0] (data.jsonl) row 1: notes.png is not an image Pillow can read" in err
 
 
-def test_packing_is_refused(tmp_path: Path, vlm_dir: Path) -> None:
+def test_packing_is_refused(tmp_path: Path, vlm_dir: Path, newtune: Callable[..., Result]) -> None:
     data = _one_row(tmp_path, "x.png")
     cfg = _config(tmp_path, vlm_dir, data, sample_packing=True)
-    _clean_error(cli("train", str(cfg)), "sample_packing: true", "image rows cannot be packed")
+    _clean_error(newtune("train", str(cfg)), "sample_packing: true", "image rows cannot be packed")
     assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
 
 
@@ -238,10 +284,10 @@ def test_dpo_on_images_is_out_of_scope(tmp_path: Path, vlm_dir: Path) -> None:
 
 
 def test_preprocess_caches_rows_and_checks_images(
-    tmp_path: Path, vlm_dir: Path, colour_data: Path
+    tmp_path: Path, vlm_dir: Path, colour_data: Path, newtune: Callable[..., Result]
 ) -> None:
     cfg = _config(tmp_path, vlm_dir, colour_data / "train.jsonl", skip_prepare_dataset=False)
-    result = cli("preprocess", str(cfg))
+    result = newtune("preprocess", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "48 (checked)" in result.stderr
     import datasets
@@ -253,7 +299,7 @@ def test_preprocess_caches_rows_and_checks_images(
     assert ds[0]["base_dir"] == str(colour_data) and ds[0]["origin"].endswith("row 1")
 
 
-def test_trl_images_column(tmp_path: Path, vlm_dir: Path) -> None:
+def test_trl_images_column(tmp_path: Path, vlm_dir: Path, newtune: Callable[..., Result]) -> None:
     """TRL's vision format: `{type: image}` placeholders filled from an `images` column."""
     from newtune.config.load import load_config
     from newtune.data.prepare_vision import decode_row
@@ -272,7 +318,7 @@ def test_trl_images_column(tmp_path: Path, vlm_dir: Path) -> None:
     }
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
     cfg = _config(tmp_path, vlm_dir, tmp_path / "d.jsonl")
-    result = cli("preprocess", str(cfg))
+    result = newtune("preprocess", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     import datasets
 
