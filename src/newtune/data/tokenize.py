@@ -160,6 +160,9 @@ class Engine:
             else:
                 convs.append(self._with_system(sample))
         renders = dict(enumerate(self._render_many_with_spans(convs)))
+        for k, conv in enumerate(convs):  # reasoning traces train with their message
+            if conv.thinking_key:
+                renders[k] = with_thinking(conv, *renders[k])
         encoded = iter(self._encode_pieces(pieces))
         convs = iter(self._encode_conversations([renders[k] for k in sorted(renders)]))
         out: list[list[TokenizedRow]] = []
@@ -652,6 +655,24 @@ class Engine:
             return len(self._encode(text[:a])), len(self._encode(text[:b]))
 
         return ids, prefix_span
+
+
+def with_thinking(conv: Conversation, text: str, spans: list) -> tuple[str, list]:
+    """Content spans widened back to the start of each message's reasoning trace (the
+    `thinking_key` value rendered before the content), as Axolotl trains the whole turn."""
+    out = list(spans)
+    previous = 0
+    for i, msg in enumerate(conv.messages):
+        span = out[i]
+        if span is None:
+            continue
+        trace = msg.get(conv.thinking_key or "")
+        if isinstance(trace, str) and trace.strip():
+            at = text.rfind(trace.strip(), previous, span[0])
+            if at != -1:
+                out[i] = span = (at, span[1])
+        previous = span[1]
+    return text, out
 
 
 def _byte_span_finder(

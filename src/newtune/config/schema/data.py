@@ -86,6 +86,17 @@ class DatasetEntry(Section):
     field_tools: str | None = Field(
         default=None, description="chat_template: column of tool definitions (default tools)."
     )
+    field_thinking: str | None = Field(
+        default=None,
+        description="chat_template: message key holding the reasoning trace (default "
+        "reasoning_content); handed to the template under template_thinking_key and trained "
+        "with the message's content.",
+    )
+    template_thinking_key: str | None = Field(
+        default=None,
+        description="chat_template: the message key the chat template reads the reasoning "
+        "trace from (default reasoning_content; e.g. gpt-oss's `thinking`).",
+    )
     chat_template: str | None = Field(
         default=None, description="Chat template (name, jinja or .jinja file) for this dataset."
     )

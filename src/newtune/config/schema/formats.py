@@ -95,6 +95,7 @@ _CHAT = Format(
     CHAT_ENGINE_KEYS
     | MESSAGE_KEYS
     | {"field_messages", "message_field_training", "drop_system_message", "field_tools"}
+    | {"field_thinking", "template_thinking_key"}
 )
 FORMATS: dict[str, Format] = {
     "alpaca": _STYLED,

@@ -40,13 +40,16 @@ class Conversation:
 
     `train` holds, per message, True/False to force training of that message or None
     to follow `roles_to_train`. `tools`: tool definitions (JSON schemas) handed to the
-    chat template as its `tools` variable.
+    chat template as its `tools` variable. `thinking_key`: the message key holding a
+    reasoning trace (Axolotl's template_thinking_key); a trained message's trace is trained
+    with its content, as Axolotl's turn boundaries include it.
     """
 
     messages: tuple[dict[str, Any], ...]
     train: tuple[bool | None, ...] = field(default=())
     add_generation_prompt: bool = False
     tools: list[dict[str, Any]] | None = None
+    thinking_key: str | None = None
 
 
 Sample = Segments | Conversation

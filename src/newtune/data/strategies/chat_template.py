@@ -69,6 +69,17 @@ class ChatTemplate(Strategy):
         self.content_key = mapping.get("content", entry.message_field_content or "content")
         self.training_key = entry.message_field_training
         self.tools_column = entry.field_tools or "tools"
+        # Axolotl maps template_thinking_key <- field_thinking (both default reasoning_content)
+        # when message_property_mappings is not given; an explicit key always applies
+        explicit = entry.field_thinking or entry.template_thinking_key
+        self.thinking: tuple[str, str] | None = (
+            (
+                entry.field_thinking or "reasoning_content",
+                entry.template_thinking_key or "reasoning_content",
+            )
+            if explicit or not mapping
+            else None
+        )
         if entry.roles:
             self.roles = {src: dst for dst, srcs in entry.roles.items() for src in srcs}
         else:
@@ -111,6 +122,11 @@ class ChatTemplate(Strategy):
                 out = {"role": role, "content": parts_of(content, what)}
             else:
                 out = {"role": role, "content": "" if content is None else as_text(content, what)}
+            if self.thinking and msg.get(self.thinking[0]) is not None:
+                trace = msg[self.thinking[0]]
+                out[self.thinking[1]] = as_text(
+                    trace, f"message {i} of `{column}`: `{self.thinking[0]}`"
+                )
             if self.keep_extra_keys:
                 extra = {
                     k: v
@@ -135,7 +151,8 @@ class ChatTemplate(Strategy):
         if self.entry.drop_system_message and messages and messages[0]["role"] == "system":
             messages, train = messages[1:], train[1:]
         tools = tools_of(row, self.tools_column) if self.tools_column in row else None
-        return Conversation(tuple(messages), tuple(train), tools=tools)
+        thinking = self.thinking[1] if self.thinking else None
+        return Conversation(tuple(messages), tuple(train), tools=tools, thinking_key=thinking)
 
     def prompt(self, text: str, history: list[dict[str, str]] | None = None) -> Conversation:
         messages = [*(history or []), {"role": "user", "content": text}]
