@@ -9,6 +9,7 @@ from newtune.config.schema import DatasetEntry, status_of
 from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.compat2 import Compat2Section
+from newtune.config.schema.compat3 import Compat3Section
 from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
@@ -38,6 +39,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Tracking and hub", LoggingSection),
     ("Axolotl keys read as Axolotl does, and its legacy keys", CompatSection),
     ("Axolotl plugins, kernels, trackers and parallelism", Compat2Section),
+    ("Axolotl data order, re-init, kernel patches and quantization configs", Compat3Section),
     ("Not implemented", UnsupportedSection),
 ]
 

@@ -39,6 +39,7 @@ LIGER_KEYS = (
     "liger_glu_activation",
     "liger_cross_entropy",
     "liger_fused_linear_cross_entropy",
+    "liger_rms_norm_gated",
 )
 
 

@@ -99,6 +99,9 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
     out.errors += multimodal_rules(cfg)
     out.errors += compat_rules(cfg, names)
     out.errors += compat2_rules(cfg, names)  # plugins, kernels, trackers, parallelism
+    from newtune.config.compat3 import compat3_rules
+
+    out.errors += compat3_rules(cfg, names)  # data order, re-init, quantization configs
     out.errors += seed_training_rules(cfg, names)
     # packages this machine lacks are warnings: the config may train on another machine
     # (`train` refuses at start: config.machine.check_machine)

@@ -15,6 +15,7 @@ split (a bin of k samples becomes two) rather than samples repeated or dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,6 +104,24 @@ def pack(lengths: np.ndarray, capacity: int, indices: np.ndarray | None = None) 
     return Bins(ids[order[within]], offsets)
 
 
+def pack_next_fit(lengths: np.ndarray, capacity: int, indices: np.ndarray | None = None) -> Bins:
+    """Next-fit packing that keeps the order of `lengths`: a bin is closed when the next sample
+    does not fit (Axolotl's `sample_packing_sequentially`)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ids = np.arange(len(lengths)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(lengths) and (lengths.max() > capacity or lengths.min() < 1):
+        return pack(lengths, capacity, indices)  # its DataError names the sample
+    offsets, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > capacity:
+            offsets.append(i)
+            used = 0
+        used += n
+    if len(lengths):
+        offsets.append(len(lengths))
+    return Bins(ids, np.array(offsets, dtype=np.int64))
+
+
 def _repeat(bins: list[int], times: int, count: int) -> list[int]:
     """Each bin `times` times, in order, cut to `count` entries."""
     if times == 1:
@@ -178,8 +197,10 @@ class MultipackBatchSampler:
         epochs: int = 1,
         group_size: int = DEFAULT_GROUP_SIZE,
         even: bool = True,
+        in_order: bool = False,
+        next_fit: bool = False,
     ) -> None:
-        self.even = even
+        self.even, self.in_order, self.next_fit = even, in_order, next_fit
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.capacity, self.rows, self.seed, self.shuffle = capacity, rows, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
@@ -201,17 +222,19 @@ class MultipackBatchSampler:
         if epoch not in self._packed:
             rng = np.random.default_rng([self.seed, epoch])
             n = len(self.lengths)
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            shuffle = self.shuffle and not self.in_order
+            order = rng.permutation(n) if shuffle else np.arange(n)
             items, offsets = [], [np.zeros(1, dtype=np.int64)]
+            packer = pack_next_fit if self.next_fit else pack
             for start in range(0, n, self.group_size):
                 group = order[start : start + self.group_size]
-                done = pack(self.lengths[group], self.capacity, group)
+                done = packer(self.lengths[group], self.capacity, group)
                 offsets.append(done.offsets[1:] + (offsets[-1][-1] if items else 0))
                 items.append(done.items)
             flat = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
             ends = np.concatenate(offsets)
             bounds = np.stack([ends[:-1], ends[1:]], axis=1)
-            if self.shuffle:
+            if shuffle:
                 bounds = bounds[rng.permutation(len(bounds))]
             self._packed[epoch] = (flat, bounds)
         return self._packed[epoch]
@@ -264,6 +287,8 @@ class Packing:
     capacity: int
     rows: int
     pad_to_capacity: bool = False
+    in_order: bool = False  # curriculum_sampling: rows and bins in dataset order
+    next_fit: bool = False  # sample_packing_sequentially: next-fit packing, order kept
 
     @classmethod
     def for_run(
@@ -280,7 +305,11 @@ def packing_plan(config: NewtuneConfig) -> tuple[Packing | None, Packing | None]
     attn = config.attn_implementation or "sdpa"
     pad = bool(config.pad_to_sequence_len)
     train = (
-        Packing.for_run(config.sequence_len, config.micro_batch_size, attn, pad)
+        dataclasses.replace(
+            Packing.for_run(config.sequence_len, config.micro_batch_size, attn, pad),
+            in_order=bool(config.curriculum_sampling),
+            next_fit=bool(config.sample_packing_sequentially),
+        )
         if config.sample_packing
         else None
     )

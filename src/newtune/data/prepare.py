@@ -138,6 +138,7 @@ def fingerprint_inputs(
             if config.default_system_message
             else {}
         ),
+        **({"dataset_exact_deduplication": True} if config.dataset_exact_deduplication else {}),
     }
 
 
@@ -673,6 +674,26 @@ def _finish(
     return ds, counts
 
 
+def deduplicate(ds: datasets.Dataset) -> tuple[datasets.Dataset, int]:
+    """`dataset_exact_deduplication`: the rows whose tokenized columns (input_ids, labels, ...)
+    do not repeat an earlier row's, and how many were dropped (Axolotl hashes whole rows)."""
+    columns = [c for c in ds.column_names if not c.startswith("_")]
+    seen: set[bytes] = set()
+    keep: list[int] = []
+    at = 0
+    for batch in ds.select_columns(columns).iter(batch_size=1024):
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            digest = hashlib.sha256(repr(values).encode()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(at)
+            at += 1
+    dropped = len(ds) - len(keep)
+    if dropped:
+        log.warning("dataset_exact_deduplication: dropped %d duplicate row(s)", dropped)
+    return _select(ds, keep), dropped
+
+
 def _build(
     config: NewtuneConfig,
     tokenizer: Any,
@@ -696,12 +717,16 @@ def _build(
             num_shards=config.dataset_shard_num, index=config.dataset_shard_idx or 0
         )
     merged, counts = _finish(merged, config, "training")
+    if config.dataset_exact_deduplication:
+        merged, counts["dropped_duplicates"] = deduplicate(merged)
     splits = _split(merged, config)
     if config.test_datasets:
         test, test_report = _load_entries(
             config.test_datasets, "test_datasets", config, tokenizer, template, test_strats, work
         )
         splits["test"], _ = _finish(test, config, "test")
+        if config.dataset_exact_deduplication:
+            splits["test"], _ = deduplicate(splits["test"])
         per_dataset += test_report
     split_report = {name: split_stats(ds) for name, ds in splits.items()}
     stats = {

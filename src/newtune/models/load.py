@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from newtune.config.compat import attention
 from newtune.config.compat2 import tensor_parallel_kwargs
+from newtune.config.compat3 import model_quantization
 from newtune.config.resolve import RunPlan
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, ModelError
@@ -47,6 +48,8 @@ class ModelOptions:
     max_memory: dict[Any, Any] | None = None
     num_labels: int | None = None  # a sequence classifier (reward model) with this many outputs
     tensor_parallel: dict[str, Any] = field(default_factory=dict)  # tp_plan/tp_size (train.compat2)
+    reinit: bool = False  # reinit_weights: built from the config, freshly initialised
+    quantization: Any = None  # model_quantization_config's transformers object (config.compat3)
 
     @classmethod
     def from_config(
@@ -67,6 +70,8 @@ class ModelOptions:
             max_memory=_max_memory(config),
             num_labels=1 if getattr(config, "reward_model", None) else None,
             tensor_parallel=tensor_parallel_kwargs(config),  # tensor_parallel_size
+            reinit=bool(config.reinit_weights),
+            quantization=model_quantization(config) if quantize else None,
         )
 
 
@@ -196,6 +201,8 @@ def load_model(
     quant = quantization_config(options, torch_dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if options.quantization is not None:  # model_quantization_config
+        kwargs["quantization_config"] = options.quantization
     if options.num_labels is not None and "config" in kwargs:
         kwargs["config"].num_labels = options.num_labels
     elif options.num_labels is not None:
@@ -206,12 +213,32 @@ def load_model(
         AutoModelForCausalLM if options.num_labels is None else AutoModelForSequenceClassification,
         "AutoModelForCausalLM or LlamaForCausalLM",
     )
+    if options.reinit:
+        return _reinitialised(cls, loc, options, key, value, kwargs)
     try:
         model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
         raise load_error(key, value, loc, exc) from exc
     if loc.gguf_file:
         model = _plain_from_gguf(model, loc, torch_dtype, options)
+    return model
+
+
+def _reinitialised(
+    cls: Any, loc: ModelLocation, options: ModelOptions, key: str, value: str, kwargs: dict
+) -> Any:
+    """`reinit_weights`: the model built from its config with fresh weights (transformers'
+    `from_config` runs the model's `_init_weights`), as Axolotl's `_load_model_from_config`."""
+    config = kwargs.get("config") or _model_config(loc, options, key, value)
+    if "num_labels" in kwargs:
+        config.num_labels = kwargs["num_labels"]
+    model = cls.from_config(
+        config,
+        dtype=kwargs["dtype"],
+        attn_implementation=options.attn,
+        trust_remote_code=options.trust_remote_code,
+    )
+    log.info("reinit_weights: %s built with freshly initialised weights", type(model).__name__)
     return model
 
 

@@ -155,8 +155,11 @@ def training_kwargs(
         "run_name": config.wandb_name,  # wandb_name (also the mlflow run name)
         # liger_*: applied to the model by train.kernels.apply_liger after build_model
         "disable_tqdm": False,  # Trainer's progress bar (main process only)
-        # group_by_length: batches of similar lengths (the train set gets a `length` column)
-        "train_sampling_strategy": "group_by_length" if config.group_by_length else "random",
+        # group_by_length: batches of similar lengths (the train set gets a `length` column);
+        # curriculum_sampling: rows in dataset order (config.compat3 refuses both together)
+        "train_sampling_strategy": "sequential"
+        if config.curriculum_sampling
+        else ("group_by_length" if config.group_by_length else "random"),
         "remove_unused_columns": False,
         "accelerator_config": config.accelerator_config,  # accelerator_config (accelerate)
         "dataloader_num_workers": 0,

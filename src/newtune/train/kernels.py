@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from typing import Any
 
@@ -20,6 +21,7 @@ LIGER_KEYS = {
     "liger_glu_activation": ("swiglu", "geglu"),  # whichever the model's MLP has
     "liger_cross_entropy": ("cross_entropy",),
     "liger_fused_linear_cross_entropy": ("fused_linear_cross_entropy",),
+    "liger_rms_norm_gated": ("rms_norm_gated",),  # Qwen3-Next-like gated RMSNorm
 }
 
 
@@ -39,6 +41,19 @@ def fused_head(config: NewtuneConfig) -> bool:
     """Whether liger's fused head+loss replaces the model's forward (newtune then leaves the
     output head to it: NewtuneTrainer's `fused_head`)."""
     return bool(config.liger_fused_linear_cross_entropy)
+
+
+def check_switches(apply_fn: Any, model_type: str, keys: list[str]) -> None:
+    """ModelError when liger's function for the model type has no gated-RMSNorm switch
+    (liger drops keywords its function does not take, so the key would do nothing)."""
+    params = inspect.signature(apply_fn).parameters
+    if "liger_rms_norm_gated" in keys and "rms_norm_gated" not in params:
+        raise ModelError(
+            f"`liger_rms_norm_gated`: liger-kernel's {apply_fn.__name__} for model type "
+            f"`{model_type}` has no gated RMSNorm (`rms_norm_gated`); it exists for models with "
+            "gated RMSNorm layers (Qwen3-Next-like) in liger-kernel versions that ship it: "
+            "upgrade liger-kernel, or remove the key"
+        )
 
 
 def apply_liger(model: Any, config: NewtuneConfig) -> None:
@@ -65,5 +80,6 @@ def apply_liger(model: Any, config: NewtuneConfig) -> None:
             f"{', '.join(f'`{k}`' for k in keys)}: liger-kernel has no kernels for model type "
             f"`{model_type}` (it supports {', '.join(sorted(supported))}); remove the liger_* keys"
         )
+    check_switches(supported[model_type], model_type, keys)
     liger._apply_liger_kernel_to_instance(model=base, **liger_flags(config))
     log.info("liger-kernel applied to %s: %s", model_type, ", ".join(keys))

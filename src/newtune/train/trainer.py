@@ -48,6 +48,8 @@ def packed_loader(
         rank=rank,
         epochs=epochs,
         even=shuffle,  # training needs equal batch counts per rank; eval needs no repeats
+        in_order=packing.in_order,  # curriculum_sampling
+        next_fit=packing.next_fit,  # sample_packing_sequentially
         **({"group_size": group_size} if group_size else {}),
     )
     collate = PackedCollator(pad_id, packing.capacity if packing.pad_to_capacity else None)

@@ -4,6 +4,7 @@ from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.base import status_of
 from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.compat2 import Compat2Section
+from newtune.config.schema.compat3 import Compat3Section
 from newtune.config.schema.data import DataSection, DatasetEntry
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.inference import InferenceSection
@@ -21,6 +22,7 @@ class NewtuneConfig(
     UnsupportedSection,
     CompatSection,
     Compat2Section,
+    Compat3Section,
     SeedTrainingSection,
     MultimodalSection,
     PreferenceSection,

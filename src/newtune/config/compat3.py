@@ -1,0 +1,105 @@
+"""Rules of the Axolotl data-order, re-init, kernel and quantization keys (schema/compat3.py)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from newtune.config.schema import NewtuneConfig
+from newtune.errors import ConfigError
+
+
+def _streamed(cfg: NewtuneConfig) -> bool:
+    return bool(cfg.pretraining_dataset or cfg.streaming)
+
+
+def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
+    """Errors for dataset_exact_deduplication, sample_packing_sequentially,
+    pretrain_multipack_attn and model_quantization_config."""
+    errors = []
+    if cfg.dataset_exact_deduplication and _streamed(cfg):
+        errors.append(
+            f"`{names('dataset_exact_deduplication')}` deduplicates prepared data, and streamed "
+            "data (`pretraining_dataset` / `streaming: true`) is never held whole; remove one "
+            "(Axolotl refuses this too)"
+        )
+    if cfg.sample_packing_sequentially and not cfg.sample_packing:
+        errors.append(
+            f"`{names('sample_packing_sequentially')}: true` chooses how rows are packed, and "
+            "`sample_packing` is off, so nothing would change; set `sample_packing: true` or "
+            "remove it (for rows in dataset order without packing: `curriculum_sampling: true`)"
+        )
+    if cfg.curriculum_sampling and cfg.group_by_length:
+        errors.append(
+            f"`{names('curriculum_sampling')}` keeps the dataset order and `group_by_length` "
+            "reorders rows by length; keep one"
+        )
+    if cfg.pretrain_multipack_attn is False:
+        errors.append(
+            f"`{names('pretrain_multipack_attn')}: false` asks packed samples to attend to each "
+            "other; newtune always isolates packed samples (position_ids restart per sample, so "
+            "flash/flex/sdpa attention stays within each), so it cannot be honoured: remove it, "
+            "or set `pretraining_sample_concatenation` / `sample_packing: false`"
+        )
+    if cfg.reinit_weights and cfg.adapter:
+        errors.append(
+            f"`{names('reinit_weights')}` trains from fresh random weights, which are not "
+            f"saved, and `adapter: {cfg.adapter}` saves only the adapter: it could never be "
+            "loaded onto its base again; remove `adapter` (a full training from scratch) or "
+            "`reinit_weights`"
+        )
+    if cfg.model_quantization_config and (cfg.load_in_4bit or cfg.load_in_8bit):
+        errors.append(
+            f"`{names('model_quantization_config')}` and `load_in_4bit`/`load_in_8bit` both set "
+            "the model's quantization_config; keep one (Axolotl refuses this too)"
+        )
+    if cfg.model_quantization_config_kwargs and not cfg.model_quantization_config:
+        errors.append(
+            f"`{names('model_quantization_config_kwargs')}` without "
+            "`model_quantization_config`: name the class they are for (e.g. Mxfp4Config)"
+        )
+    unknown = unknown_quant_kwargs(cfg)
+    if unknown:
+        errors.append(
+            f"`{names('model_quantization_config_kwargs')}`: {', '.join(unknown)} "
+            f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} of transformers' "
+            f"{cfg.model_quantization_config} (it takes "
+            f"{', '.join(quant_params(cfg.model_quantization_config))}); remove or rename them"
+        )
+    return errors
+
+
+def quant_params(name: str) -> list[str]:
+    """The named settings of a transformers quantization config class."""
+    import transformers
+
+    params = inspect.signature(getattr(transformers, name).__init__).parameters
+    return [p for p, v in params.items() if p != "self" and v.kind is v.POSITIONAL_OR_KEYWORD]
+
+
+def unknown_quant_kwargs(cfg: NewtuneConfig) -> list[str]:
+    """model_quantization_config_kwargs keys its class does not name (its **kwargs would
+    swallow them unread)."""
+    if not cfg.model_quantization_config or not cfg.model_quantization_config_kwargs:
+        return []
+    known = set(quant_params(cfg.model_quantization_config))
+    return [f"`{k}`" for k in cfg.model_quantization_config_kwargs if k not in known]
+
+
+def model_quantization(cfg: NewtuneConfig) -> Any:
+    """The transformers quantization config object `model_quantization_config` names, built
+    with its kwargs (None when unset); ConfigError when the class refuses the kwargs."""
+    name = cfg.model_quantization_config
+    if not name:
+        return None
+    import transformers
+
+    kwargs = dict(cfg.model_quantization_config_kwargs or {})
+    try:
+        return getattr(transformers, name)(**kwargs)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ConfigError(
+            f"`model_quantization_config_kwargs` {kwargs} are not valid for transformers' "
+            f"{name}: {exc}; fix or remove them"
+        ) from exc

@@ -1,0 +1,86 @@
+"""Axolotl keys of issue 16, part 3: data order and deduplication, weight re-init, kernel and
+attention patches, transformers quantization configs.
+
+Each key is implemented on the library that does the job, or refused by name with the reason
+(Axolotl's own patched modeling code); a refused key is accepted when off (null/false).
+"""
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from newtune.config.schema.base import Section
+from newtune.config.schema.compat import refused
+
+# transformers quantization configs Axolotl's model_quantization_config names
+QUANT_CLASSES = ("Mxfp4Config", "FineGrainedFP8Config")
+OWN = "is Axolotl's own patched modeling code (no transformers, peft or kernel-package equivalent)"
+
+
+class Compat3Section(Section):
+    """Axolotl data-order, re-init, kernel and quantization keys: implemented, or refused."""
+
+    dataset_exact_deduplication: bool | None = Field(
+        default=None,
+        description="Drop rows whose tokenized content (input_ids and labels) repeats an "
+        "earlier row, in the training data and separately in test_datasets, as Axolotl does "
+        "after tokenizing; counted in stats.json (`dropped_duplicates`).",
+    )
+    reinit_weights: bool | None = Field(
+        default=None,
+        description="Build the model from its config with freshly initialised weights "
+        "(transformers' `from_config`, the model's `_init_weights`) instead of loading the "
+        "pretrained weights: training from scratch on the base model's architecture.",
+    )
+    curriculum_sampling: bool | None = Field(
+        default=None,
+        description="Train on the rows in dataset order (no shuffle): transformers' "
+        "`train_sampling_strategy: sequential`, or packed bins in order with sample_packing.",
+    )
+    sample_packing_sequentially: bool | None = Field(
+        default=None,
+        description="With sample_packing: next-fit packing that keeps the sampler's order "
+        "(a bin is closed when the next row does not fit) instead of best-fit-decreasing; "
+        "with curriculum_sampling the whole epoch is in dataset order.",
+    )
+    pretrain_multipack_attn: bool | None = Field(
+        default=None,
+        description="Packed streamed pretraining rows attend only within their own sample. "
+        "newtune always isolates packed samples (position_ids restart per sample), so `true` "
+        "is what it does and `false` (attention across samples) is refused.",
+    )
+    liger_rms_norm_gated: bool | None = Field(
+        default=None,
+        description="liger-kernel's gated RMSNorm (Qwen3-Next / Qwen3.5 linear-attention "
+        "layers), passed as `rms_norm_gated` to liger's function for the model type; train "
+        "refuses it when that function has no such switch.",
+    )
+    tiled_mlp: Any = refused(
+        "Axolotl's ALST tiled MLP (long-context memory saving).",
+        "`tiled_mlp` swaps each MLP forward for Axolotl's (ArcticTraining's) TiledMLP, which "
+        "no library newtune runs provides",
+        "`gradient_checkpointing: true` (optionally `activation_offloading: true`)",
+    )
+    tiled_mlp_num_shards: Any = refused("Shards of tiled_mlp.", "goes with `tiled_mlp`")
+    tiled_mlp_use_original_mlp: Any = refused("tiled_mlp's MLP choice.", "goes with `tiled_mlp`")
+    fused_attn_kernel: Any = refused(
+        "Axolotl's fused q/k RMSNorm + RoPE Triton kernel (Qwen3 family).",
+        f"`fused_attn_kernel` {OWN}",
+        "`liger_rms_norm: true` and `liger_rope: true` (liger-kernel's separate kernels)",
+    )
+    gemma4_hybrid_attn_impl: Any = refused(
+        "Axolotl's Gemma 4 hybrid attention (flash-attention on sliding layers, SDPA on "
+        "global layers).",
+        f"`gemma4_hybrid_attn_impl` patches Gemma 4's attention per layer; it {OWN}",
+        "`attn_implementation: sdpa` (every layer; global layers' head_dim 512 runs there)",
+    )
+    model_quantization_config: Literal["Mxfp4Config", "FineGrainedFP8Config"] | None = Field(
+        default=None,
+        description="A transformers quantization config class (Mxfp4Config, "
+        "FineGrainedFP8Config) built with model_quantization_config_kwargs and passed to "
+        "from_pretrained as `quantization_config` (e.g. Mxfp4Config(dequantize=True) loads "
+        "gpt-oss's MXFP4 experts as bf16). Not with load_in_4bit/8bit.",
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Keyword arguments of model_quantization_config's class."
+    )
