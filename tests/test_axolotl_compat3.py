@@ -303,3 +303,50 @@ def test_model_quantization_config_reaches_from_pretrained(tmp_path, model_dir, 
     built = ModelOptions.from_config(fp8).quantization
     assert type(built).__name__ == "FineGrainedFP8Config"
     assert tuple(built.weight_block_size) == (64, 64)
+
+
+# -- 4. the remaining Axolotl keys: cls_model_config, and refusals by name ---------------------
+
+
+def test_cls_model_config_reads_the_config_with_that_class(tmp_path, model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = config_of(tmp_path, base_model=str(model_dir), cls_model_config="LlamaConfig")
+    seen: dict = {}
+    real = LlamaConfig.from_pretrained.__func__
+
+    def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
+        seen["class"] = cls
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaConfig, "from_pretrained", classmethod(spy))
+    loaded_kwargs: dict = {}
+    real_model = AutoModelForCausalLM.from_pretrained
+
+    def model_spy(*args: Any, **kwargs: Any) -> Any:
+        loaded_kwargs.update(kwargs)
+        return real_model(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_spy)
+    model = load_model(str(model_dir), options=ModelOptions.from_config(cfg))
+    assert seen["class"] is LlamaConfig and type(loaded_kwargs["config"]) is LlamaConfig
+    assert type(model).__name__ == "LlamaForCausalLM"
+    err = error_of(tmp_path, cls_model_config="NoSuchConfig")
+    assert "`cls_model_config: NoSuchConfig` is not a transformers config class" in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("use_onebitllms", True, "onebitllms' BitNet layer"),
+        ("use_eaft", True, "Axolotl's own EAFT loss"),
+        ("eaft_k", 20, "goes with `use_eaft`"),
+        ("diffusion", {"mask_token_id": 1}, "Axolotl's DiffusionPlugin"),
+        ("llmcompressor", {"recipe": {}}, "Axolotl's LLMCompressorPlugin"),
+        ("context_parapllel_size", 2, "`context_parallel_size` if context parallelism"),
+    ],
+)
+def test_remaining_axolotl_keys_are_refused_by_name(tmp_path, key, value, words):
+    assert getattr(config_of(tmp_path, **{key: None}), key) is None
+    err = error_line(cli("validate", write(tmp_path, **{key: value})))
+    assert "asks for what newtune cannot do: `" + key in err and words in err

@@ -59,6 +59,13 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             f"`{names('model_quantization_config_kwargs')}` without "
             "`model_quantization_config`: name the class they are for (e.g. Mxfp4Config)"
         )
+    name = cfg.cls_model_config
+    if name and not _is_config_class(name):
+        errors.append(
+            f"`{names('cls_model_config')}: {name}` is not a transformers config class (e.g. "
+            "LlamaConfig, Gemma3TextConfig); fix the name or remove it (AutoConfig reads the "
+            "model's config)"
+        )
     unknown = unknown_quant_kwargs(cfg)
     if unknown:
         errors.append(
@@ -103,3 +110,14 @@ def model_quantization(cfg: NewtuneConfig) -> Any:
             f"`model_quantization_config_kwargs` {kwargs} are not valid for transformers' "
             f"{name}: {exc}; fix or remove them"
         ) from exc
+
+
+def _is_config_class(name: str) -> bool:
+    """Whether transformers has a PretrainedConfig subclass of that name."""
+    import transformers
+
+    try:
+        cls = getattr(transformers, name)
+    except (AttributeError, ImportError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from newtune.config.compat import attention
@@ -48,6 +49,7 @@ class ModelOptions:
     max_memory: dict[Any, Any] | None = None
     num_labels: int | None = None  # a sequence classifier (reward model) with this many outputs
     tensor_parallel: dict[str, Any] = field(default_factory=dict)  # tp_plan/tp_size (train.compat2)
+    config_class: str | None = None  # cls_model_config: a transformers config class
     reinit: bool = False  # reinit_weights: built from the config, freshly initialised
     quantization: Any = None  # model_quantization_config's transformers object (config.compat3)
 
@@ -71,6 +73,7 @@ class ModelOptions:
             num_labels=1 if getattr(config, "reward_model", None) else None,
             tensor_parallel=tensor_parallel_kwargs(config),  # tensor_parallel_size
             reinit=bool(config.reinit_weights),
+            config_class=config.cls_model_config,
             quantization=model_quantization(config) if quantize else None,
         )
 
@@ -156,8 +159,9 @@ def _model_config(loc: ModelLocation, options: ModelOptions, key: str, value: st
     """The model config (from `base_model_config` if given), with the overrides applied."""
     source = options.config_source
     where = locate(source, "base_model_config") if source else loc
+    reader = getattr(transformers, options.config_class) if options.config_class else AutoConfig
     try:
-        config = AutoConfig.from_pretrained(
+        config = reader.from_pretrained(
             where.name_or_path,
             revision=options.revision,
             trust_remote_code=options.trust_remote_code,
@@ -191,7 +195,7 @@ def load_model(
         "revision": options.revision,
         "trust_remote_code": options.trust_remote_code,
     }
-    if options.config_source or options.overrides:
+    if options.config_source or options.overrides or options.config_class:
         kwargs["config"] = _model_config(loc, options, key, value)
     if options.device_map is not None and not options.tensor_parallel:  # TP places the shards
         kwargs["device_map"] = options.device_map

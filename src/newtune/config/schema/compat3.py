@@ -84,3 +84,40 @@ class Compat3Section(Section):
     model_quantization_config_kwargs: dict[str, Any] | None = Field(
         default=None, description="Keyword arguments of model_quantization_config's class."
     )
+    cls_model_config: str | None = Field(
+        default=None,
+        description="A transformers config class (e.g. Gemma3TextConfig) that reads the base "
+        "model's config instead of AutoConfig, e.g. to train the text model of a multimodal "
+        "checkpoint; the model class follows from it.",
+    )
+    use_onebitllms: Any = refused(
+        "Axolotl's BitNet (1.58-bit) linear layers from the onebitllms package.",
+        "`use_onebitllms` replaces every linear layer with onebitllms' BitNet layer after "
+        "loading, which newtune does not wire",
+        "train the model's own bf16 layers (remove the key)",
+    )
+    use_eaft: Any = refused(
+        "Axolotl's entropy-aware fine-tuning loss (EAFT).",
+        "`use_eaft` swaps the loss for Axolotl's own EAFT loss, which no library newtune runs "
+        "provides",
+        "the plain token cross-entropy (remove the eaft_* keys)",
+    )
+    eaft_alpha: Any = refused("EAFT's alpha.", "goes with `use_eaft`")
+    eaft_k: Any = refused("EAFT's top-k entropy approximation.", "goes with `use_eaft`")
+    diffusion: Any = refused(
+        "Axolotl's DiffusionPlugin settings (masked-diffusion LM training).",
+        "`diffusion` is read by Axolotl's DiffusionPlugin (its own trainer), which newtune "
+        "does not run",
+        "causal-LM training (remove the key and the plugin)",
+    )
+    llmcompressor: Any = refused(
+        "Axolotl's LLMCompressorPlugin recipe (sparse fine-tuning).",
+        "`llmcompressor` is read by Axolotl's LLMCompressorPlugin, which newtune does not run",
+        "a dense fine-tune (remove the key and the plugin)",
+    )
+    context_parapllel_size: Any = refused(
+        "A misspelling in an Axolotl example.",
+        "`context_parapllel_size` is not an Axolotl key (Axolotl drops it unread, so it does "
+        "nothing there)",
+        "`context_parallel_size` if context parallelism is meant",
+    )
