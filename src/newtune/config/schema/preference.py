@@ -12,8 +12,8 @@ from pydantic import Field, field_validator
 
 from newtune.config.schema.base import Section, ignored, unsupported
 
-# Every `loss_type` TRL 1.16's DPOTrainer accepts (train.methods.preference.DPO_LOSS_TYPES;
-# repeated here because the schema never imports torch; a test keeps the two equal).
+# Every `loss_type` TRL 1.16's DPOTrainer accepts; the one list, which the torch-free schema
+# and the train side (train.methods.preference imports it) both use.
 DPO_LOSS_TYPES = (
     "sigmoid",
     "hinge",

@@ -26,27 +26,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from newtune.config.schema.preference import DPO_LOSS_TYPES
 from newtune.errors import ConfigError
 
 IGNORE_INDEX = -100
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 F_DIVERGENCE_LOSS_TYPES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
