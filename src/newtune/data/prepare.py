@@ -230,6 +230,35 @@ def _blank(value: Any) -> bool:
 BatchTokenizer = Callable[[dict[str, list], list[int]], tuple[dict[str, list], int]]
 
 
+def _nonblank_samples(
+    batch: dict[str, list], indices: list[int], sample_of: Callable[[dict[str, Any], int], Any]
+) -> tuple[list[Any], list[int]]:
+    """The samples of a batch's non-blank rows, with those rows' indices (blank rows skipped)."""
+    keys = list(batch)
+    samples, kept = [], []
+    for j, idx in enumerate(indices):
+        row = {k: batch[k][j] for k in keys}
+        if not _blank(row):
+            samples.append(sample_of(row, idx))
+            kept.append(idx)
+    return samples, kept
+
+
+def _raise_failing_row(
+    where: str,
+    entry: DatasetEntry,
+    samples: list[Any],
+    kept: list[int],
+    tokenize_one: Callable[[Any], Any],
+) -> None:
+    """Tokenize `samples` one at a time and raise a DataError naming the first row that fails."""
+    for sample, idx in zip(samples, kept, strict=True):
+        try:
+            tokenize_one(sample)
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
+
+
 def _preference_batch_tokenizer(
     where: str, entry: DatasetEntry, strategy: Strategy, engine: Engine, method: str, margin: bool
 ) -> BatchTokenizer:
@@ -248,21 +277,17 @@ def _preference_batch_tokenizer(
             ) from None
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> tuple[dict[str, list], int]:
-        keys = list(batch)
-        samples, kept = [], []
-        for j, idx in enumerate(indices):
-            row = {k: batch[k][j] for k in keys}
-            if not _blank(row):
-                samples.append(sample_of(row, idx))
-                kept.append(idx)
+        samples, kept = _nonblank_samples(batch, indices, sample_of)
         try:
             return pref.tokenize_rows(engine, method, samples, margin), len(indices) - len(kept)
         except (DataError, KeyError, TypeError, ValueError):
-            for sample, idx in zip(samples, kept, strict=True):  # name the row that fails
-                try:
-                    pref.tokenize_rows(engine, method, [sample], margin)
-                except (DataError, KeyError, TypeError, ValueError) as exc:
-                    raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
+            _raise_failing_row(
+                where,
+                entry,
+                samples,
+                kept,
+                lambda s: pref.tokenize_rows(engine, method, [s], margin),
+            )
             raise
 
     tokenize_batch.features = pref.features(method, margin)  # type: ignore[attr-defined]
@@ -284,22 +309,11 @@ def _batch_tokenizer(
             ) from None
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> tuple[dict[str, list], int]:
-        keys = list(batch)
-        samples, kept = [], []
-        for j, idx in enumerate(indices):
-            row = {k: batch[k][j] for k in keys}
-            if not _blank(row):
-                samples.append(sample_of(row, idx))
-                kept.append(idx)
+        samples, kept = _nonblank_samples(batch, indices, sample_of)
         try:
             per_sample = engine.tokenize_many(samples)
         except (DataError, KeyError, TypeError, ValueError):
-            # find the row that fails, to name it
-            for sample, idx in zip(samples, kept, strict=True):
-                try:
-                    engine.tokenize(sample)
-                except (DataError, KeyError, TypeError, ValueError) as exc:
-                    raise DataError(f"{where} ({entry.path}) row {idx}: {exc}.") from None
+            _raise_failing_row(where, entry, samples, kept, engine.tokenize)
             raise
         columns = _columns(
             [r.input_ids for rs in per_sample for r in rs],
