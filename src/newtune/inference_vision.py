@@ -17,7 +17,6 @@ import torch
 from newtune.config.resolve import resolve
 from newtune.config.schema import NewtuneConfig
 from newtune.data.vision import VisionCollator
-from newtune.errors import DataError
 from newtune.models.adapters import load_adapter
 from newtune.models.processor import load_processor, load_vlm
 from newtune.models.tokenizer import resize_embeddings
@@ -125,30 +124,20 @@ def evaluate_vision(
     """`newtune evaluate` on image rows: trained-token mean loss over the split."""
     from newtune.data.prepare import prepare_data
     from newtune.inference import choose_model
+    from newtune.train.evaluate import loss_summary, split_of
     from newtune.train.methods.vision import eval_batches
-    from newtune.train.trainer import loss_metrics, token_loss
+    from newtune.train.trainer import token_loss
 
     config = loaded.config
     _, prepared = prepare_data(loaded)
-    if split not in prepared.data:
-        raise DataError(
-            f"the prepared data has no `{split}` split (it has: {', '.join(prepared.data)}). "
-            "Set `val_set_size` or `test_datasets` in the config, or pass --split=train."
-        )
-    dataset = prepared.data[split]
+    dataset = split_of(prepared.data, split)
     source, adapter_dir = choose_model(config, base_overridden, base_only)
     model, processor = load_trained_vlm(config, source, adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     total, count = token_loss(model, eval_batches(config, processor, dataset), device)
-    if not count:
-        raise DataError(f"the `{split}` split has no trained token to evaluate")
-    metrics = loss_metrics(total, count)
     return {
-        "eval_loss": metrics["eval_loss"],
-        "perplexity": metrics["eval_perplexity"],
-        "eval_tokens": count,
-        "eval_rows": len(dataset),
+        **loss_summary(total, count, split, dataset),
         "split": split,
         "model": source,
         "adapter": adapter_dir,

@@ -41,12 +41,7 @@ def evaluate(
     method = method_for(config)
     _, prepared = prepare_data(loaded)
     method.check_data(prepared.data)
-    if split not in prepared.data:
-        raise DataError(
-            f"the prepared data has no `{split}` split (it has: {', '.join(prepared.data)}). "
-            "Set `val_set_size` or `test_datasets` in the config, or pass --split=train."
-        )
-    dataset = prepared.data[split]
+    dataset = split_of(prepared.data, split)
     model_source, adapter_dir = choose_model(config, base_overridden, base_only)
     model, tokenizer = load_trained(config, model_source, adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +59,28 @@ def evaluate(
     else:
         batches = padded_loader(dataset, rows, tokenizer.pad_token_id, pad_to)
     total, count = token_loss(model, batches, device)
+    return {
+        **loss_summary(total, count, split, dataset),
+        "total_tokens": int(sample_lengths(dataset).sum()),
+        "split": split,
+        "model": model_source,
+        "adapter": adapter_dir,
+        "sample_packing": eval_packing is not None,
+    }
+
+
+def split_of(data: Any, split: str) -> Any:
+    """The prepared dataset of `split`; a DataError naming the splits there are when it is absent."""
+    if split not in data:
+        raise DataError(
+            f"the prepared data has no `{split}` split (it has: {', '.join(data)}). "
+            "Set `val_set_size` or `test_datasets` in the config, or pass --split=train."
+        )
+    return data[split]
+
+
+def loss_summary(total: float, count: int, split: str, dataset: Any) -> dict[str, Any]:
+    """eval_loss, perplexity, eval_tokens and eval_rows from a split's summed token loss."""
     if not count:
         raise DataError(f"the `{split}` split has no trained token to evaluate")
     metrics = loss_metrics(total, count)
@@ -72,11 +89,6 @@ def evaluate(
         "perplexity": metrics["eval_perplexity"],
         "eval_tokens": count,
         "eval_rows": len(dataset),
-        "total_tokens": int(sample_lengths(dataset).sum()),
-        "split": split,
-        "model": model_source,
-        "adapter": adapter_dir,
-        "sample_packing": eval_packing is not None,
     }
 
 
