@@ -358,16 +358,20 @@ class NewtuneTrainer(Trainer):
             self.args.process_index,
         )
 
+    def eval_metrics(self, dataset: Any, prefix: str) -> dict[str, float]:
+        """Eval loss as the mean over trained tokens (packing-independent)."""
+        total, count = token_loss(self.model, self.eval_loader(dataset), self.args.device)
+        return loss_metrics(total, count, prefix)
+
     def evaluate(
         self,
         eval_dataset: Any = None,
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Eval loss as the mean over trained tokens (packing-independent), logged as usual."""
+        """The eval split's metrics (`eval_metrics`), logged and handed to the callbacks as usual."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        total, count = token_loss(self.model, self.eval_loader(dataset), self.args.device)
-        metrics = loss_metrics(total, count, metric_key_prefix)
+        metrics = self.eval_metrics(dataset, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics

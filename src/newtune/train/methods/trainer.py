@@ -66,20 +66,9 @@ class PreferenceTrainer(NewtuneTrainer):
             self.args.process_index,
         )
 
-    def evaluate(
-        self,
-        eval_dataset: Any = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> dict[str, float]:
+    def eval_metrics(self, dataset: Any, prefix: str) -> dict[str, float]:
         """Mean loss and metrics over the eval split (each batch weighted by its rows)."""
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         values = evaluate_batches(
             self.method, self.model, self.reference, self.eval_loader(dataset), self.args.device
         )
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in values.items()}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(
-            self.args, self.state, self.control, metrics
-        )
-        return metrics
+        return {f"{prefix}_{k}": v for k, v in values.items()}
