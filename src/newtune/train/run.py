@@ -156,17 +156,36 @@ def _train(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None, method: 
         attach(trainer, config, tokenizer)  # ReLoRA, jagged lr, LoRA+, LISA, generation metrics
         if checkpoint is not None:
             log.info("resuming from %s (step %s)", checkpoint, _checkpoint_step(checkpoint))
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        _raise_if_aborted(callbacks, config.output_dir)
-        metrics = dict(result.metrics)
-        if trainer.eval_dataset is not None:
-            metrics.update(_final_eval(trainer))
-    out = Path(config.output_dir)
+        metrics = train_and_evaluate(trainer, callbacks, config, checkpoint)
+    return finish_run(trainer, tokenizer, loaded, prepared, metrics)
+
+
+def train_and_evaluate(
+    trainer: NewtuneTrainer, callbacks: list[Any], config: NewtuneConfig, checkpoint: str | None
+) -> dict[str, Any]:
+    """Train (stopping with the abort's error if a callback aborted), then the final eval."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    _raise_if_aborted(callbacks, config.output_dir)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(_final_eval(trainer))
+    return metrics
+
+
+def finish_run(
+    trainer: NewtuneTrainer,
+    processing_class: Any,
+    loaded: LoadedConfig,
+    prepared: PreparedData,
+    metrics: dict[str, Any],
+) -> Path:
+    """Gather the weights (every rank); rank 0 saves the outputs and pushes them when asked."""
+    out = Path(loaded.config.output_dir)
     weights = gather_weights(trainer)  # ZeRO-3 / FSDP shards -> whole tensors (every rank)
     if trainer.is_world_process_zero():
         save_outputs(
             trainer.model,
-            tokenizer,
+            processing_class,
             loaded,
             prepared,
             metrics,

@@ -86,10 +86,9 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
     """Train on the stream, save the outputs (stats.json `stream`: rows read, packing)."""
     from newtune.train.args import build_training_args, schedule_for
     from newtune.train.callbacks import build_callbacks
-    from newtune.train.distributed import gather_weights
     from newtune.train.kernels import fused_head
     from newtune.train.report import tracker_environment
-    from newtune.train.run import _checkpoint_step, _raise_if_aborted, save_outputs, training_model
+    from newtune.train.run import _checkpoint_step, _raise_if_aborted, finish_run, training_model
     from newtune.train.seed_features import attach
 
     config = loaded.config
@@ -137,24 +136,6 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
         report["row_capacity"],
         100 * report["efficiency"],
     )
-    out = Path(config.output_dir)
-    weights = gather_weights(trainer)
-    if trainer.is_world_process_zero():
-        stats = {"stream": report, "total_tokens": report["tokens"]}
-        prepared = PreparedData(out, datasets.DatasetDict(), stats, reused=False)
-        save_outputs(
-            trainer.model,
-            tokenizer,
-            loaded,
-            prepared,
-            dict(result.metrics),
-            out,
-            trainer.state,
-            trainer.args,
-            state_dict=weights,
-        )
-        if trainer.args.push_to_hub:
-            from newtune.train.run import push_final
-
-            push_final(trainer, out)
-    return out
+    stats = {"stream": report, "total_tokens": report["tokens"]}
+    prepared = PreparedData(Path(config.output_dir), datasets.DatasetDict(), stats, reused=False)
+    return finish_run(trainer, tokenizer, loaded, prepared, dict(result.metrics))

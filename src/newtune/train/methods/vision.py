@@ -128,7 +128,6 @@ def train_vision(loaded: Any, plan: Any, checkpoint: str | None) -> Path:
     from newtune.models.processor import build_vlm, load_processor
     from newtune.train import run
     from newtune.train.callbacks import build_callbacks, check_resume_data
-    from newtune.train.distributed import gather_weights
     from newtune.train.report import tracker_environment
 
     config = loaded.config
@@ -147,25 +146,6 @@ def train_vision(loaded: Any, plan: Any, checkpoint: str | None) -> Path:
     callbacks = build_callbacks(config)
     with tracker_environment(config):
         trainer = vision_trainer(config, plan, model, processor, prepared, callbacks)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        run._raise_if_aborted(callbacks, config.output_dir)
-        metrics = dict(result.metrics)
-        if trainer.eval_dataset is not None:
-            metrics.update(run._final_eval(trainer))
-    out = Path(config.output_dir)
-    weights = gather_weights(trainer)
-    if trainer.is_world_process_zero():
-        run.save_outputs(
-            trainer.model,
-            processor,  # saves the tokenizer, processor config and chat template
-            loaded,
-            prepared,
-            metrics,
-            out,
-            trainer.state,
-            trainer.args,
-            state_dict=weights,
-        )
-        if trainer.args.push_to_hub:
-            run.push_final(trainer, out)
-    return out
+        metrics = run.train_and_evaluate(trainer, callbacks, config, checkpoint)
+    # the processor: saves the tokenizer, processor config and chat template
+    return run.finish_run(trainer, processor, loaded, prepared, metrics)
