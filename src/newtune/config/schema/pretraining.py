@@ -84,7 +84,10 @@ def streaming_rules(cfg: Any, names: Callable[[str], str] = str) -> list[str]:
     """What a streamed run needs, and what it cannot do (errors)."""
     out: list[str] = []
     if not cfg.datasets and not cfg.pretraining_dataset:
-        out.append("either `datasets` or `pretraining_dataset` is required")
+        out.append(
+            "`datasets` is required but missing: add a `datasets:` list of training data "
+            "(or `pretraining_dataset:` to stream pretraining text)"
+        )
     if not is_streamed(cfg):
         return out
     key = "pretraining_dataset" if cfg.pretraining_dataset else "streaming"
