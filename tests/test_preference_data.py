@@ -468,10 +468,12 @@ def _refused(proc: subprocess.CompletedProcess, *parts: str) -> None:
                                        "`reward_model: true`, and this config trains with SFT"]),
         ({"field_chosen": "c", "field_completion": "x"}, {"rl": "dpo"},
          ["unknown key(s) `field_completion`"]),
+        ("preference", {"rl": "dpo", "dpo_use_liger_kernel": True},
+         ["`dpo_use_liger_kernel: True`", "plain torch", "remove it or set it to null"]),
     ],
     ids=["sft-type-with-rl", "preference-type-without-rl", "unpaired-with-dpo", "kto_pair",
          "grpo", "rl-and-reward", "weights-length", "simpo-gamma", "kto-weight",
-         "ipo-loss", "num-labels", "user-defined-key"],
+         "ipo-loss", "num-labels", "user-defined-key", "liger-dpo"],
 )  # fmt: skip
 def test_validate_refuses(tmp_path, model_dir, kind, extra, parts):
     cfg = _config(tmp_path, model_dir, PAIRS, kind, **extra)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -260,12 +259,6 @@ def _preference_rules(
         errors.append(
             f"`{names('num_labels')}: {cfg.num_labels}`: a Bradley-Terry reward model scores "
             "a sequence with one number; use `num_labels: 1` or remove the key"
-        )
-    if cfg.dpo_use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        warnings.append(
-            f"`{names('dpo_use_liger_kernel')}: true` needs liger-kernel, which is not "
-            "installed here; on the CUDA machine that trains run `pip install "
-            "'newtune[liger]'`"
         )
     return errors
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from newtune.config.schema.base import Section, ignored, unsupported
+from newtune.config.schema.compat import refused
 
 # Every `loss_type` TRL 1.16's DPOTrainer accepts; the one list, which the torch-free schema
 # and the train side (train.methods.preference imports it) both use.
@@ -86,8 +87,11 @@ class PreferenceSection(Section):
     dpo_use_weighting: bool | None = Field(
         default=None, description="WPO weighting of the DPO loss."
     )
-    dpo_use_liger_kernel: bool | None = Field(
-        default=None, description="Liger's fused DPO loss (needs liger-kernel, CUDA)."
+    dpo_use_liger_kernel: Any = refused(
+        "Liger's fused DPO loss.",
+        "newtune computes the DPO loss from per-sequence log-probs (padded or packed) in plain "
+        "torch, and its output head already runs only at trained positions (the loss is the "
+        "same without the key)",
     )
     precompute_ref_log_probs: bool | None = Field(
         default=None,
