@@ -555,3 +555,11 @@ def test_interrupted_then_resumed_dpo_equals_uninterrupted(
         assert abs(a["loss"] - b["loss"]) <= 1e-6
         assert abs(a["rewards/margins"] - b["rewards/margins"]) <= 1e-6
     assert _max_difference(_adapter(out_a), _adapter(out_b)) <= 1e-6
+
+
+def test_inference_on_a_reward_model_config_is_a_clear_error(tmp_path, model_dir):
+    cfg = make_config(tmp_path, model_dir, PAIRS, "preference", reward_model=True)
+    proc = cli("inference", str(cfg), "--prompt", "Name a color.")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "this config trains a reward model (`reward_model: true`)" in proc.stderr
+    assert "`newtune evaluate`" in proc.stderr

@@ -160,6 +160,15 @@ def build_generator(
     """Load the model the config points at: base + adapter, a full fine-tune, or the base."""
     from newtune.config.schema.multimodal import is_multimodal
 
+    if config.reward_model:
+        from newtune.errors import ConfigError
+
+        raise ConfigError(
+            "`newtune inference` generates text, and this config trains a reward model "
+            "(`reward_model: true`), which scores a sequence with one number instead. Use "
+            "`newtune evaluate` for its accuracy on the eval split, or load output_dir with "
+            "transformers' AutoModelForSequenceClassification to score texts."
+        )
     if is_multimodal(config):  # a VLM: prompts with images (inference_vision)
         from newtune.inference_vision import build_vision_generator
 
