@@ -32,8 +32,6 @@ fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 CONFIG=examples/dpo/config.yml
 
-echo "== Held-out pairs before training (the base model) =="
-newtune evaluate "$CONFIG" --base
 newtune train "$CONFIG"
 echo
 echo "== Held-out pairs after training (rewards/accuracies: chosen preferred over rejected) =="
