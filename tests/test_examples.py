@@ -18,7 +18,7 @@ EXAMPLES = ROOT / "examples"
 FAMILIES = ("llama-3", "qwen2.5", "qwen3", "mistral", "gemma", "phi")
 VISION_FAMILIES = ("qwen2.5-vl", "gemma3-vision", "llama-3.2-vision", "smolvlm2")  # lora.yml
 CONFIGS = sorted(
-    p for p in EXAMPLES.glob("*/*.yml") if p.parent.name not in ("accelerate", "quickstart")
+    p for p in EXAMPLES.glob("*/*.yml") if p.parent.name not in ("accelerate", "quickstart", "dpo")
 )
 
 
@@ -119,3 +119,10 @@ def test_compose_builds_the_dockerfile_with_gpus_and_host_ipc():
     assert base.endswith("-cudnn-devel-ubuntu24.04") and ":latest" not in base
     for package in ("torch==", "flash-attn==", "deepspeed==", "bitsandbytes==", "pip install -e"):
         assert package in dockerfile, package
+
+
+def test_dpo_example_validates_as_dpo(no_network):
+    from newtune.config.schema.preference import training_method
+
+    cfg = load_config(str(EXAMPLES / "dpo" / "config.yml")).config
+    assert training_method(cfg) == "dpo" and cfg.adapter == "lora" and cfg.sample_packing

@@ -399,6 +399,7 @@ def test_liger_kernels_are_applied_to_the_base_model_under_lora(tmp_path, model_
         "geglu": True,
         "cross_entropy": False,
         "fused_linear_cross_entropy": False,
+        "rms_norm_gated": False,
     }
     apply_liger(model, config(tmp_path))  # no liger key: nothing applied
     assert len(calls) == 1

@@ -419,10 +419,10 @@ def test_override_errors_name_the_flag(tmp_path):
 
 
 def test_did_you_mean_only_suggests_close_keys(tmp_path):
-    text = BASE + "fused_attn_kernel: true\nuse_onebitllms: true\nlerning_rate: 0.1\n"
+    text = BASE + "use_liger_everywhere: true\nhybrid_attn_mode: true\nlerning_rate: 0.1\n"
     err = error_line(cli("validate", str(write(tmp_path, text))))
     assert (
-        "unknown key `fused_attn_kernel` (" in err and "unknown key `use_onebitllms` (" in err
+        "unknown key `use_liger_everywhere` (" in err and "unknown key `hybrid_attn_mode` (" in err
     )
     assert err.count("did you mean") == 1
     assert "unknown key `lerning_rate` (" in err and "(did you mean `learning_rate`?)" in err

@@ -46,8 +46,9 @@ def fused_head(config: NewtuneConfig) -> bool:
 def check_switches(apply_fn: Any, model_type: str, keys: list[str]) -> None:
     """ModelError when liger's function for the model type has no gated-RMSNorm switch
     (liger drops keywords its function does not take, so the key would do nothing)."""
-    params = inspect.signature(apply_fn).parameters
-    if "liger_rms_norm_gated" in keys and "rms_norm_gated" not in params:
+    if "liger_rms_norm_gated" not in keys:
+        return
+    if "rms_norm_gated" not in inspect.signature(apply_fn).parameters:
         raise ModelError(
             f"`liger_rms_norm_gated`: liger-kernel's {apply_fn.__name__} for model type "
             f"`{model_type}` has no gated RMSNorm (`rms_norm_gated`); it exists for models with "
