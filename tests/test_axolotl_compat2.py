@@ -279,8 +279,8 @@ def test_experts_implementation_reaches_the_moe_model(tmp_path):
     cfg = loaded(tmp_path, experts_implementation="batched_mm").config
     apply_model_keys(model, cfg)
     assert model.config._experts_implementation == "batched_mm"
-    err = error_of(tmp_path, experts_implementation="scattermoe")
-    assert "`scattermoe` is registered by Axolotl's KernelsPlugin (its own kernel)" in err
+    err = error_of(tmp_path, experts_implementation="scatter")
+    assert "`scatter` is not one of eager, batched_mm, grouped_mm, deepgemm, sonicmoe, " in err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="needs it absent")
@@ -299,12 +299,6 @@ def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("use_scattermoe", True, "`use_scattermoe` is Axolotl's own code"),
-        (
-            "quantize_moe_experts",
-            True,
-            "bitsandbytes (load_in_4bit/8bit) quantizes nn.Linear layers only",
-        ),
         ("llama4_linearized_experts", True, "swaps in Axolotl's patched Llama 4 modeling"),
         ("fp8", True, "`fp8` needs fp8 matmuls"),
         ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),

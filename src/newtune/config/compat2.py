@@ -211,6 +211,16 @@ def _kernel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
         )
     if cfg.lora_target_parameters and cfg.adapter not in (None, "lora", "qlora"):
         errors.append(f"`{names('lora_target_parameters')}` needs `adapter: lora` or `qlora`")
+    if cfg.quantize_moe_experts and not (cfg.load_in_4bit or cfg.load_in_8bit):
+        errors.append(
+            f"`{names('quantize_moe_experts')}: true` quantizes the experts with the bits of "
+            "`load_in_4bit` or `load_in_8bit`; set one (Axolotl requires it too)"
+        )
+    if cfg.quantize_moe_experts and cfg.adapter not in ("lora", "qlora"):
+        errors.append(
+            f"`{names('quantize_moe_experts')}: true` freezes the quantized experts; it needs "
+            "`adapter: lora` or `qlora` (Axolotl requires it too)"
+        )
     return errors
 
 
@@ -356,7 +366,7 @@ def machine_needs2(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -
             )
         )
     impl = cfg.experts_implementation
-    if cfg.use_kernels or impl in ("sonicmoe", "deepgemm"):
+    if cfg.use_kernels or impl in ("sonicmoe", "deepgemm", "scattermoe"):
         what = (
             f"`{names('use_kernels')}: true`"
             if cfg.use_kernels
@@ -369,7 +379,9 @@ def machine_needs2(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -
                 "kernels",
                 ("pip install kernels",),
                 "remove it (the model's own PyTorch layers)",
-                "hub kernels are CUDA builds" if impl in ("sonicmoe", "deepgemm") else None,
+                "hub kernels are CUDA builds"
+                if impl in ("sonicmoe", "deepgemm", "scattermoe")
+                else None,
             )
         )
     if cfg.tokenizer_use_mistral_common:

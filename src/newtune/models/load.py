@@ -289,6 +289,9 @@ def build_model(
     # `tf32` is applied by train.precision.tf32_scope for the run only (not process-wide here)
     options = ModelOptions.from_config(config, plan)
     model = load_model(config.base_model, plan.dtype, options=options)
+    from newtune.models.moe import guard_expert_lora, prepare_experts
+
+    config = prepare_experts(model, config)  # quantize_moe_experts, scattermoe
     model.config.use_cache = False  # packed rows are isolated only without a KV cache
     resize_embeddings(model, tokenizer, config)
     if options.quantize is not None:
@@ -299,6 +302,7 @@ def build_model(
         enable_gradient_checkpointing(model, config)
     if plan.train_mode in ("lora", "qlora"):
         model = attach_lora(model, config, new_tokens=bool(new_ids))
+        guard_expert_lora(model)  # LoRA on quantized experts
     log.info(describe_parameters(model))
     return model
 

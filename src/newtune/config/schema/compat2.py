@@ -7,7 +7,7 @@ or refused by name with the reason (Axolotl's own kernels and patched modeling c
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from newtune.config.schema.base import Section
 from newtune.config.schema.compat import refused
@@ -65,17 +65,21 @@ class Compat2Section(Section):
     experts_implementation: str | None = Field(
         default=None,
         description="MoE experts kernel through transformers' ExpertsInterface "
-        f"(`model.set_experts_implementation`): {', '.join(EXPERTS)}.",
+        f"(`model.set_experts_implementation`): {', '.join(EXPERTS)}, or `scattermoe` (the "
+        "Triton kernel kernels-community/scattermoe from the hub, registered in the "
+        "ExpertsInterface at load; needs CUDA and `pip install kernels`).",
     )
-    use_scattermoe: Any = refused(
-        "Axolotl's ScatterMoE experts kernel.",
-        f"`use_scattermoe` {AXOLOTL_OWN}",
-        "`experts_implementation: grouped_mm` (transformers' grouped experts)",
+    use_scattermoe: bool | None = Field(
+        default=None,
+        description="Axolotl's ScatterMoE switch: `true` means `experts_implementation: "
+        "scattermoe` (the hub kernel kernels-community/scattermoe; needs CUDA and `pip install "
+        "kernels`).",
     )
-    use_sonicmoe: Any = refused(
-        "Axolotl's SonicMoE build.",
-        f"`use_sonicmoe` registers {AXOLOTL_OWN.removeprefix('is ')}",
-        "`experts_implementation: sonicmoe` (transformers' hub kernel)",
+    use_sonicmoe: bool | None = Field(
+        default=None,
+        description="Axolotl's SonicMoE switch: `true` means `experts_implementation: sonicmoe` "
+        "(transformers' sonic-moe hub kernel; needs a Hopper or newer GPU and `pip install "
+        "kernels`).",
     )
     use_dsv4_kernels: Any = refused(
         "Axolotl's DeepSeek-V4 kernels.", f"`use_dsv4_kernels` {AXOLOTL_OWN}"
@@ -93,12 +97,16 @@ class Compat2Section(Section):
     nvfp4_merge_aware_start_step: Any = refused(
         "Start step of nvfp4_merge_aware.", f"`nvfp4_merge_aware_start_step` {AXOLOTL_OWN}"
     )
-    quantize_moe_experts: Any = refused(
-        "Quantize MoE expert weights on load (Axolotl).",
-        "`quantize_moe_experts` quantizes the 3-D expert parameters with Axolotl's own loader "
-        "patch; bitsandbytes (load_in_4bit/8bit) quantizes nn.Linear layers only, so the "
-        "experts would stay in full precision",
-        "`load_in_4bit: true` without it (experts kept in bf16), with `lora_target_parameters`",
+    quantize_moe_experts: bool | None = Field(
+        default=None,
+        description="Also quantize the MoE experts stored as 3-D parameters (names containing "
+        "`expert`, e.g. `mlp.experts.gate_up_proj`), which `load_in_4bit`/`load_in_8bit` leave "
+        "alone (bitsandbytes quantizes nn.Linear only): right after loading, with bitsandbytes "
+        "(4-bit NF4 blocks, bnb_config_kwargs' quant type / double quant; or 8-bit rows), "
+        "dequantized on access through torch parametrizations. The loaded model must fit "
+        "before the experts shrink (Axolotl quantizes during loading). Needs `adapter: "
+        "lora`/`qlora` and load_in_4bit or load_in_8bit; LoRA reaches the experts through "
+        "`lora_target_parameters`.",
     )
     llama4_linearized_experts: Any = refused(
         "Axolotl's linearized Llama 4 experts.",
@@ -236,14 +244,32 @@ class Compat2Section(Section):
     @classmethod
     def _experts(cls, value: str | None) -> str | None:
         """transformers' experts implementations; Axolotl's scattermoe is refused by name."""
-        if value is None or value in EXPERTS:
+        if value is None or value in (*EXPERTS, "scattermoe"):
             return value
-        if value == "scattermoe":
+        raise ValueError(f"`{value}` is not one of {', '.join(EXPERTS)}, scattermoe")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moe_switches(cls, data: Any) -> Any:
+        """Axolotl's `use_scattermoe` / `use_sonicmoe: true` set `experts_implementation`."""
+        if not isinstance(data, dict):
+            return data
+        on = [k for k in ("use_scattermoe", "use_sonicmoe") if data.get(k) is True]
+        if len(on) > 1:
             raise ValueError(
-                "`scattermoe` is registered by Axolotl's KernelsPlugin (its own kernel), not "
-                f"by transformers; choose {', '.join(EXPERTS)} (grouped_mm is the closest)"
+                "`use_scattermoe` and `use_sonicmoe` both choose the experts kernel; keep one "
+                "(Axolotl refuses both too)"
             )
-        raise ValueError(f"`{value}` is not one of transformers' {', '.join(EXPERTS)}")
+        if on:
+            impl = on[0].removeprefix("use_")
+            given = data.get("experts_implementation")
+            if given not in (None, impl):
+                raise ValueError(
+                    f"`{on[0]}: true` means `experts_implementation: {impl}`, and "
+                    f"`experts_implementation` is `{given}`; keep one of them"
+                )
+            data = {**data, "experts_implementation": impl}
+        return data
 
     @field_validator("swanlab_mode")
     @classmethod
