@@ -339,12 +339,7 @@ def test_use_wandb_agrees_with_wandb_project(tmp_path):
             "unread, so it does nothing there); the dtype follows bf16 / fp16 / float16; use "
             "`bf16: true`, `fp16: true` or `float16: true` instead",
         ),
-        (
-            "eta_min",
-            "7e-7",
-            "`eta_min: '7e-7'`: `eta_min` is not an Axolotl key (Axolotl drops it unread, so it "
-            "does nothing there); use `cosine_min_lr_ratio` (= eta_min / learning_rate) instead",
-        ),
+        # eta_min (the cosine floor) and flex_attn_compile_kwargs: tests/test_axolotl_compat4.py
         (
             "max_packed_sequence_len",
             2048,
@@ -352,12 +347,6 @@ def test_use_wandb_agrees_with_wandb_project(tmp_path):
             "(it drops or rejects the key); use `sample_packing: true` with `sequence_len` instead",
         ),
         ("gptq_groupsize", 128, "`gptq_groupsize: 128`: `gptq_groupsize` was removed from Axolotl"),
-        (
-            "flex_attn_compile_kwargs",
-            {"dynamic": False},
-            "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on "
-            "torch 2.6 (a workaround; elsewhere it does nothing)",
-        ),
     ],
 )
 def test_dropped_and_legacy_keys_refused_by_name_when_set(tmp_path, key, value, expected):

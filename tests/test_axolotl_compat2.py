@@ -345,7 +345,7 @@ def test_unfrozen_parameters_row_range_zeroes_the_other_rows_gradient(model_dir)
 
 def test_unfrozen_parameters_refusals(tmp_path, model_dir):
     err = error_of(tmp_path, unfrozen_parameters=["^model.*"], adapter="lora")
-    assert "`unfrozen_parameters` chooses the trained parameters of a full fine-tune" in err
+    assert "the names of peft's wrapped model, which all start with `base_model.model.`" in err
     with pytest.raises(ConfigError, match=r"matches none of the model's parameters"):
         freeze_except(LlamaForCausalLM.from_pretrained(model_dir), ["^nothing"])
 

@@ -429,10 +429,10 @@ def test_did_you_mean_only_suggests_close_keys(tmp_path):
 
 
 def test_errors_are_not_hard_wrapped(tmp_path):
-    text = BASE + "eta_min: 1e-6\n"
+    text = BASE + "adam_eps: 1e-6\n"
     proc = cli("validate", str(write(tmp_path, text)))
     err = error_line(proc)
-    assert len(err) > 120 and "use `cosine_min_lr_ratio` (= eta_min / learning_rate)" in err
+    assert len(err) > 120 and "use `adam_epsilon` (AdamW epsilon)" in err
 
 
 # --- 10. the saved config is the config ------------------------------------------------------

@@ -158,14 +158,7 @@ def _unfrozen_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
             unfreeze_pattern(pattern)
         except re.error as exc:
             errors.append(f"`{key}`: {pattern!r} is not a valid regex ({exc})")
-    if cfg.unfrozen_parameters and cfg.adapter:
-        errors.append(
-            f"`{key}` chooses the trained parameters of a full fine-tune, and `adapter: "
-            f"{cfg.adapter}` trains adapter weights (in Axolotl the patterns then freeze the "
-            "LoRA weights too, since names start with base_model.model.); remove `adapter` for a "
-            "partial full fine-tune, or remove `unfrozen_parameters` (LoRA freezes the base "
-            "itself; `lora_modules_to_save` trains whole modules beside it)"
-        )
+    # with an adapter: config/compat4.py (patterns see peft's base_model.model. names)
     kwargs = cfg.gradient_checkpointing_kwargs or {}
     if cfg.unfrozen_parameters and kwargs.get("use_reentrant") is True:
         errors.append(

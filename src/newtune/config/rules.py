@@ -101,6 +101,9 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
     from newtune.config.compat3 import compat3_rules
 
     out.errors += compat3_rules(cfg, names)  # data order, re-init, quantization configs
+    from newtune.config.compat4 import compat4_rules
+
+    out.errors += compat4_rules(cfg, names)  # eta_min, flex compile kwargs, unfrozen + adapter
     out.errors += seed_training_rules(cfg, names)
     # packages this machine lacks are warnings: the config may train on another machine
     # (`train` refuses at start: config.machine.check_machine)
@@ -331,4 +334,6 @@ def ignored_keys(cfg: NewtuneConfig) -> list[str]:
         info = type(cfg).model_fields[name]
         if status_of(info)["status"] == "ignored" and getattr(cfg, name) is not None:
             notes.append(f"`{name}` is ignored: {info.description}")
-    return notes + compat_notes(cfg) + compat2_notes(cfg)
+    from newtune.config.compat4 import compat4_notes
+
+    return notes + compat_notes(cfg) + compat2_notes(cfg) + compat4_notes(cfg)

@@ -43,7 +43,7 @@ def schedule_for(config: NewtuneConfig) -> Schedule | None:
     ):
         return Schedule(
             "cosine",
-            min_lr_ratio=config.cosine_min_lr_ratio or 0.0,
+            min_lr_ratio=config.cosine_min_lr_ratio or _eta_ratio(config),
             constant_lr_ratio=config.cosine_constant_lr_ratio,
             quadratic_warmup=bool(config.lr_quadratic_warmup),
             kwargs=kwargs,
@@ -59,7 +59,14 @@ def _scheduler(config: NewtuneConfig) -> tuple[str, dict[str, Any]]:
         return ("constant" if schedule.kind == "one_cycle" else "cosine"), {}
     if config.lr_scheduler == "cosine" and config.cosine_min_lr_ratio is not None:
         return "cosine_with_min_lr", {**kwargs, "min_lr_rate": config.cosine_min_lr_ratio}
+    if config.lr_scheduler == "cosine" and config.eta_min is not None:  # absolute floor
+        return "cosine_with_min_lr", {**kwargs, "min_lr": config.eta_min}
     return config.lr_scheduler, kwargs
+
+
+def _eta_ratio(config: NewtuneConfig) -> float:
+    """`eta_min` (the cosine's absolute floor) as a ratio of the peak lr; 0 when unset."""
+    return (config.eta_min or 0.0) / config.learning_rate
 
 
 def compile_enabled(config: NewtuneConfig, plan: RunPlan) -> bool:

@@ -281,10 +281,14 @@ def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
 def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
     """Apply unfrozen_parameters, experts_implementation, use_kernels, activation_offloading
     and Cut Cross Entropy to the built model (adapter attached)."""
+    from newtune.train.compat4 import apply_model_keys4
+
     base = _base(model)
+    trained = None
     if config.unfrozen_parameters:
         trained = freeze_except(model, config.unfrozen_parameters)
         log.info("unfrozen_parameters: training %s of the model's parameters", len(trained))
+    apply_model_keys4(model, config, trained)  # flex_attn_compile_kwargs, adapter check
     if config.experts_implementation:
         try:
             base.set_experts_implementation(config.experts_implementation)

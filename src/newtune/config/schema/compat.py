@@ -24,6 +24,7 @@ def refused(description: str, reason: str, alternative: str | None = None) -> An
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention", "xformers")
 HUB_KERNEL = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?(:[\w.-]+)?$")  # org/repo[@rev][:name]
 AXOLOTL_DROPS = "is not an Axolotl key (Axolotl drops it unread, so it does nothing there)"
+COMPILE_KWARGS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
 AXOLOTL_REMOVED = "was removed from Axolotl (it drops or rejects the key)"
 
 
@@ -104,10 +105,12 @@ class CompatSection(Section):
         f"`torch_dtype` {AXOLOTL_DROPS}; the dtype follows bf16 / fp16 / float16",
         "`bf16: true`, `fp16: true` or `float16: true`",
     )
-    eta_min: Any = refused(
-        "Not an Axolotl key.",
-        f"`eta_min` {AXOLOTL_DROPS}",
-        "`cosine_min_lr_ratio` (= eta_min / learning_rate)",
+    eta_min: float | None = Field(
+        default=None,
+        ge=0,
+        description="Absolute floor of the cosine schedule (transformers' cosine_with_min_lr, "
+        "`min_lr`): the lr decays from learning_rate to eta_min. Axolotl drops this key unread "
+        "(its cosine decays to 0), so validate warns; cosine_min_lr_ratio is the relative form.",
     )
     gptq_groupsize: Any = refused(
         "Pre-2024 GPTQ group size.", f"`gptq_groupsize` {AXOLOTL_REMOVED}"
@@ -125,12 +128,26 @@ class CompatSection(Section):
         f"`sample_packing_seq_len_multiplier` {AXOLOTL_REMOVED}",
         "`sample_packing: true` (newtune packs rows of `sequence_len` x `micro_batch_size`)",
     )
-    flex_attn_compile_kwargs: Any = refused(
-        "torch.compile options of flex attention.",
-        "`flex_attn_compile_kwargs` patches transformers' flex wrapper in Axolotl only on torch "
-        "2.6 (a workaround; elsewhere it does nothing); transformers compiles flex attention "
-        "itself",
+    flex_attn_compile_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="torch.compile keyword arguments (fullgraph, dynamic, backend, mode, "
+        "options, disable) for flex attention, e.g. {dynamic: false, mode: "
+        "max-autotune-no-cudagraphs}: transformers' compiled flex function "
+        "(WrappedFlexAttention) is built with them. With attn_implementation: flex_attention; "
+        "not with torch_compile (the whole model is compiled then).",
     )
+
+    @field_validator("flex_attn_compile_kwargs")
+    @classmethod
+    def _compile_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Only torch.compile's own keyword arguments."""
+        unknown = sorted(set(value or {}) - set(COMPILE_KWARGS))
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not torch.compile "
+                f"arguments; use {', '.join(COMPILE_KWARGS)}"
+            )
+        return value
 
     @field_validator("attn_implementation", check_fields=False)
     @classmethod

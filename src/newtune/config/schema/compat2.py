@@ -117,8 +117,11 @@ class Compat2Section(Section):
     # -- training ----------------------------------------------------------------------------
     unfrozen_parameters: list[str] | None = Field(
         default=None,
-        description="Full fine-tune only these parameters: regexes searched in each parameter "
-        "name (Axolotl's re.match on the name); every other parameter gets requires_grad False.",
+        description="Train only these parameters: regexes matched at the start of each "
+        "parameter name (Axolotl's re.match; `.` is a literal dot unless followed by `+`, "
+        "`name[a:b]` trains rows a..b); every other parameter gets requires_grad False. With "
+        "an adapter the names are peft's (`base_model.model.`...), as in Axolotl, and only "
+        "adapter weights may train (peft saves nothing else).",
     )
     lora_target_parameters: str | list[str] | None = Field(
         default=None,

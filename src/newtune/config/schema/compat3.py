@@ -57,8 +57,9 @@ class Compat3Section(Section):
     )
     tiled_mlp: Any = refused(
         "Axolotl's ALST tiled MLP (long-context memory saving).",
-        "`tiled_mlp` swaps each MLP forward for Axolotl's (ArcticTraining's) TiledMLP, which "
-        "no library newtune runs provides",
+        "`tiled_mlp` swaps each MLP forward for a tiled recompute: DeepSpeed's TiledMLP "
+        "autograd function under ZeRO, and Axolotl's own variant under DDP/FSDP2 (it defers "
+        "FSDP2's reshard between tiles, which DeepSpeed's does not); newtune does not wire it",
         "`gradient_checkpointing: true` (optionally `activation_offloading: true`)",
     )
     tiled_mlp_num_shards: Any = refused("Shards of tiled_mlp.", "goes with `tiled_mlp`")

@@ -1,0 +1,138 @@
+"""Rules and notes of issue 16, part 4: eta_min, flex_attn_compile_kwargs and
+unfrozen_parameters under an adapter (schema fields in schema/compat.py and compat2.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from newtune.config.compat2 import unfreeze_pattern
+from newtune.config.schema import NewtuneConfig
+
+# every parameter name of a peft-wrapped model starts with this (PeftModel.base_model.model)
+PEFT_PREFIX = "base_model.model."
+_META = set(".^$*+?{}[]\\|()")
+
+
+def literal_prefix(regex: str) -> str | None:
+    """The text every re.match of `regex` starts with ('' when unknown, None with `|`)."""
+    if "|" in regex:
+        return None
+    out: list[str] = []
+    i = 1 if regex.startswith("^") else 0
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\" and i + 1 < len(regex) and regex[i + 1] in "._-/":
+            literal, step = regex[i + 1], 2
+        elif char in _META:
+            break
+        else:
+            literal, step = char, 1
+        if regex[i + step : i + step + 1] in ("*", "?", "{"):
+            break  # the literal is optional
+        out.append(literal)
+        i += step
+    return "".join(out)
+
+
+def dead_under_adapter(patterns: list[str]) -> list[str]:
+    """The unfrozen_parameters patterns that can never match a name under peft's wrapper."""
+    dead = []
+    for pattern in patterns:
+        prefix = literal_prefix(unfreeze_pattern(pattern)[0].pattern)
+        if prefix and not (PEFT_PREFIX.startswith(prefix) or prefix.startswith(PEFT_PREFIX)):
+            dead.append(pattern)
+    return dead
+
+
+def _eta_min_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    if cfg.eta_min is None:
+        return []
+    key = names("eta_min")
+    errors = []
+    if cfg.lr_scheduler != "cosine":
+        errors.append(
+            f"`{key}` is the floor of the cosine schedule, but `{names('lr_scheduler')}` is "
+            f"{cfg.lr_scheduler}; set `lr_scheduler: cosine` or remove `{key}`"
+        )
+    if cfg.cosine_min_lr_ratio is not None:
+        errors.append(
+            f"`{key}` and `{names('cosine_min_lr_ratio')}` both set the cosine floor "
+            "(absolute and relative to learning_rate); keep one"
+        )
+    if cfg.eta_min > cfg.learning_rate:
+        errors.append(
+            f"`{key}: {cfg.eta_min}` is above `learning_rate: {cfg.learning_rate}`: the cosine "
+            "would rise instead of decay; set it below the peak lr (or remove it)"
+        )
+    if cfg.jagged_restart_steps:
+        errors.append(
+            f"`{key}` with `jagged_restart_steps`: the restarts anneal to "
+            "`cosine_min_lr_ratio`; set that (= eta_min / learning_rate) instead"
+        )
+    return errors
+
+
+def _flex_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    if cfg.flex_attn_compile_kwargs is None:
+        return []
+    key = names("flex_attn_compile_kwargs")
+    errors = []
+    if cfg.attn_implementation != "flex_attention":
+        errors.append(
+            f"`{key}` sets how flex attention is compiled, and `attn_implementation` is "
+            f"{cfg.attn_implementation or 'sdpa (the default)'}; set `attn_implementation: "
+            f"flex_attention` or remove `{key}`"
+        )
+    if cfg.torch_compile in (True, "auto"):
+        errors.append(
+            f"`{key}` with `torch_compile: {cfg.torch_compile}`: the compiled model traces flex "
+            "attention into its own graph (transformers then calls the uncompiled function, "
+            "under torch_compile_mode), so these options would never apply; remove one of them"
+        )
+    return errors
+
+
+def _unfrozen_adapter_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    if not (cfg.unfrozen_parameters and cfg.adapter):
+        return []
+    try:
+        dead = dead_under_adapter(cfg.unfrozen_parameters)
+    except re.error:  # an invalid regex: compat2's rule names it
+        return []
+    if not dead:
+        return []
+    every = len(dead) == len(cfg.unfrozen_parameters)
+    outcome = (
+        "Axolotl then freezes every parameter, the adapter weights too, and trains nothing"
+        if every
+        else "Axolotl skips them silently"
+    )
+    return [
+        f"`{names('unfrozen_parameters')}` with `adapter: {cfg.adapter}`: the patterns are "
+        "matched (re.match, as in Axolotl) against the names of peft's wrapped model, which all "
+        f"start with `{PEFT_PREFIX}`, so {', '.join(repr(p) for p in dead)} can never match: "
+        f"{outcome}. Write the names as peft has them (e.g. `base_model.+lora_` for every "
+        "LoRA weight), or remove `unfrozen_parameters` (LoRA freezes the "
+        "base itself; `lora_modules_to_save` trains and saves whole modules beside it)"
+    ]
+
+
+def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
+    """Errors for eta_min, flex_attn_compile_kwargs and unfrozen_parameters with an adapter."""
+    return (
+        _eta_min_rules(cfg, names) + _flex_rules(cfg, names) + _unfrozen_adapter_rules(cfg, names)
+    )
+
+
+def compat4_notes(cfg: NewtuneConfig) -> list[str]:
+    """Warnings: eta_min is read although Axolotl drops it."""
+    if cfg.eta_min is None:
+        return []
+    return [
+        f"warning: `eta_min: {cfg.eta_min}` is read as the absolute floor of the cosine "
+        f"schedule (transformers' cosine_with_min_lr, min_lr): the lr decays from "
+        f"{cfg.learning_rate} to {cfg.eta_min}. Axolotl drops this key unread (its cosine "
+        "decays to 0 unless cosine_min_lr_ratio is set), so the same file trains differently "
+        "there"
+    ]
