@@ -179,30 +179,46 @@ def moe_folder(tmp_path: Path, chat_tok_dir: Path) -> Path:
     return folder
 
 
-def test_train_quantizes_the_experts_and_trains_lora_on_them(tmp_path, chat_tok_dir):
+@pytest.mark.parametrize(
+    ("keys", "logged"),
+    [
+        ({"adapter": "qlora", "load_in_4bit": True}, "4 expert parameters stored in 4-bit (nf4)"),
+        (
+            {"adapter": "lora", "load_in_8bit": True, "gradient_checkpointing": True},
+            "4 expert parameters stored in 8-bit (int8 rows)",
+        ),
+    ],
+)
+def test_train_quantizes_the_experts_and_trains_lora_on_them(tmp_path, chat_tok_dir, keys, logged):
+    from peft import PeftModel
     from safetensors.torch import load_file
 
+    folder = moe_folder(tmp_path, chat_tok_dir)
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a b c", "output": "d e"}] * 4)
     keys = {
-        "base_model": str(moe_folder(tmp_path, chat_tok_dir)),
+        "base_model": str(folder),
         "datasets": [{"path": str(data), "type": "alpaca"}],
         "output_dir": str(tmp_path / "out"),
         "dataset_prepared_path": str(tmp_path / "prepared"),
-        "adapter": "qlora", "load_in_4bit": True, "quantize_moe_experts": True,
-        "lora_target_modules": ["q_proj"], "lora_target_parameters": EXPERTS,
-        "lora_dropout": 0, "max_steps": 2, "micro_batch_size": 1, "learning_rate": 0.01,
-        "sequence_len": 64,
+        "quantize_moe_experts": True, "lora_target_modules": ["q_proj"],
+        "lora_target_parameters": EXPERTS, "lora_dropout": 0, "max_steps": 2,
+        "micro_batch_size": 1, "learning_rate": 0.01, "sequence_len": 64, **keys,
     }  # fmt: skip
     (tmp_path / "cfg.yml").write_text(yaml.safe_dump(keys))
     proc = cli("train", str(tmp_path / "cfg.yml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "quantize_moe_experts: 4 expert parameters stored in 4-bit (nf4)" in proc.stderr
+    assert f"quantize_moe_experts: {logged}" in proc.stderr
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
     expert_keys = sorted(k for k in saved if ".experts." in k)
     assert len(expert_keys) == 8  # lora_A/B of gate_up_proj and down_proj in 2 layers
     assert all(saved[k].abs().sum() > 0 for k in expert_keys)
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert "model.layers.0.mlp.experts.gate_up_proj" in adapter["target_parameters"]
+    # the adapter loads onto the unquantized model (merge): peft nests the wrappers alike
+    plain = PeftModel.from_pretrained(Qwen3MoeForCausalLM.from_pretrained(folder), tmp_path / "out")
+    state = plain.state_dict()
+    for key in expert_keys:
+        assert torch.equal(state[key.replace(".weight", ".default.weight")], saved[key])
 
 
 # -- experts kernels --------------------------------------------------------------------------
