@@ -338,7 +338,6 @@ def test_cls_model_config_reads_the_config_with_that_class(tmp_path, model_dir, 
 @pytest.mark.parametrize(
     ("key", "value", "words"),
     [
-        ("use_onebitllms", True, "onebitllms' BitNet layer"),
         ("use_eaft", True, "Axolotl's own EAFT loss"),
         ("eaft_k", 20, "goes with `use_eaft`"),
         ("diffusion", {"mask_token_id": 1}, "Axolotl's DiffusionPlugin"),

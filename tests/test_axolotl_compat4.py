@@ -3,6 +3,10 @@ under an adapter, and the legacy flash_* keys refused with Axolotl's own reason.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -329,3 +333,102 @@ def test_unfrozen_base_weights_under_an_adapter_are_refused_at_train_time(tmp_pa
 def test_legacy_flash_keys_are_refused_with_axolotls_reason(tmp_path, key, expected):
     assert loaded(tmp_path, **{key: False}).config.model_dump()[key] is False
     assert expected in refused_by_cli(tmp_path, **{key: True})
+
+
+# -- use_onebitllms -----------------------------------------------------------------------------
+
+
+def runnable(tmp_path: Path, **keys: Any) -> str:
+    """A config file whose dataset exists (for `newtune train`)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    keys = {
+        "datasets": [{"path": str(data), "type": "alpaca"}],
+        "output_dir": str(tmp_path / "out"),
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        **keys,
+    }
+    return write(tmp_path, **keys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onebitllms") is not None, reason="needs it absent")
+def test_onebitllms_validates_with_a_warning_and_train_refuses_with_pip_and_cuda(tmp_path):
+    cfg = runnable(tmp_path, use_onebitllms=True, bf16=True)
+    proc = cli("validate", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "warning: `use_onebitllms: true` needs the onebitllms package, which is not installed "
+        "here; the machine that trains needs it (`pip install onebitllms`)."
+    ) in proc.stderr
+    err = error_line(cli("train", cfg))
+    assert (
+        "`use_onebitllms: true` needs the onebitllms package, which is not installed; run "
+        "`pip install onebitllms`, or remove `use_onebitllms` (the model's own bf16 layers train)"
+    ) in err
+    assert (
+        "`use_onebitllms: true` needs CUDA (onebitllms' BitNet layers quantize with Triton CUDA "
+        "kernels), and this machine trains on cpu"
+    ) in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
+
+
+class FakeBitNetLinear(torch.nn.Linear):
+    """Stands in for onebitllms' BitNetLinear (same parameters, plain math)."""
+
+
+def _fake_onebitllms(calls: list[Any]) -> types.ModuleType:
+    """A stub `onebitllms` whose replace function behaves as the real one does to its inputs:
+    linear layers but lm_head replaced in place, torch's default dtype left at bfloat16."""
+
+    def replace(model: Any) -> Any:
+        calls.append(model)
+        torch.set_default_dtype(torch.bfloat16)  # what the real function does and leaves
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if name != "lm_head" and type(child) is torch.nn.Linear:
+                    new = FakeBitNetLinear(child.in_features, child.out_features, bias=False)
+                    new.weight.data = child.weight.data
+                    setattr(parent, name, new)
+        return model
+
+    module = types.ModuleType("onebitllms")
+    module.__spec__ = importlib.machinery.ModuleSpec("onebitllms", None)  # "installed"
+    module.replace_linear_with_bitnet_linear = replace  # type: ignore[attr-defined]
+    return module
+
+
+def test_onebitllms_replaces_the_linear_layers_before_unfrozen_parameters(
+    tmp_path, model_dir, monkeypatch
+):
+    calls: list[Any] = []
+    monkeypatch.setitem(sys.modules, "onebitllms", _fake_onebitllms(calls))
+    cfg = loaded(tmp_path, use_onebitllms=True, unfrozen_parameters=["model.layers.1.mlp"])
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    apply_model_keys(model, cfg.config)
+    assert calls == [model]
+    assert torch.get_default_dtype() == torch.float32  # put back after the library's change
+    layer = model.model.layers[1]
+    assert type(layer.mlp.gate_proj) is FakeBitNetLinear
+    assert type(layer.self_attn.q_proj) is FakeBitNetLinear
+    assert type(model.lm_head) is torch.nn.Linear
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == [f"model.layers.1.mlp.{p}_proj.weight" for p in ("down", "gate", "up")]
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            {"adapter": "lora"},
+            "`use_onebitllms` trains the BitNet layers themselves, and onebitllms has no LoRA "
+            "(Axolotl refuses `adapter: lora` with it too)",
+        ),
+        (
+            {"load_in_8bit": True},
+            "`use_onebitllms` replaces the linear layers with BitNet layers, which bitsandbytes' "
+            "quantized layers cannot become",
+        ),
+    ],
+)
+def test_onebitllms_refusals(tmp_path, keys, expected):
+    assert expected in refused_by_cli(tmp_path, use_onebitllms=True, **keys)

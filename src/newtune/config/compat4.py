@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from newtune.config.compat2 import unfreeze_pattern
 from newtune.config.schema import NewtuneConfig
@@ -118,11 +119,49 @@ def _unfrozen_adapter_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> 
     ]
 
 
+def _onebit_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    if not cfg.use_onebitllms:
+        return []
+    errors = []
+    if cfg.adapter:
+        errors.append(
+            f"`{names('use_onebitllms')}` trains the BitNet layers themselves, and onebitllms "
+            f"has no LoRA (Axolotl refuses `adapter: {cfg.adapter}` with it too); remove "
+            "`adapter` for a full 1.58-bit fine-tune"
+        )
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        errors.append(
+            f"`{names('use_onebitllms')}` replaces the linear layers with BitNet layers, which "
+            "bitsandbytes' quantized layers cannot become; remove load_in_4bit / load_in_8bit"
+        )
+    return errors
+
+
 def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
-    """Errors for eta_min, flex_attn_compile_kwargs and unfrozen_parameters with an adapter."""
+    """Errors for eta_min, flex_attn_compile_kwargs, unfrozen_parameters with an adapter and
+    use_onebitllms."""
     return (
-        _eta_min_rules(cfg, names) + _flex_rules(cfg, names) + _unfrozen_adapter_rules(cfg, names)
+        _eta_min_rules(cfg, names)
+        + _flex_rules(cfg, names)
+        + _unfrozen_adapter_rules(cfg, names)
+        + _onebit_rules(cfg, names)
     )
+
+
+def machine_needs4(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -> list[Any]:
+    """The packages (and CUDA) these keys need; `need` builds a config.machine.Need."""
+    if not cfg.use_onebitllms:
+        return []
+    return [
+        need(
+            f"`{names('use_onebitllms')}: true`",
+            "the onebitllms package",
+            "onebitllms",
+            ("pip install onebitllms",),
+            "remove `use_onebitllms` (the model's own bf16 layers train)",
+            "onebitllms' BitNet layers quantize with Triton CUDA kernels",
+        )
+    ]
 
 
 def compat4_notes(cfg: NewtuneConfig) -> list[str]:

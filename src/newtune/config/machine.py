@@ -170,8 +170,9 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
                 )
             )
     from newtune.config.compat2 import machine_needs2
+    from newtune.config.compat4 import machine_needs4
 
-    return needs + machine_needs2(cfg, names, Need)
+    return needs + machine_needs2(cfg, names, Need) + machine_needs4(cfg, names, Need)
 
 
 def _installed(module: str) -> bool:

@@ -281,9 +281,11 @@ def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
 def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
     """Apply unfrozen_parameters, experts_implementation, use_kernels, activation_offloading
     and Cut Cross Entropy to the built model (adapter attached)."""
-    from newtune.train.compat4 import apply_model_keys4
+    from newtune.train.compat4 import apply_model_keys4, apply_onebitllms
 
     base = _base(model)
+    if config.use_onebitllms:
+        apply_onebitllms(model)  # new layers first: unfrozen_parameters then sees them
     trained = None
     if config.unfrozen_parameters:
         trained = freeze_except(model, config.unfrozen_parameters)

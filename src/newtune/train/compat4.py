@@ -3,6 +3,7 @@ and unfrozen_parameters under an adapter (only adapter weights may train)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -87,6 +88,18 @@ def check_unfrozen_under_adapter(model: Any, trained: list[str], patterns: list[
             "match adapter weights only (e.g. `base_model.+lora_`), train whole modules with "
             "`lora_modules_to_save`, or remove `adapter` for a partial full fine-tune"
         )
+
+
+def apply_onebitllms(model: Any) -> None:
+    """onebitllms' BitNetLinear in place of every linear layer but lm_head (in place). The
+    library sets torch's default dtype to the model's and leaves it; it is put back here."""
+    onebit = importlib.import_module("onebitllms")  # check_machine made sure it is there
+    default = torch.get_default_dtype()
+    try:
+        onebit.replace_linear_with_bitnet_linear(model)
+    finally:
+        torch.set_default_dtype(default)
+    log.info("use_onebitllms: linear layers replaced by onebitllms' BitNetLinear")
 
 
 def apply_model_keys4(model: Any, config: NewtuneConfig, trained: list[str] | None) -> None:

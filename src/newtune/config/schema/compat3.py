@@ -91,11 +91,14 @@ class Compat3Section(Section):
         "model's config instead of AutoConfig, e.g. to train the text model of a multimodal "
         "checkpoint; the model class follows from it.",
     )
-    use_onebitllms: Any = refused(
-        "Axolotl's BitNet (1.58-bit) linear layers from the onebitllms package.",
-        "`use_onebitllms` replaces every linear layer with onebitllms' BitNet layer after "
-        "loading, which newtune does not wire",
-        "train the model's own bf16 layers (remove the key)",
+    use_onebitllms: bool | None = Field(
+        default=None,
+        description="1.58-bit (BitNet) fine-tuning of a pre-quantized checkpoint (e.g. "
+        "tiiuae/Falcon-E-*-prequantized): after loading, onebitllms' "
+        "`replace_linear_with_bitnet_linear` swaps every linear layer but lm_head for its "
+        "BitNetLinear. The saved weights keep the bf16 layout; onebitllms' `quantize_to_1bit` "
+        "makes the 1-bit checkpoint. Full fine-tunes only; needs `pip install onebitllms` and a "
+        "CUDA GPU (Triton kernels).",
     )
     use_eaft: Any = refused(
         "Axolotl's entropy-aware fine-tuning loss (EAFT).",
