@@ -12,10 +12,13 @@ Same model, same data, same machine, same run:
   * Training: sigmoid DPO, beta 0.1, micro batch `--batch` pairs, sequence_len `--seq-len`,
     `--steps` optimizer steps, AdamW (`adamw_torch`) lr 5e-6, constant schedule, no gradient
     accumulation, seed 42, float32 (TRL with `bf16=False`; newtune's CPU default).
-Configurations: newtune padded, packed (`sample_packing: true`), packed with
-`precompute_ref_log_probs: true`; TRL's DPOTrainer with its defaults (gradient checkpointing on,
-live reference), with gradient checkpointing off, and with its best settings (gradient
-checkpointing off, `precompute_ref_log_probs=True`; TRL's `padding_free` is disabled in 1.16).
+Configurations: newtune padded, packed (`sample_packing: true`: under sdpa each pair is packed
+around one copy of its prompt), packed with `precompute_ref_log_probs: true`, and that with
+gradient checkpointing; TRL's DPOTrainer with its defaults (gradient checkpointing on, live
+reference), with gradient checkpointing off, with its fastest settings (gradient checkpointing
+off, `precompute_ref_log_probs=True`; TRL's `padding_free` is disabled in 1.16), and with its
+leanest (gradient checkpointing on, precomputed reference). Speed compares like with like: live
+reference against live, precomputed against precomputed; memory compares equal checkpointing.
 Each configuration runs in a fresh process with `--threads` torch/OMP threads, so its peak RSS
 (ru_maxrss, the whole process: model load, reference log-probs, training) is its own. A callback
 timestamps every optimizer step and a wrapper around `Trainer.training_step` counts the tokens of
@@ -60,9 +63,14 @@ RUNS = {  # name -> (tool, label)
     "newtune-pad": ("newtune", "newtune, padded (sample_packing: false), live reference"),
     "newtune-pack": ("newtune", "newtune, packed (sample_packing: true), live reference"),
     "newtune-pack-pre": ("newtune", "newtune, packed, precompute_ref_log_probs: true"),
+    "newtune-pack-pre-gc": (
+        "newtune",
+        "newtune, packed, precompute_ref_log_probs: true, gradient_checkpointing: true",
+    ),
     "trl-default": ("trl", "TRL DPOTrainer defaults (padded, gradient checkpointing on)"),
     "trl-nogc": ("trl", "TRL, gradient_checkpointing=False, live reference"),
     "trl-best": ("trl", "TRL, gradient_checkpointing=False, precompute_ref_log_probs=True"),
+    "trl-gc-pre": ("trl", "TRL, gradient checkpointing on, precompute_ref_log_probs=True"),
 }
 
 
@@ -107,6 +115,9 @@ def batch_tokens(inputs: dict[str, Any], pad_id: int) -> tuple[int, int]:
         return int(inputs["attention_mask"].sum()), computed
     # newtune's packed rows: `position_ids` restart at 0 per sequence; a row shorter than the
     # widest ends in one padding segment (pad ids, no label), marked -1 in `sequence_index`.
+    # With shared prompts a pair is `prompt | chosen | prompt[-1] | rejected`: its real tokens
+    # (prompt+chosen and prompt+rejected, as TRL counts them) are the unit's tokens plus
+    # len(prompt) - 1, the position of the repeated prompt token.
     positions, labels = inputs["position_ids"], inputs["labels"]
     real = 0
     for row in range(ids.shape[0]):
@@ -117,6 +128,10 @@ def batch_tokens(inputs: dict[str, Any], pad_id: int) -> tuple[int, int]:
             and bool((ids[row, last:] == pad_id).all())
         )
         real += last if pad_tail else ids.shape[1]
+        if "label_sequence" in inputs:  # shared prompts: count each prompt twice, as TRL runs it
+            pos = positions[row]
+            bridge = (pos[1:] > 0) & (pos[1:] <= pos[:-1])  # a pair's rejected part starts
+            real += int(pos[1:][bridge].sum())  # the bridge stands at len(prompt) - 1
     return real, computed
 
 
@@ -173,7 +188,8 @@ def run_newtune(spec: dict[str, Any], work: Path) -> None:
         "val_set_size": 0,
         "sequence_len": spec["seq_len"],
         "sample_packing": spec["name"] != "newtune-pad",
-        "precompute_ref_log_probs": spec["name"] == "newtune-pack-pre",
+        "precompute_ref_log_probs": spec["name"].startswith("newtune-pack-pre"),
+        "gradient_checkpointing": spec["name"].endswith("-gc"),
         "adapter": "lora",
         "lora_r": LORA["r"],
         "lora_alpha": LORA["alpha"],
@@ -219,8 +235,8 @@ def run_trl(spec: dict[str, Any], work: Path) -> None:
         report_to="none",
         seed=SEED,
         bf16=False,
-        gradient_checkpointing=spec["name"] == "trl-default",
-        precompute_ref_log_probs=spec["name"] == "trl-best",
+        gradient_checkpointing=spec["name"] in ("trl-default", "trl-gc-pre"),
+        precompute_ref_log_probs=spec["name"] in ("trl-best", "trl-gc-pre"),
         model_init_kwargs={"dtype": torch.float32},
         dataset_num_proc=1,
         use_cpu=True,

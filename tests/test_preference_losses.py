@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from newtune.errors import ConfigError
-from newtune.train.methods.pack import PairPackCollator, PairPadCollator, pack_sequences
+from newtune.train.methods.base import forward_stats
+from newtune.train.methods.pack import (
+    PairPackCollator,
+    PairPadCollator,
+    pack_sequences,
+    pack_shared_pairs,
+)
+from newtune.train.methods.pairs import PairCollator
 from newtune.train.methods.preference import (
     DPO_LOSS_TYPES,
     DPOSettings,
@@ -339,6 +346,79 @@ def test_packed_dpo_loss_and_gradients_equal_padded(model_dir, dpo):
     _assert_metrics(metrics_b, {k: float(v) for k, v in metrics_a.items()})
     for name, grad in grads_a.items():
         assert torch.allclose(grads_b[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("head_skip", [True, False])
+def test_shared_prompt_logps_equal_unpadded_ones(model_dir, dpo, attn, head_skip, monkeypatch):
+    """Each pair's prompt runs once: every sequence's log-probs and extras equal its own run."""
+    trainer, _, _, rows = dpo
+    model = _model(model_dir, seed=2, attn=attn)
+    if not head_skip:
+        monkeypatch.setattr("newtune.train.methods.base.head_can_skip", lambda m: False)
+    pad = trainer.processing_class.pad_token_id
+    capacity = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in rows) + 40
+    batch = PairCollator(pad, capacity, share_prompt=True)(rows)
+    assert "label_sequence" in batch and batch["attention_mask"].dim() == 4
+    prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
+    unshared = sum(
+        2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
+    assert int((batch["input_ids"] != pad).sum()) <= unshared - prompt_tokens + len(rows)
+    with torch.no_grad():
+        shared = forward_stats(model, batch)
+        padded = PairPadCollator(pad)(rows)
+        alone = _forward_stats(model, padded, padded["labels"])
+    assert torch.equal(shared.counts, alone.counts)
+    assert torch.allclose(shared.logps, alone.logps, atol=TOL, rtol=0)
+    for field in ("entropy", "mean_logits", "top1", "wpo"):
+        assert torch.allclose(getattr(shared, field), getattr(alone, field), atol=1e-4), field
+
+
+def test_shared_prompt_dpo_loss_and_gradients_equal_padded(model_dir, dpo):
+    trainer, _, ref, rows = dpo
+    pad = trainer.processing_class.pad_token_id
+    settings = DPOSettings(loss_types=("sigmoid", "ipo"), beta=0.3, use_weighting=True)
+    results = []
+    for collate in (PairPadCollator(pad), PairCollator(pad, 48, share_prompt=True)):
+        model = _model(model_dir, seed=3)
+        batch = collate(rows)
+        stats = forward_stats(model, batch)
+        with torch.no_grad():
+            ref_stats = forward_stats(ref, batch, extras=False)
+        chosen, rejected = stats.halves()
+        ref_c, ref_r = ref_stats.halves()
+        loss, metrics = dpo_loss(chosen, rejected, ref_c.logps, ref_r.logps, settings)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((loss, metrics, grads))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert abs(float(loss_a - loss_b)) <= 1e-6
+    _assert_metrics(metrics_b, {k: float(v) for k, v in metrics_a.items()})
+    for name, grad in grads_a.items():
+        assert torch.allclose(grads_b[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_pack_shared_pairs_layout():
+    rows = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]},
+        {"prompt_ids": [], "chosen_ids": [6, 7], "rejected_ids": [8, 9]},
+    ]
+    out = pack_shared_pairs(rows, pad_id=0, capacity=16)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 2, 5, 6, 7, 8, 9]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2, 0, 1, 0, 1]]
+    assert out["labels"].tolist() == [[-100, -100, 3, 4, -100, 5, -100, 7, -100, 9]]
+    # sequences: 0, 1 = chosen of rows 0, 1; 2, 3 = their rejected
+    assert out["label_sequence"].tolist() == [[-1, -1, 0, 0, -1, 2, -1, 1, -1, 3]]
+    assert out["sequence_index"].tolist() == [0, 1, 2, 3]
+    mask = out["attention_mask"][0, 0].int()
+    assert mask[4].tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # bridge: prompt[:-1] and itself
+    assert mask[5].tolist() == [1, 0, 0, 0, 1, 1, 0, 0, 0, 0]  # rejected never sees chosen
+    assert mask[3].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert mask[8].tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1, 0]  # empty prompt: starts over
+    padded = pack_shared_pairs(rows[:1], pad_id=0, capacity=8, pad_to_capacity=True)
+    assert padded["input_ids"].tolist() == [[1, 2, 3, 4, 2, 5, 0, 0]]
+    assert padded["attention_mask"][0, 0, 7].int().tolist() == [0] * 6 + [1, 1]
 
 
 def test_pack_sequences_layout():

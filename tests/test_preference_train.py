@@ -151,8 +151,15 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     ],
 )
 def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(
-    tmp_path, model_dir, name, packing_key
+    tmp_path, model_dir, name, packing_key, monkeypatch
 ):
+    import newtune.train.methods.pairs as pairs
+
+    shared_calls = []
+    real = pairs.pack_shared_pairs
+    monkeypatch.setattr(
+        pairs, "pack_shared_pairs", lambda *a, **k: shared_calls.append(1) or real(*a, **k)
+    )
     keys, kind, _ = METHODS[name]
     rows = UNPAIRED if kind == "unpaired_preference" else PAIRS
     runs = {}
@@ -168,6 +175,7 @@ def test_packed_equals_padded_loss_and_weights_after_one_sgd_step(
     assert _max_difference(packed_w, padded_w) <= 1e-6
     moved = max(float(v.abs().max()) for k, v in packed_w.items() if "lora_B" in k)
     assert moved > 1e-4  # LoRA's B starts at 0: the step changed the weights
+    assert bool(shared_calls) == (name == "dpo")  # DPO packs each pair around one prompt
 
 
 @pytest.mark.parametrize(
@@ -477,8 +485,10 @@ def test_dpo_method_equals_trls_trainer_padded_and_packed(
     theirs = trainer.compute_loss(policy, trainer.data_collator(rows))
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
     reference = Reference("model", ref)
-    for capacity in (None, 64):
-        batch = method.collator(chat_tokenizer.pad_token_id, capacity, None)(rows)
+    for capacity, attention in ((None, None), (64, None), (64, "sdpa")):
+        collate = method.collator(chat_tokenizer.pad_token_id, capacity, None, attention)
+        batch = collate(rows)
+        assert ("label_sequence" in batch) == (attention == "sdpa")  # shared prompts
         ours, metrics = method.loss(policy, batch, reference)
         assert abs(float(ours) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
         for name in DPO_METRICS:

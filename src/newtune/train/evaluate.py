@@ -114,7 +114,8 @@ def evaluate_preference(
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
     capacity = pair_capacity(eval_packing, config)
     dataset = method.prepare_rows(dataset, config.micro_batch_size)
-    collate = method.collator(tokenizer.pad_token_id, capacity, pad_to)
+    attention = getattr(model.config, "_attn_implementation", None)
+    collate = method.collator(tokenizer.pad_token_id, capacity, pad_to, attention)
     values = evaluate_batches(
         method, model, reference, sequential_loader(dataset, rows, collate), device
     )

@@ -297,7 +297,9 @@ def _preference_trainer(
         args=build_training_args(config, plan, eval_ds is not None, steps_per_epoch),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=method.collator(pad_id, pair_capacity(packing, config), pad_to),
+        data_collator=method.collator(
+            pad_id, pair_capacity(packing, config), pad_to, plan.attn_implementation
+        ),
         processing_class=tokenizer,
         callbacks=callbacks,
         pad_to=pad_to,
@@ -305,7 +307,9 @@ def _preference_trainer(
         checkpoint_files=resume_record(_fingerprint(prepared)),
         method=method,
         reference=reference,
-        eval_collator=method.collator(pad_id, pair_capacity(eval_packing, config), pad_to),
+        eval_collator=method.collator(
+            pad_id, pair_capacity(eval_packing, config), pad_to, plan.attn_implementation
+        ),
     )
 
 

@@ -17,6 +17,7 @@ from newtune.errors import DataError
 from newtune.train.methods.preference import (
     IGNORE_INDEX,
     SequenceStats,
+    labelled_sequence_logps,
     packed_segments,
     packed_sequence_logps,
     segment_logps,
@@ -95,11 +96,25 @@ def num_sequences(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """What the model reads: ids and either the attention mask or the restarting positions."""
-    if is_packed(batch):  # no mask: transformers isolates sequences from the positions
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def model_inputs(batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    """What the model reads: ids and the attention mask, the restarting positions, or both.
+
+    Packed rows carry no mask (transformers isolates sequences from the positions), except the
+    shared-prompt layout's 4-D boolean mask, which eager attention gets as an additive one.
+    """
+    if not is_packed(batch):
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        config = getattr(unwrap(model), "config", None)
+        if getattr(config, "_attn_implementation", "sdpa") == "eager":
+            dtype = unwrap(model).get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min
+            )
+        inputs["attention_mask"] = mask
+    return inputs
 
 
 def forward_stats(
@@ -110,15 +125,18 @@ def forward_stats(
     When the model takes a `logits_to_keep` mask, the output head runs only at the positions
     that predict a trained token (prompts and padding skip the vocabulary projection).
     """
+    inputs = model_inputs(batch, model)
     if not head_can_skip(unwrap(model)):
-        logits = model(**model_inputs(batch), use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         return stats_of(logits, batch, labels, extras)
     targets = batch[labels][:, 1:]
     keep = targets != IGNORE_INDEX
     positions = torch.nn.functional.pad(keep, (0, 1), value=False)  # p predicts label p + 1
-    logits = model(**model_inputs(batch), logits_to_keep=positions, use_cache=False).logits
+    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])
-    if is_packed(batch):
+    if "label_sequence" in batch:  # shared prompts: each label names its sequence
+        index = batch["label_sequence"].to(targets.device)
+    elif is_packed(batch):
         position_ids = batch["position_ids"]
         if (batch[labels][position_ids == 0] != IGNORE_INDEX).any():
             raise ValueError("a packed sequence's first label must be -100")
@@ -136,6 +154,10 @@ def stats_of(
     logits: torch.Tensor, batch: dict[str, Any], labels: str = "labels", extras: bool = True
 ) -> SequenceStats:
     """Per-sequence stats from logits already computed for the batch."""
+    if "label_sequence" in batch:
+        return labelled_sequence_logps(
+            logits, batch[labels], batch["label_sequence"], num_sequences(batch), extras=extras
+        )
     if is_packed(batch):
         return packed_sequence_logps(
             logits,

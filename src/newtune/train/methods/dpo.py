@@ -11,6 +11,7 @@ from newtune.train.methods.base import Method, Metrics, Reference, forward_stats
 from newtune.train.methods.pairs import PairCollator
 from newtune.train.methods.preference import DPOSettings, cpo_loss, dpo_loss
 
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")  # the ones that read a custom 4-D mask
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 REWARD_METRICS = (
     "rewards/chosen",
@@ -42,9 +43,15 @@ class PairMethod(Method):
         """`rl: <value>` as the config set it."""
         return f"rl: {self.rl}"
 
-    def collator(self, pad_id: int, capacity: int | None, pad_to: int | None) -> PairCollator:
-        """Pair batches, packed when `capacity` is set."""
-        return PairCollator(pad_id, capacity, pad_to, full_labels=self.full_labels)
+    def collator(
+        self, pad_id: int, capacity: int | None, pad_to: int | None, attention: str | None = None
+    ) -> PairCollator:
+        """Pair batches, packed when `capacity` is set; packed under sdpa/eager `attention`
+        (which take a 4-D mask), each pair's prompt runs once for both completions."""
+        share = attention in SHARED_PROMPT_ATTENTION and not self.full_labels
+        return PairCollator(
+            pad_id, capacity, pad_to, full_labels=self.full_labels, share_prompt=share
+        )
 
     def batch_rows(self, batch: dict[str, Any]) -> int:
         """Pairs in a batch."""

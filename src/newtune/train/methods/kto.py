@@ -93,8 +93,10 @@ class KTOMethod(Method):
             len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"], strict=True)
         ]
 
-    def collator(self, pad_id: int, capacity: int | None, pad_to: int | None) -> KTOCollator:
-        """KTO batches, packed when `capacity` is set."""
+    def collator(
+        self, pad_id: int, capacity: int | None, pad_to: int | None, attention: str | None = None
+    ) -> KTOCollator:
+        """KTO batches, packed when `capacity` is set (no shared prompts: rows are single)."""
         return KTOCollator(pad_id, capacity, pad_to)
 
     def batch_rows(self, batch: dict[str, Any]) -> int:

@@ -9,6 +9,16 @@ Packed, the sequences of one micro-batch share rows: best-fit decreasing into ro
 tokens, `position_ids` restarting at 0 for each sequence (no attention mask: transformers isolates
 the sequences from the restarting positions), each sequence's first label -100, and
 `sequence_index` naming the original sequence of every segment (-1 for padding).
+
+Packed with a shared prompt (`pack_shared_pairs`, under sdpa/eager), a pair is one unit
+`prompt | chosen | prompt[-1] | rejected`: the prompt runs once for both completions. A 4-D
+attention mask keeps the rejected part from seeing the chosen one, the repeated last prompt
+token (position len(prompt) - 1, attending to the prompt and itself) predicts the first rejected
+token (the rejected part sees the prompt through it and the prompt's first len - 1 tokens),
+and `label_sequence` names the sequence each trained label belongs to. Every token sees
+exactly what it sees in its own unpacked sequence, so the per-sequence log-probs, the loss and
+the gradients are those of the unshared layout (the prompt's gradient is the sum over its two
+completions either way); only LoRA dropout draws one mask for the prompt instead of two.
 """
 
 from __future__ import annotations
@@ -90,6 +100,87 @@ def pack_sequences(
         "labels": labels,
         "position_ids": positions,
         "sequence_index": torch.tensor(order, dtype=torch.long),
+    }
+
+
+Unit = tuple[list[int], list[int], list[int], list[int], int, int]
+
+
+def _shared_unit(row: dict[str, Any]) -> Unit:
+    """(ids, positions, labels, owner, p, split) of one pair: owner 0 = chosen target, 1 =
+    rejected target, -1 untrained; the rejected part from `split` on never sees [p - 1, split)."""
+    prompt, chosen, rejected = (list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    p, c = len(prompt), len(chosen)
+    if p == 0:  # nothing to share: the rejected sequence starts over, its first token untrained
+        bridge: list[int] = []
+        rejected_positions = list(range(len(rejected)))
+        rejected_labels = [IGNORE_INDEX, *rejected[1:]]
+        rejected_owner = [-1] + [1] * (len(rejected) - 1)
+        chosen_labels = [IGNORE_INDEX, *chosen[1:]]
+        chosen_owner = [-1] + [0] * (c - 1)
+    else:
+        bridge = [prompt[-1]]
+        rejected_positions = [p - 1, *range(p, p + len(rejected))]
+        rejected_labels = [IGNORE_INDEX, *rejected]
+        rejected_owner = [-1] + [1] * len(rejected)
+        chosen_labels, chosen_owner = chosen, [0] * c
+    ids = prompt + chosen + bridge + rejected
+    positions = list(range(p + c)) + rejected_positions
+    labels = [IGNORE_INDEX] * p + chosen_labels + rejected_labels
+    owner = [-1] * p + chosen_owner + rejected_owner
+    return ids, positions, labels, owner, p, p + c
+
+
+def pack_shared_pairs(
+    rows: Sequence[dict[str, Any]], pad_id: int, capacity: int, pad_to_capacity: bool = False
+) -> dict[str, torch.Tensor]:
+    """Pairs packed as `prompt | chosen | prompt[-1] | rejected` units (best-fit decreasing).
+
+    Returns `input_ids`, `labels`, `position_ids`, `label_sequence` ([rows, width]: the
+    sequence, numbered as `pair_sequences` orders them, whose target each label is; -1 for
+    none), a boolean `attention_mask` [rows, 1, width, width] (True: may attend) and
+    `sequence_index` (every sequence number, so that the batch counts as packed).
+    """
+    n = len(rows)
+    units = [_shared_unit(r) for r in rows]
+    lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
+    room = max(capacity, int(lengths.max()))
+    bins = pack(lengths, room).as_lists()
+    used = [int(lengths[b].sum()) for b in bins]
+    width = room if pad_to_capacity else max(used)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    owner = torch.full((len(bins), width), -1, dtype=torch.long)
+    mask = torch.zeros((len(bins), 1, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for row, members in enumerate(bins):
+        at = 0
+        for k in members:
+            unit_ids, unit_pos, unit_labels, unit_owner, p, split = units[k]
+            m = len(unit_ids)
+            span = slice(at, at + m)
+            ids[row, span] = torch.tensor(unit_ids)
+            positions[row, span] = torch.tensor(unit_pos)
+            labels[row, span] = torch.tensor(unit_labels)
+            sides = torch.tensor(unit_owner)
+            owner[row, span] = torch.where(sides < 0, -1, sides * n + k)
+            block = causal[:m, :m].clone()
+            # the rejected part sees neither the chosen one nor the last prompt token, which its
+            # own copy (the bridge) stands in for
+            block[split:, max(p - 1, 0) : split] = False
+            mask[row, 0, span, span] = block
+            at += m
+        if at < width:  # trailing padding attends to itself only
+            positions[row, at:] = torch.arange(width - at)
+            mask[row, 0, at:, at:] = causal[: width - at, : width - at]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "label_sequence": owner,
+        "attention_mask": mask,
+        "sequence_index": torch.arange(2 * n, dtype=torch.long),
     }
 
 

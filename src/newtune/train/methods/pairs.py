@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from newtune.train.methods.pack import Scored, pack_sequences, pad_sequences, pair_sequences
+from newtune.train.methods.pack import (
+    Scored,
+    pack_sequences,
+    pack_shared_pairs,
+    pad_sequences,
+    pair_sequences,
+)
 
 
 def layout(
@@ -37,7 +43,8 @@ class PairCollator:
     """[prompt+chosen..., prompt+rejected...] of a micro-batch of pairs, padded or packed.
 
     `full_labels` adds `nll_labels`: the same sequences with the prompt trained too (ORPO's
-    NLL term). Precomputed reference log-probs pass through.
+    NLL term). Precomputed reference log-probs pass through. `share_prompt` (packed only,
+    without `full_labels`) packs each pair as one shared-prompt unit (`pack_shared_pairs`).
     """
 
     pad_id: int
@@ -45,9 +52,13 @@ class PairCollator:
     pad_to: int | None = None
     full_labels: bool = False
     carry: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
+    share_prompt: bool = False
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The collated batch."""
+        if self.share_prompt and self.capacity is not None and not self.full_labels:
+            shared = pack_shared_pairs(rows, self.pad_id, self.capacity, self.pad_to is not None)
+            return {**shared, **carried(rows, self.carry)}
         sequences = pair_sequences(rows)
         batch = layout(sequences, self.pad_id, self.capacity, self.pad_to)
         if self.full_labels:

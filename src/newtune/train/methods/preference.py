@@ -177,6 +177,26 @@ def packed_sequence_logps(
     )
 
 
+def labelled_sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_sequence: torch.Tensor,
+    num_sequences: int,
+    *,
+    extras: bool = True,
+) -> SequenceStats:
+    """Stats of sequences whose trained labels name their sequence in `label_sequence`
+    (the shared-prompt layout of `methods.pack.pack_shared_pairs`)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    sequence = label_sequence.to(labels.device)[:, 1:][keep]
+    if (sequence < 0).any():
+        raise ValueError("a trained label names no sequence")
+    return segment_logps(
+        logits[:, :-1][keep], targets[keep], sequence, num_sequences, extras=extras
+    )
+
+
 def _ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count as a detached float, 0 when count is 0 (TRL's convention)."""
     total, count = total.detach().float(), count.float()

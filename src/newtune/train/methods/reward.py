@@ -83,8 +83,10 @@ class RewardMethod(Method):
             max(len(c), len(r)) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)
         ]
 
-    def collator(self, pad_id: int, capacity: int | None, pad_to: int | None) -> RewardCollator:
-        """Reward batches, packed when `capacity` is set."""
+    def collator(
+        self, pad_id: int, capacity: int | None, pad_to: int | None, attention: str | None = None
+    ) -> RewardCollator:
+        """Reward batches, packed when `capacity` is set (full sequences: no shared prompt)."""
         return RewardCollator(pad_id, capacity, pad_to)
 
     def batch_rows(self, batch: dict[str, Any]) -> int:
