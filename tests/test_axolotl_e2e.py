@@ -1,7 +1,7 @@
-"""Axolotl-style configs train 2 steps end to end on tiny local models of four families.
+"""Axolotl-style configs train 2 steps end to end on tiny local models of three families.
 
 Each config is written the way Axolotl's examples are (hub dataset ids, empty wandb keys,
-`bf16: auto`, packing, chat templates, LoRA/QLoRA or a full fine-tune); the run happens in a
+`bf16: auto`, packing, chat templates; LoRA, QLoRA and a full fine-tune); the run happens in a
 temp working directory where `<org>/<dataset>/train.jsonl` exists, so the dataset id resolves to
 that local folder before the hub (offline). The tiny models and synthetic rows come from
 benchmarks/axolotl_examples_run.py, which runs Axolotl's own examples the same way.
@@ -72,34 +72,7 @@ LLAMA_LORA = {  # llama-3/lora-1b.yml's shape: alpaca, packing, LoRA on a module
     "special_tokens": {"pad_token": "<|end_of_text|>"},
 }
 
-QWEN2_QLORA = {  # ShareGPT rows through chat_template with a property mapping, QLoRA
-    "base_model": "Qwen/Qwen2.5-0.5B",
-    "strict": False,
-    "chat_template": "chatml",
-    "datasets": [
-        {
-            "path": "mlabonne/FineTome-100k",
-            "type": "chat_template",
-            "field_messages": "conversations",
-            "message_property_mappings": {"role": "from", "content": "value"},
-        }
-    ],
-    "val_set_size": 0.0,
-    "sequence_len": 256,
-    "sample_packing": True,
-    "load_in_4bit": True,
-    "adapter": "qlora",
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_target_linear": True,
-    "gradient_accumulation_steps": 2,
-    "micro_batch_size": 1,
-    "optimizer": "adamw_torch",
-    "attn_implementation": "sdpa",
-    "special_tokens": None,
-}
-
-GEMMA2_LORA = {  # gemma2/qlora.yml's data: gemma template, eot_tokens, dropped system turn
+GEMMA2_QLORA = {  # gemma2/qlora.yml's shape: gemma template, eot_tokens, QLoRA, ShareGPT rows
     "base_model": "google/gemma-2-2b",
     "model_type": "AutoModelForCausalLM",
     "tokenizer_type": "AutoTokenizer",
@@ -109,13 +82,16 @@ GEMMA2_LORA = {  # gemma2/qlora.yml's data: gemma template, eot_tokens, dropped 
         {
             "path": "cgato/SlimOrcaDedupCleaned",
             "type": "chat_template",
+            "split": "train[:75%]",  # a `datasets` slice, as qwen3/32b-qlora.yaml's train[:20%]
             "drop_system_message": True,
             "field_messages": "conversations",
             "message_property_mappings": {"role": "from", "content": "value"},
         }
     ],
     "val_set_size": 0.0,
-    "adapter": "lora",
+    "load_in_8bit": False,
+    "load_in_4bit": True,
+    "adapter": "qlora",
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.05,
@@ -149,8 +125,7 @@ PHI3_FULL = {  # phi/phi3-ft.yml's shape without packing: a full fine-tune on me
 
 CASES = [
     ("llama", LLAMA_LORA, bench.alpaca_rows, "adapter_model.safetensors"),
-    ("qwen2", QWEN2_QLORA, bench.sharegpt_rows, "adapter_model.safetensors"),
-    ("gemma2", GEMMA2_LORA, bench.sharegpt_rows, "adapter_model.safetensors"),
+    ("gemma2", GEMMA2_QLORA, bench.sharegpt_rows, "adapter_model.safetensors"),
     ("phi3", PHI3_FULL, bench.messages_rows, "model.safetensors"),
 ]
 
@@ -200,10 +175,12 @@ def test_axolotl_style_config_trains_two_steps(tmp_path, family, config, rows, w
     assert saved["base_model"] == str(tmp_path / f"tiny-{family}")
     assert saved["max_steps"] == 2
     assert saved["datasets"][0]["path"] == config["datasets"][0]["path"]
-    # the hub id was read from the local folder: all 64 rows written there, each supervised
+    # the hub id was read from the local folder: the 64 rows written there (48 for
+    # `train[:75%]`), each supervised
     stats = json.loads((out / "stats.json").read_text())
+    rows_read = 48 if family == "gemma2" else 64
     assert [(d["path"], d["rows"]) for d in stats["datasets"]] == [
-        (config["datasets"][0]["path"], 64)
+        (config["datasets"][0]["path"], rows_read)
     ]
     assert stats["dropped_no_supervision"] == 0 and stats["supervised_tokens"] > 64
     assert any(p.is_dir() for p in (tmp_path / "last_run_prepared").iterdir())
@@ -234,3 +211,29 @@ def test_benchmark_overrides_name_only_what_the_cpu_needs(tmp_path):
         ("output_dir", str(tmp_path)),
         ("flash_attention", False),
     ]
+
+
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [("train", 10), ("train[:50%]", 5), ("train[2:4]", 2), ("test[:1]", 1), ("test", 3)],
+)
+def test_split_slice_of_a_local_folder_is_read_as_datasets_reads_it(
+    tmp_path, monkeypatch, split, expected
+):
+    """Regression: `split: train[:20%]` on a local folder was an error (no file of split
+    `train[:20%]`), and on a file or a folder without split names the slice was ignored."""
+    from newtune.config.schema import DatasetEntry
+    from newtune.data.sources import load_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = bench.alpaca_rows(10)
+    folder = tmp_path / "org" / "ds"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[7:]))
+    got = load_rows(DatasetEntry(path="org/ds", type="alpaca", split=split), 0)
+    first = {"train": 0, "train[:50%]": 0, "train[2:4]": 2, "test[:1]": 7, "test": 7}[split]
+    assert got["instruction"] == [r["instruction"] for r in rows[first : first + expected]]
+    single = load_rows(DatasetEntry(path="org/ds/train.jsonl", type="alpaca", split=split), 0)
+    if split.startswith("train"):  # a single file is the train split, sliced
+        assert single["output"] == [r["output"] for r in rows[first : first + expected]]

@@ -78,6 +78,12 @@ def _split_of(entry: DatasetEntry) -> str:
     return entry.train_on_split or entry.split
 
 
+def _split_slice(entry: DatasetEntry) -> tuple[str, str]:
+    """`train[:20%]` -> (`train`, `[:20%]`): the split's name and `datasets`' slice, as Axolotl."""
+    name, bracket, rest = _split_of(entry).partition("[")
+    return name, bracket + rest
+
+
 def _scheme(path: str) -> str | None:
     scheme = urlparse(path).scheme.lower()
     return scheme if scheme in _REMOTE_PACKAGES else None
@@ -176,7 +182,7 @@ def _pick_files(names: list[str], entry: DatasetEntry, where: str, folder: str) 
     named = sorted(set().union(*by_split.values()))
     if not named:
         return data
-    split = _split_of(entry)
+    split = _split_slice(entry)[0]
     picked = [n for n in data if split in by_split[n]]
     if not picked:
         raise DataError(
@@ -300,7 +306,10 @@ def _read_located(located: _Located, entry: DatasetEntry, where: str) -> dataset
             raise DataError(f"{where}: {name} {problem}")
     try:
         return datasets.load_dataset(
-            _builder(located.fmt), data_files=files, split="train", storage_options=options
+            _builder(located.fmt),
+            data_files=files,
+            split="train" + _split_slice(entry)[1],  # the slice of `split: train[:20%]`
+            storage_options=options,
         )
     except Exception as exc:  # datasets raises many types for unreadable files
         for name in [n for n in files if _scheme(n)]:  # remote files: read them again
