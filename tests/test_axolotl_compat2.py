@@ -299,7 +299,6 @@ def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("llama4_linearized_experts", True, "swaps in Axolotl's patched Llama 4 modeling"),
         ("fp8", True, "`fp8` needs fp8 matmuls"),
         ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),
         ("expert_parallel_size", 4, "ParallelismConfig has no expert-parallel axis"),

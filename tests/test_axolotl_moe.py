@@ -314,3 +314,73 @@ def test_scattermoe_names_the_hub_repo_and_fails_clearly_without_cuda(monkeypatc
     fake.get_kernel = offline
     with pytest.raises(ModelError, match="could not be loaded from the Hugging Face hub"):
         moe.load_scattermoe()
+
+
+# -- llama4_linearized_experts ----------------------------------------------------------------
+
+
+def tiny_llama4() -> torch.nn.Module:
+    """2 Llama 4 text layers, both MoE (4 experts, top 1), experts given non-trivial weights."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=16, intermediate_size_mlp=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+    )  # fmt: skip
+    model = Llama4ForCausalLM(config).eval()
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
+def linearized(model: torch.nn.Module) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    for layer in out.model.layers:
+        fused = layer.feed_forward.experts
+        layer.feed_forward.experts = moe.LinearizedLlama4Experts.from_fused(fused, out.config)
+    return out
+
+
+def test_linearized_llama4_experts_equal_the_fused_module():
+    fused_model = tiny_llama4()
+    fused = fused_model.model.layers[0].feed_forward.experts
+    lin = moe.LinearizedLlama4Experts.from_fused(fused, fused_model.config)
+    assert len(lin.gate_projs) == 4 and lin.gate_projs[0].weight.shape == (16, 32)
+    assert lin.down_projs[3].weight.shape == (32, 16)
+    x = torch.randn(4 * 6, 32)
+    with torch.no_grad():
+        assert (lin(x) - fused(x)).abs().max() < 1e-6
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():  # measured max |diff| 7.5e-8 on the logits
+        assert (linearized(fused_model)(ids).logits - fused_model(ids).logits).abs().max() < 1e-6
+
+
+def test_a_linearized_checkpoint_loads_with_the_key_and_lora_targets_its_experts(tmp_path):
+    from newtune.models.load import ModelOptions, load_model
+
+    fused = tiny_llama4()
+    linearized(fused).save_pretrained(tmp_path / "lin")
+    fused.save_pretrained(tmp_path / "fused")
+    cfg = loaded(tmp_path, llama4_linearized_experts=True).config
+    options = ModelOptions.from_config(cfg, quantize=False)
+    assert options.linearized_llama4 is True
+    model = load_model(str(tmp_path / "lin"), options=options).eval()
+    experts = model.model.layers[1].feed_forward.experts
+    assert type(experts) is moe.LinearizedLlama4Experts
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - fused(ids).logits).abs().max() < 1e-6
+    from transformers.models.llama4 import modeling_llama4
+
+    assert modeling_llama4.Llama4TextExperts is not moe.LinearizedLlama4Experts  # restored
+    lora = get_peft_model(model, LoraConfig(target_modules=r".*experts\.gate_projs\.[0-9]+$"))
+    wrapped = [n for n, _ in lora.named_modules() if n.endswith("lora_A.default")]
+    assert len(wrapped) == 8  # 4 experts x 2 layers
+    with pytest.raises(ModelError, match="stores Llama 4's fused experts"):
+        load_model(str(tmp_path / "fused"), options=options)
+    with pytest.raises(ModelError, match="is not a Llama 4 model"):
+        tiny_moe().save_pretrained(tmp_path / "qwen")
+        load_model(str(tmp_path / "qwen"), options=options)

@@ -52,6 +52,7 @@ class ModelOptions:
     config_class: str | None = None  # cls_model_config: a transformers config class
     reinit: bool = False  # reinit_weights: built from the config, freshly initialised
     quantization: Any = None  # model_quantization_config's transformers object (config.compat3)
+    linearized_llama4: bool = False  # llama4_linearized_experts (models/moe.py)
 
     @classmethod
     def from_config(
@@ -75,6 +76,7 @@ class ModelOptions:
             reinit=bool(config.reinit_weights),
             config_class=config.cls_model_config,
             quantization=model_quantization(config) if quantize else None,
+            linearized_llama4=bool(config.llama4_linearized_experts),
         )
 
 
@@ -219,8 +221,14 @@ def load_model(
     )
     if options.reinit:
         return _reinitialised(cls, loc, options, key, value, kwargs)
+    swap: Any = contextlib.nullcontext()
+    if options.linearized_llama4:
+        from newtune.models.moe import linearized_llama4
+
+        swap = linearized_llama4(value)
     try:
-        model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
+        with swap:
+            model = cls.from_pretrained(loc.name_or_path, **kwargs, **loc.kwargs())
     except (OSError, ValueError) as exc:
         raise load_error(key, value, loc, exc) from exc
     if loc.gguf_file:

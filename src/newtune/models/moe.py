@@ -326,3 +326,103 @@ def prepare_experts(model: nn.Module, config: NewtuneConfig) -> NewtuneConfig:
                 "the key"
             ) from exc
     return quantize_experts(model, config)
+
+
+# -- llama4_linearized_experts ----------------------------------------------------------------
+
+_LINEARIZED_BUILT: list[nn.Module] = []  # instances built inside linearized_llama4()
+
+
+class LinearizedLlama4Experts(nn.Module):
+    """Llama 4's routed experts with one nn.Linear per expert and projection (`gate_projs`,
+    `up_projs`, `down_projs`: the layout of Axolotl's linearized checkpoints), so LoRA and
+    bitsandbytes reach them as modules; same inputs and outputs as transformers'
+    Llama4TextExperts (tokens already scaled and grouped by expert)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.num_experts = config.num_local_experts
+        self.hidden_size = config.hidden_size
+        self.expert_dim = config.intermediate_size
+
+        def linears(inp: int, out: int) -> nn.ModuleList:
+            return nn.ModuleList(nn.Linear(inp, out, bias=False) for _ in range(self.num_experts))
+
+        self.gate_projs = linears(self.hidden_size, self.expert_dim)
+        self.up_projs = linears(self.hidden_size, self.expert_dim)
+        self.down_projs = linears(self.expert_dim, self.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        _LINEARIZED_BUILT.append(self)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(experts * tokens, hidden) grouped by expert -> the same shape."""
+        grouped = hidden_states.view(self.num_experts, -1, self.hidden_size)
+        outs = [
+            down(up(x) * self.act_fn(gate(x)))
+            for x, gate, up, down in zip(
+                grouped, self.gate_projs, self.up_projs, self.down_projs, strict=True
+            )
+        ]
+        return torch.stack(outs).view(-1, self.hidden_size)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        """Empty: transformers' Llama 4 `_init_weights` initialises the fused parameters of
+        every module of this (patched) class by name; the per-expert layers are nn.Linear."""
+        return torch.empty(0)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        """Empty, as gate_up_proj."""
+        return torch.empty(0)
+
+    @classmethod
+    @torch.no_grad()
+    def from_fused(cls, fused: nn.Module, config: Any) -> LinearizedLlama4Experts:
+        """The same experts as transformers' fused module (gate_up_proj (E, H, 2I), down_proj
+        (E, I, H)), split into per-expert layers."""
+        new = cls(config)
+        _LINEARIZED_BUILT.remove(new)
+        dim = new.expert_dim
+        for e in range(new.num_experts):
+            new.gate_projs[e].weight.copy_(fused.gate_up_proj[e, :, :dim].T)
+            new.up_projs[e].weight.copy_(fused.gate_up_proj[e, :, dim:].T)
+            new.down_projs[e].weight.copy_(fused.down_proj[e].T)
+        return new.to(fused.gate_up_proj.dtype)
+
+
+@contextlib.contextmanager
+def linearized_llama4(source: str) -> Iterator[None]:
+    """`llama4_linearized_experts`: while the model is built and loaded, transformers' Llama 4
+    experts class is LinearizedLlama4Experts (as Axolotl patches it), so a linearized
+    checkpoint's `experts.gate_projs.N` weights load; ModelError when the model has no Llama 4
+    experts or its checkpoint holds the fused ones (they would stay randomly initialised)."""
+    from transformers.models.llama4 import modeling_llama4
+
+    fused = modeling_llama4.Llama4TextExperts
+    _LINEARIZED_BUILT.clear()
+    modeling_llama4.Llama4TextExperts = LinearizedLlama4Experts
+    try:
+        yield
+    finally:
+        modeling_llama4.Llama4TextExperts = fused
+    built, _LINEARIZED_BUILT[:] = list(_LINEARIZED_BUILT), []
+    if not built:
+        raise ModelError(
+            f"`llama4_linearized_experts: true`: {source} is not a Llama 4 model (no "
+            "Llama4TextExperts to linearize); remove the key."
+        )
+    missing = [
+        p for m in built for p in m.parameters() if not getattr(p, "_is_hf_initialized", False)
+    ]
+    if missing:
+        raise ModelError(
+            f"`llama4_linearized_experts: true`: {source} stores Llama 4's fused experts "
+            "(`experts.gate_up_proj`), not per-expert `experts.gate_projs.N` / `up_projs.N` / "
+            "`down_projs.N` weights, so the linearized experts would start untrained. Use a "
+            "linearized checkpoint (Axolotl's axolotl-quants/*-Linearized-*), or remove the key "
+            "and reach the fused experts with `lora_target_parameters: [feed_forward.experts."
+            "gate_up_proj, feed_forward.experts.down_proj]`."
+        )

@@ -108,11 +108,14 @@ class Compat2Section(Section):
         "lora`/`qlora` and load_in_4bit or load_in_8bit; LoRA reaches the experts through "
         "`lora_target_parameters`.",
     )
-    llama4_linearized_experts: Any = refused(
-        "Axolotl's linearized Llama 4 experts.",
-        "`llama4_linearized_experts` swaps in Axolotl's patched Llama 4 modeling (experts as "
-        "nn.Linear); transformers' Llama 4 keeps fused 3-D experts",
-        "`lora_target_parameters` on the experts' parameters",
+    llama4_linearized_experts: bool | None = Field(
+        default=None,
+        description="Llama 4 with linearized experts: while loading, transformers' fused "
+        "Llama4TextExperts is replaced by one nn.Linear per expert and projection "
+        "(`feed_forward.experts.gate_projs.N` / `up_projs.N` / `down_projs.N`, the layout of "
+        "Axolotl's linearized checkpoints such as axolotl-quants/*-Linearized-*), so "
+        "load_in_4bit and lora_target_modules reach them. Every load (train, merge, inference) "
+        "reads that layout; a checkpoint with fused experts is refused.",
     )
     # -- training ----------------------------------------------------------------------------
     unfrozen_parameters: list[str] | None = Field(
