@@ -224,7 +224,8 @@ class Compat2Section(Section):
     expert_parallel_size: Any = refused(
         "Expert parallelism (Axolotl's ExpertParallelPlugin).",
         "`expert_parallel_size` is Axolotl's DeepEP expert-parallel plugin; accelerate's "
-        "ParallelismConfig has no expert-parallel axis",
+        "ParallelismConfig has no expert-parallel axis, and transformers' own "
+        "DistributedConfig(ep_size) loading is not wired into newtune's Trainer launch",
         "`dp_shard_size` (FSDP shards the experts)",
     )
     expert_parallel_num_nvl_bytes: Any = refused(
