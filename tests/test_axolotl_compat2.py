@@ -302,7 +302,6 @@ def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, 
         ("fp8", True, "`fp8` needs fp8 matmuls"),
         ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),
         ("expert_parallel_size", 4, "ParallelismConfig has no expert-parallel axis"),
-        ("use_otel_metrics", True, "transformers has no OpenTelemetry integration"),
         ("nvfp4_merge_aware", True, "`nvfp4_merge_aware` is Axolotl's own code"),
     ],
 )

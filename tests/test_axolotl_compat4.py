@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import socket
 import sys
 import types
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from newtune.config.load import load_config
 from newtune.config.resolve import resolve
 from newtune.errors import ConfigError
 from newtune.train.args import build_training_args, schedule_for
+from newtune.train.callbacks import build_callbacks
 from newtune.train.compat2 import apply_model_keys
-from newtune.train.compat4 import compile_flex_attention_with
+from newtune.train.compat4 import OtelMetricsCallback, compile_flex_attention_with
 from newtune.train.run import training_model
 from newtune.train.schedules import build_scheduler
 
@@ -432,3 +435,155 @@ def test_onebitllms_replaces_the_linear_layers_before_unfrozen_parameters(
 )
 def test_onebitllms_refusals(tmp_path, keys, expected):
     assert expected in refused_by_cli(tmp_path, use_onebitllms=True, **keys)
+
+
+# -- use_otel_metrics ---------------------------------------------------------------------------
+
+OTEL_EXPORTER = "opentelemetry.exporter.prometheus"
+
+
+def _has_exporter() -> bool:
+    try:
+        return importlib.util.find_spec(OTEL_EXPORTER) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+STATE = types.SimpleNamespace(is_world_process_zero=True)
+
+
+def _feed(callback: Any) -> None:
+    """What the Trainer calls during two steps, one log and one evaluation."""
+    callback.on_train_begin(None, STATE, None)
+    callback.on_log(None, STATE, None, logs={"loss": 1.25, "learning_rate": 2e-5, "epoch": 0.5})
+    callback.on_log(None, STATE, None, logs={"grad_norm": 3.0, "note": "text"})
+    callback.on_step_end(None, STATE, None)
+    callback.on_step_end(None, STATE, None)
+    callback.on_evaluate(None, STATE, None, metrics={"eval_loss": 0.75, "epoch": 1.0})
+
+
+@pytest.mark.skipif(_has_exporter(), reason="needs the exporter absent")
+def test_otel_metrics_validate_with_a_warning_and_train_refuses_without_the_exporter(tmp_path):
+    keys = {"use_otel_metrics": True, "otel_metrics_host": "localhost", "otel_metrics_port": 8000}
+    cfg = runnable(tmp_path, **keys)
+    proc = cli("validate", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "warning: `use_otel_metrics: true` needs OpenTelemetry's Prometheus exporter, which is "
+        "not installed here; the machine that trains needs it (`pip install opentelemetry-sdk "
+        "opentelemetry-exporter-prometheus`)."
+    ) in proc.stderr
+    err = error_line(cli("train", cfg))
+    assert (
+        "`use_otel_metrics: true` needs OpenTelemetry's Prometheus exporter, which is not "
+        "installed; run `pip install opentelemetry-sdk opentelemetry-exporter-prometheus`, or "
+        "remove `use_otel_metrics`"
+    ) in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_otel_host_or_port_without_use_otel_metrics_is_refused(tmp_path):
+    err = refused_by_cli(tmp_path, otel_metrics_port=9000)
+    assert (
+        "`otel_metrics_port` sets the OpenTelemetry metrics endpoint, and `use_otel_metrics` is "
+        "not true; set `use_otel_metrics: true` or remove it"
+    ) in err
+
+
+def test_otel_callback_records_the_trainer_metrics_in_the_sdk(tmp_path, monkeypatch):
+    """The real OpenTelemetry SDK, with its in-memory reader standing in for the Prometheus
+    reader and a recording stand-in for prometheus_client's HTTP server."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    readers: list[Any] = []
+    servers: list[tuple[int, str]] = []
+
+    class Reader(InMemoryMetricReader):
+        def __init__(self) -> None:
+            super().__init__()
+            readers.append(self)
+
+    class Server:
+        def shutdown(self) -> None:
+            servers.append((-1, "shutdown"))
+
+        def server_close(self) -> None:
+            pass
+
+    def start_http_server(port: int, addr: str) -> Any:
+        servers.append((port, addr))
+        return Server(), types.SimpleNamespace(join=lambda timeout: None)
+
+    exporter = types.ModuleType(OTEL_EXPORTER)
+    exporter.__spec__ = importlib.machinery.ModuleSpec(OTEL_EXPORTER, None)  # "installed"
+    exporter.PrometheusMetricReader = Reader  # type: ignore[attr-defined]
+    client = types.ModuleType("prometheus_client")
+    client.__spec__ = importlib.machinery.ModuleSpec("prometheus_client", None)
+    client.start_http_server = start_http_server  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, OTEL_EXPORTER, exporter)
+    monkeypatch.setitem(sys.modules, "prometheus_client", client)
+
+    cfg = loaded(tmp_path, use_otel_metrics=True, otel_metrics_port=9123).config
+    (callback,) = [c for c in build_callbacks(cfg) if isinstance(c, OtelMetricsCallback)]
+    _feed(callback)
+    assert servers == [(9123, "localhost")]
+    data = readers[0].get_metrics_data()
+    values = {
+        metric.name: metric.data.data_points[0].value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    assert values == {
+        "axolotl_global_steps": 2,
+        "axolotl_train_loss": 1.25,
+        "axolotl_learning_rate": 2e-5,
+        "axolotl_epoch": 0.5,
+        "axolotl_gradient_norm": 3.0,
+        "axolotl_eval_loss": 0.75,
+    }
+    callback.on_train_end(None, STATE, None)
+    assert servers[-1] == (-1, "shutdown") and callback.provider is None
+
+
+def test_otel_callback_is_silent_off_the_main_process():
+    callback = OtelMetricsCallback("localhost", _free_port())
+    rank1 = types.SimpleNamespace(is_world_process_zero=False)
+    callback.on_train_begin(None, rank1, None)
+    callback.on_log(None, rank1, None, logs={"loss": 1.0})
+    callback.on_step_end(None, rank1, None)
+    assert callback.provider is None and callback.server is None
+
+
+@pytest.mark.skipif(not _has_exporter(), reason="needs opentelemetry-exporter-prometheus")
+def test_otel_endpoint_serves_the_metrics_to_prometheus():
+    port = _free_port()
+    for _ in range(2):  # a second run in the same process registers again
+        callback = OtelMetricsCallback("127.0.0.1", port)
+        _feed(callback)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        lines = {
+            line.split("{")[0]: float(line.split()[-1])
+            for line in text.decode().splitlines()
+            if line.startswith("axolotl_")
+        }
+        assert lines == {
+            "axolotl_train_loss": 1.25,
+            "axolotl_learning_rate": 2e-5,
+            "axolotl_epoch": 0.5,
+            "axolotl_gradient_norm": 3.0,
+            "axolotl_global_steps_total": 2.0,
+            "axolotl_eval_loss": 0.75,
+        }
+        busy = OtelMetricsCallback("127.0.0.1", port)
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port}"):
+            busy.on_train_begin(None, STATE, None)
+        callback.on_train_end(None, STATE, None)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

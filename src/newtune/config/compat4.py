@@ -137,6 +137,17 @@ def _onebit_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     return errors
 
 
+def _otel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    if cfg.use_otel_metrics:
+        return []
+    return [
+        f"`{names(key)}` sets the OpenTelemetry metrics endpoint, and `use_otel_metrics` is "
+        "not true; set `use_otel_metrics: true` or remove it"
+        for key in ("otel_metrics_host", "otel_metrics_port")
+        if getattr(cfg, key) is not None
+    ]
+
+
 def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
     """Errors for eta_min, flex_attn_compile_kwargs, unfrozen_parameters with an adapter and
     use_onebitllms."""
@@ -145,23 +156,35 @@ def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
         + _flex_rules(cfg, names)
         + _unfrozen_adapter_rules(cfg, names)
         + _onebit_rules(cfg, names)
+        + _otel_rules(cfg, names)
     )
 
 
 def machine_needs4(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -> list[Any]:
     """The packages (and CUDA) these keys need; `need` builds a config.machine.Need."""
-    if not cfg.use_onebitllms:
-        return []
-    return [
-        need(
-            f"`{names('use_onebitllms')}: true`",
-            "the onebitllms package",
-            "onebitllms",
-            ("pip install onebitllms",),
-            "remove `use_onebitllms` (the model's own bf16 layers train)",
-            "onebitllms' BitNet layers quantize with Triton CUDA kernels",
+    needs = []
+    if cfg.use_onebitllms:
+        needs.append(
+            need(
+                f"`{names('use_onebitllms')}: true`",
+                "the onebitllms package",
+                "onebitllms",
+                ("pip install onebitllms",),
+                "remove `use_onebitllms` (the model's own bf16 layers train)",
+                "onebitllms' BitNet layers quantize with Triton CUDA kernels",
+            )
         )
-    ]
+    if cfg.use_otel_metrics:
+        needs.append(
+            need(
+                f"`{names('use_otel_metrics')}: true`",
+                "OpenTelemetry's Prometheus exporter",
+                "opentelemetry.exporter.prometheus",
+                ("pip install opentelemetry-sdk opentelemetry-exporter-prometheus",),
+                "remove `use_otel_metrics` (or report to tensorboard / wandb / mlflow)",
+            )
+        )
+    return needs
 
 
 def compat4_notes(cfg: NewtuneConfig) -> list[str]:

@@ -176,7 +176,10 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:  # a dotted name imports its parents, which may be missing too
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def missing_here(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:

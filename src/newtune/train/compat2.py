@@ -272,7 +272,9 @@ def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
         callbacks.append(QATCallback(config.qat))
     if swanlab_enabled(config) and _swanlab_init_extras(config):
         callbacks.append(swanlab_callback(config))
-    return callbacks
+    from newtune.train.compat4 import callbacks4
+
+    return callbacks + callbacks4(config)  # use_otel_metrics
 
 
 # -- the model -------------------------------------------------------------------------------

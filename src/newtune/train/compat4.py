@@ -1,5 +1,6 @@
 """Issue 16, part 4, applied to a run: flex attention compiled with flex_attn_compile_kwargs,
-and unfrozen_parameters under an adapter (only adapter weights may train)."""
+unfrozen_parameters under an adapter (only adapter weights may train), onebitllms' BitNet
+layers, and the OpenTelemetry metrics endpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError
@@ -108,3 +110,104 @@ def apply_model_keys4(model: Any, config: NewtuneConfig, trained: list[str] | No
         compile_flex_attention_with(config.flex_attn_compile_kwargs)
     if config.unfrozen_parameters and trained is not None:
         check_unfrozen_under_adapter(model, trained, config.unfrozen_parameters)
+
+
+# -- use_otel_metrics ------------------------------------------------------------------------
+
+OTEL_PREFIX = "axolotl_"  # Axolotl's metric names, so its dashboards and alerts carry over
+OTEL_GAUGES = {  # log key -> metric name (without the prefix)
+    "loss": "train_loss",
+    "eval_loss": "eval_loss",
+    "learning_rate": "learning_rate",
+    "epoch": "epoch",
+    "grad_norm": "gradient_norm",
+}
+
+
+class OtelMetricsCallback(TrainerCallback):
+    """Training metrics as OpenTelemetry gauges, read by OpenTelemetry's Prometheus reader and
+    served by prometheus_client's HTTP server on host:port (main process only)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        """Where the endpoint will listen; nothing starts before training begins."""
+        self.host, self.port = host, port
+        self.provider: Any = None
+        self.server: Any = None
+        self.gauges: dict[str, Any] = {}
+        self.steps: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Build the meter provider and start the endpoint."""
+        if not state.is_world_process_zero or self.provider is not None:
+            return
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import start_http_server
+
+        self.provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+        meter = self.provider.get_meter("newtune.training")
+        self.meter = meter
+        self.steps = meter.create_counter(f"{OTEL_PREFIX}global_steps", unit="1")
+        try:
+            self.server = start_http_server(self.port, addr=self.host)
+        except OSError as exc:
+            self.provider.shutdown()
+            self.provider = None
+            raise ConfigError(
+                f"`use_otel_metrics`: the metrics endpoint cannot listen on "
+                f"{self.host}:{self.port} ({exc}); choose a free `otel_metrics_port` or "
+                "`otel_metrics_host`"
+            ) from exc
+        log.info("OpenTelemetry metrics at http://%s:%s/metrics", self.host, self.port)
+
+    def _set(self, name: str, value: float) -> None:
+        if name not in self.gauges:
+            self.gauges[name] = self.meter.create_gauge(f"{OTEL_PREFIX}{name}", unit="1")
+        self.gauges[name].set(value)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Loss, eval loss, learning rate, epoch and gradient norm as gauges."""
+        if self.provider is None:
+            return
+        for key, name in OTEL_GAUGES.items():
+            value = (logs or {}).get(key)
+            if isinstance(value, int | float):
+                self._set(name, float(value))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """One more optimizer step."""
+        if self.provider is not None:
+            self.steps.add(1)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Every numeric eval_* metric as a gauge of its own name."""
+        if self.provider is None:
+            return
+        for key, value in (metrics or {}).items():
+            if key.startswith("eval_") and isinstance(value, int | float):
+                self._set(key, float(value))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Stop the endpoint and the meter provider (the port is free again)."""
+        if self.provider is None:
+            return
+        if self.server is not None:
+            server, thread = self.server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        self.provider.shutdown()
+        self.provider = self.server = None
+        self.gauges = {}
+
+
+def callbacks4(config: NewtuneConfig) -> list[TrainerCallback]:
+    """use_otel_metrics."""
+    if not config.use_otel_metrics:
+        return []
+    host = config.otel_metrics_host or "localhost"
+    return [OtelMetricsCallback(host, config.otel_metrics_port or 8000)]

@@ -200,14 +200,22 @@ class Compat2Section(Section):
         description="Hugging Face Space the trackio dashboard syncs to "
         "(TrainingArguments.trackio_space_id); unset: local only.",
     )
-    use_otel_metrics: Any = refused(
-        "OpenTelemetry metrics (Axolotl).",
-        "`use_otel_metrics` starts Axolotl's own OpenTelemetry/Prometheus callback; transformers "
-        "has no OpenTelemetry integration",
-        "`use_tensorboard`, `wandb_project` or `mlflow_experiment_name`",
+    use_otel_metrics: bool | None = Field(
+        default=None,
+        description="Export the training metrics through OpenTelemetry (SDK MeterProvider with "
+        "the Prometheus reader) on an HTTP endpoint for Prometheus to scrape, "
+        "http://otel_metrics_host:otel_metrics_port/metrics, from the main process, under "
+        "Axolotl's metric names (axolotl_train_loss, axolotl_eval_loss, "
+        "axolotl_learning_rate, axolotl_epoch, axolotl_gradient_norm, "
+        "axolotl_global_steps_total, axolotl_eval_*). Needs `pip install "
+        "opentelemetry-sdk opentelemetry-exporter-prometheus`.",
     )
-    otel_metrics_host: Any = refused("OpenTelemetry host.", "goes with `use_otel_metrics`")
-    otel_metrics_port: Any = refused("OpenTelemetry port.", "goes with `use_otel_metrics`")
+    otel_metrics_host: str | None = Field(
+        default=None, description="Address the metrics endpoint binds (default localhost)."
+    )
+    otel_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Port of the metrics endpoint (default 8000)."
+    )
     # -- parallelism (accelerate's ParallelismConfig) ----------------------------------------
     dp_shard_size: int | None = Field(
         default=None, ge=1, description="FSDP shard group size (ParallelismConfig.dp_shard_size)."
