@@ -143,6 +143,37 @@ def test_lora_on_quantized_experts_equals_lora_on_their_dequantized_weights(bits
     assert len(frozen) == 4 and all(not p.requires_grad and p.grad is None for p in frozen)
 
 
+def test_a_saved_expert_adapter_loads_onto_quantized_experts(tmp_path):
+    """lora_model_dir: an adapter trained on plain experts (suffix targets, peft's nesting)
+    loads onto the quantized model under expert_lora, each weight in its own wrapper."""
+    from peft import PeftModel
+
+    plain = lora_on_experts(tiny_moe(), EXPERTS)
+    plain.save_pretrained(tmp_path / "adapter")
+    quantized = tiny_moe()
+    moe.quantize_expert_parameters(quantized, 4)
+    dequantized = tiny_moe()  # plain parameters holding the dequantized values
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            for pname in getattr(module, "parametrizations", {}):
+                getattr(dequantized.get_submodule(name), pname).copy_(getattr(module, pname))
+    from peft.tuners.tuners_utils import BaseTuner
+
+    original = BaseTuner._inject_parameters
+    with moe.expert_lora(quantized):
+        loaded_model = PeftModel.from_pretrained(quantized, tmp_path / "adapter")
+    assert BaseTuner._inject_parameters is original  # peft's method is put back
+    ours, theirs = loaded_model.state_dict(), plain.state_dict()
+    keys = [k for k in theirs if "lora_" in k]
+    assert len(keys) == 8 and all(torch.equal(ours[k], theirs[k]) for k in keys)
+    wrappers = [m for m in loaded_model.modules() if isinstance(m, moe.QuantizedParamWrapper)]
+    assert len(wrappers) == 4
+    reference = PeftModel.from_pretrained(dequantized, tmp_path / "adapter")
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded_model(ids).logits, reference(ids).logits, atol=1e-5)
+
+
 def test_quantize_experts_reads_the_config_and_expands_the_targets(tmp_path):
     cfg = loaded(
         tmp_path, adapter="qlora", load_in_4bit=True, quantize_moe_experts=True,

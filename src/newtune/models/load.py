@@ -297,7 +297,7 @@ def build_model(
     # `tf32` is applied by train.precision.tf32_scope for the run only (not process-wide here)
     options = ModelOptions.from_config(config, plan)
     model = load_model(config.base_model, plan.dtype, options=options)
-    from newtune.models.moe import guard_expert_lora, prepare_experts
+    from newtune.models.moe import expert_lora, prepare_experts
 
     config = prepare_experts(model, config)  # quantize_moe_experts, scattermoe
     model.config.use_cache = False  # packed rows are isolated only without a KV cache
@@ -309,8 +309,8 @@ def build_model(
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config)
     if plan.train_mode in ("lora", "qlora"):
-        model = attach_lora(model, config, new_tokens=bool(new_ids))
-        guard_expert_lora(model)  # LoRA on quantized experts
+        with expert_lora(model):  # LoRA on quantized experts
+            model = attach_lora(model, config, new_tokens=bool(new_ids))
     log.info(describe_parameters(model))
     return model
 

@@ -221,6 +221,35 @@ def guard_expert_lora(model: nn.Module) -> int:
     return count
 
 
+@contextlib.contextmanager
+def expert_lora(model: nn.Module) -> Iterator[None]:
+    """While LoRA is attached to (get_peft_model) or loaded onto (PeftModel.from_pretrained,
+    `lora_model_dir`) a model with quantized experts: peft's parameter targets are expanded to
+    the quantized parameters' full names (expand_target_parameters) and its wrappers fixed and
+    nested as over plain parameters (guard_expert_lora) before any saved weights load into
+    them. Does nothing on other models."""
+    if not quantized_experts(model):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTuner
+
+    original = BaseTuner._inject_parameters
+
+    def inject(self: Any, peft_config: Any, model: nn.Module, **kwargs: Any) -> list[str]:
+        peft_config.target_parameters = expand_target_parameters(
+            model, peft_config.target_parameters
+        )
+        names = original(self, peft_config=peft_config, model=model, **kwargs)
+        guard_expert_lora(model)
+        return names
+
+    BaseTuner._inject_parameters = inject
+    try:
+        yield
+    finally:
+        BaseTuner._inject_parameters = original
+
+
 def quantized_chain(chain: Any) -> bool:
     """The parametrization chain starts with a quantization made here."""
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
