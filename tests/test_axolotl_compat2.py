@@ -624,8 +624,8 @@ def test_dp_replicate_size_trains_on_two_cpu_ranks_with_ddp(tmp_path, model_dir)
     script.write_text(PARALLEL_SPY)
     proc = launch(
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(script), str(spy), cfg,
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), str(spy), cfg,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):

@@ -70,6 +70,8 @@ def train_on_two_cpu_ranks(cfg: Path) -> subprocess.CompletedProcess:
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",  # a free port: launches may run side by side (pytest -n)
+        "0",
         "--mixed_precision",
         "no",
         "--dynamo_backend",

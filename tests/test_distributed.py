@@ -435,8 +435,8 @@ def test_ddp_two_ranks_share_the_data_and_end_with_identical_weights(tmp_path, m
     script.write_text(SPY)
     proc = cli(
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(script), str(spy_dir), str(cfg),
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), str(spy_dir), str(cfg),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     # prepared once, by whichever rank took the cache lock first; the other reused it
@@ -472,6 +472,7 @@ def _ds_run(tmp_path: Path, model_dir: Path, ds: str | dict, **keys) -> Path:
     proc = cli(
         "-m", "newtune.cli.train", str(cfg), "--launcher", "accelerate",
         "--", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", "0",
         "--mixed_precision", "no", "--dynamo_backend", "no",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

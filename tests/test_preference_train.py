@@ -328,6 +328,7 @@ def test_two_ranks_average_metrics_across_ranks(tmp_path, model_dir, capsys):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", "0"]  # a free port: launches may run side by side
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run(
         [sys.executable, *launch, "-m", "newtune.cli.train", str(cfg)],

@@ -140,6 +140,7 @@ def test_two_rank_zero2_checkpoints_are_renamed_whole_and_resume(tmp_path, model
     keys = {"save_steps": 1, "max_steps": 2, "auto_resume_from_checkpoints": True}
     cfg = make_config(tmp_path, model_dir, data, "alpaca", deepspeed="zero2", **keys)
     launch = ["--", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--main_process_port", "0"]  # a free port: launches may run side by side
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = cli("-m", "newtune.cli.train", str(cfg), "--launcher", "accelerate", *launch)
     assert proc.returncode == 0, proc.stderr[-3000:]
