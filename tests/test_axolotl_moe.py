@@ -190,11 +190,28 @@ def test_quantize_experts_reads_the_config_and_expands_the_targets(tmp_path):
         moe.quantize_experts(torch.nn.Sequential(torch.nn.Linear(2, 2)), cfg)
 
 
-def test_quantize_moe_experts_needs_bits_and_an_adapter(tmp_path):
-    err = error_of(tmp_path, quantize_moe_experts=True, adapter="lora")
-    assert "`quantize_moe_experts: true` quantizes the experts with the bits of" in err
-    err = error_of(tmp_path, quantize_moe_experts=True, load_in_8bit=True)
-    assert "`quantize_moe_experts: true` freezes the quantized experts; it needs" in err
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            {"adapter": "lora"},
+            "`quantize_moe_experts: true` quantizes the experts with the bits of `load_in_4bit` "
+            "or `load_in_8bit`; set one",
+        ),
+        (
+            {"load_in_8bit": True},
+            "`quantize_moe_experts: true` freezes the quantized experts; it needs `adapter: "
+            "lora` or `qlora`",
+        ),
+    ],
+)
+def test_quantize_moe_experts_needs_bits_and_an_adapter(tmp_path, keys, expected):
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump({**BASE, "quantize_moe_experts": True, **keys}))
+    proc = cli("validate", str(path))
+    assert proc.returncode != 0
+    assert expected in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr
 
 
 def moe_folder(tmp_path: Path, chat_tok_dir: Path) -> Path:
