@@ -587,3 +587,20 @@ def test_otel_endpoint_serves_the_metrics_to_prometheus():
         callback.on_train_end(None, STATE, None)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_under_whole_model_compile_the_flex_wrapper_is_never_built(
+    model_dir, monkeypatch, transformers_flex
+):
+    """Why `torch_compile: true` refuses flex_attn_compile_kwargs: tracing the model calls
+    torch's flex_attention directly, so the wrapper that takes the kwargs never runs."""
+    compile_flex_attention_with(FLEX_KWARGS)
+    built: list[bool] = []
+    wrapper = transformers_flex.WrappedFlexAttention
+    init = wrapper.__init__
+    monkeypatch.setattr(wrapper, "__init__", lambda self, t: (built.append(t), init(self, t))[1])
+    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="flex_attention")
+    _packed_loss(torch.compile(model, backend="eager"))
+    assert built == []
+    _packed_loss(model)  # uncompiled: each of the 2 layers asks the wrapper (training False)
+    assert built == [False, False]
