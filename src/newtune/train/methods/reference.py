@@ -87,10 +87,14 @@ def score_split(
     batch_size: int,
     pad_id: int,
     device: Any,
+    capacity: int | None = None,
+    attention: str | None = None,
 ) -> dict[str, list[float]]:
-    """The method's reference columns for every row of a split, in row order."""
+    """The method's reference columns for every row of a split, in row order (scored packed
+    when `capacity` is set: the log-probs are those of the padded rows, without the padding)."""
     columns: dict[str, list[float]] = {name: [] for name in method.ref_columns}
-    loader = sequential_loader(ds, batch_size, method.collator(pad_id, None, None))
+    collate = method.collator(pad_id, capacity, None, attention)
+    loader = sequential_loader(ds, batch_size, collate)
     with reference.scoring(policy) as ref:
         was_training = ref.training
         ref.eval()
@@ -127,6 +131,10 @@ def precompute(
     folder = reference_folder(prepared_path, key_inputs)
     device = torch.device(plan.device if plan.device != "cuda" else f"cuda:{plan.local_rank}")
     batch_size = config.eval_batch_size or config.micro_batch_size
+    attention = plan.attn_implementation
+    # packed scoring, as in training (one long row for flash-attention's varlen path)
+    flash = attention.startswith("flash_attention")
+    capacity = 2 * config.sequence_len * batch_size if flash else config.sequence_len
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
         clean_stale(folder.parent)
         if not (folder / REFERENCE_FILE).is_file():
@@ -136,7 +144,17 @@ def precompute(
                 reference.model.to(device)
             with atomic_dir(folder) as tmp:
                 for name, ds in splits.items():
-                    columns = score_split(method, reference, policy, ds, batch_size, pad_id, device)
+                    columns = score_split(
+                        method,
+                        reference,
+                        policy,
+                        ds,
+                        batch_size,
+                        pad_id,
+                        device,
+                        capacity,
+                        attention,
+                    )
                     datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / name))
                 (tmp / REFERENCE_FILE).write_text(json.dumps(key_inputs, indent=2, default=str))
         else:
