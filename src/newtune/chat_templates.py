@@ -328,7 +328,24 @@ PIXTRAL = (
     + "{{ eos_token }}{% endif %}{% endfor %}"
 )
 
+# Llama 4 (meta-llama/Llama-4-*): BOS, `<|header_start|>ROLE<|header_end|>\\n\\n...<|eot|>`
+# turns, the system text trimmed, images `<|image|>`, `tool` messages as `ipython` turns.
+# Tool definitions and calls (`<|python_start|>`) are not rendered.
+LLAMA4 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if loop.first and message['role'] == 'system' %}"
+    "{{ '<|header_start|>system<|header_end|>\\n\\n' }}"
+    + _parts("<|image|>", trim=True)
+    + "{% else %}{{ '<|header_start|>' + ('ipython' if message['role'] in ['tool', 'ipython'] "
+    "else message['role']) + '<|header_end|>\\n\\n' }}"
+    + _parts("<|image|>")
+    + "{% endif %}{{ '<|eot|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\\n\\n' }}"
+    "{% endif %}"
+)
+
 VENDOR_TEMPLATES: dict[str, str] = {
+    "llama4": LLAMA4,
     "qwen_25": QWEN_25,
     "qwen3": QWEN3,
     "qwen3_5": QWEN3_5,
@@ -355,6 +372,29 @@ NAMED_TEMPLATES: dict[str, str] = {
 TOKENIZER_DEFAULT = "tokenizer_default"
 
 
+def template_problem(value: str, key: str = "chat_template") -> str | None:
+    """Why newtune cannot render `key: value` (one paragraph), or None when it can.
+
+    A value is a name newtune has, `tokenizer_default`, a jinja string or a .jinja/.j2 path
+    (whose existence is checked when the template is read).
+    """
+    if (
+        value == TOKENIZER_DEFAULT
+        or value in NAMED_TEMPLATES
+        or "{%" in value
+        or "{{" in value
+        or value.endswith((".jinja", ".j2"))
+    ):
+        return None
+    return (
+        f"`{key}: {value}` is not a chat template newtune can render. The names newtune has "
+        f"are {', '.join(NAMED_TEMPLATES)}. To use the model's own template write "
+        f"`{key}: {TOKENIZER_DEFAULT}`; to give a template, write it as a jinja string in "
+        f"`{key}` or `chat_template_jinja` (a dataset entry's key), or the path of a .jinja "
+        "file."
+    )
+
+
 def resolve_chat_template(name_or_jinja: str | None, tokenizer_template: str | None) -> str | None:
     """The jinja source for a config's `chat_template` (a name, a jinja string, or None)."""
     if name_or_jinja is None or name_or_jinja == TOKENIZER_DEFAULT:
@@ -368,11 +408,7 @@ def resolve_chat_template(name_or_jinja: str | None, tokenizer_template: str | N
         if not path.is_file():
             raise ConfigError(f"chat template file {name_or_jinja} does not exist.")
         return path.read_text(encoding="utf-8")
-    raise ConfigError(
-        f"`chat_template: {name_or_jinja}` is not a template newtune knows. Use one of "
-        f"{', '.join([TOKENIZER_DEFAULT, *NAMED_TEMPLATES])}, a jinja template string, or the "
-        "path of a .jinja file."
-    )
+    raise ConfigError(template_problem(name_or_jinja) or name_or_jinja)
 
 
 # Tests that give the same answer for a content string with or without marker characters.

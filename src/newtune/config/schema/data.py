@@ -2,8 +2,9 @@
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from newtune.chat_templates import template_problem
 from newtune.config.schema.base import Section
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
@@ -103,6 +104,16 @@ class DatasetEntry(Section):
     chat_template_jinja: str | None = Field(
         default=None, description="Jinja chat template for this dataset only."
     )
+
+    @model_validator(mode="after")
+    def _renderable_template(self) -> "DatasetEntry":
+        """`chat_template` is one newtune can render (chat_template_jinja, when set, wins)."""
+        if self.chat_template is not None and not self.chat_template_jinja:
+            problem = template_problem(self.chat_template)
+            if problem:
+                raise ValueError(problem)
+        return self
+
     system_prompt: str | None = Field(
         default=None, description="user_defined: system text when the row has none."
     )
@@ -143,6 +154,16 @@ class DataSection(Section):
     chat_template: str | None = Field(
         default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _renderable_template(cls, value: str | None) -> str | None:
+        """A name newtune has, `tokenizer_default`, a jinja string or a .jinja file."""
+        problem = None if value is None else template_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     eot_tokens: list[str] | None = Field(
         default=None, description="End-of-turn tokens of the chat template (default: EOS)."
     )
