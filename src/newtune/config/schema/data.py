@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from newtune.chat_templates import template_problem
+from newtune.chat_templates import NAMED_TEMPLATES, template_problem
 from newtune.config.schema.base import Section
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
@@ -99,7 +99,9 @@ class DatasetEntry(Section):
         "trace from (default reasoning_content; e.g. gpt-oss's `thinking`).",
     )
     chat_template: str | None = Field(
-        default=None, description="Chat template (name, jinja or .jinja file) for this dataset."
+        default=None,
+        description="Chat template for this dataset (a name as `chat_template`, jinja or a "
+        ".jinja file).",
     )
     chat_template_jinja: str | None = Field(
         default=None, description="Jinja chat template for this dataset only."
@@ -152,7 +154,9 @@ class DataSection(Section):
         default=None, description="Evaluation data sources (instead of val_set_size)."
     )
     chat_template: str | None = Field(
-        default=None, description="Template name (chatml, llama3, tokenizer_default) or jinja."
+        default=None,
+        description=f"Chat template: tokenizer_default, a name ({', '.join(NAMED_TEMPLATES)}), "
+        "a jinja string or a .jinja file; other names are refused.",
     )
 
     @field_validator("chat_template")
