@@ -254,7 +254,6 @@ def test_liger_rms_norm_gated_validates_with_a_warning_without_liger(tmp_path):
     [
         ("tiled_mlp", "TiledMLP"),
         ("fused_attn_kernel", "Axolotl's own patched modeling code"),
-        ("gemma4_hybrid_attn_impl", "patches Gemma 4's attention per layer"),
     ],
 )
 def test_axolotl_patches_are_refused_by_name_when_on(tmp_path, key, words):

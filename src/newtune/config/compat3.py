@@ -49,6 +49,15 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             "loaded onto its base again; remove `adapter` (a full training from scratch) or "
             "`reinit_weights`"
         )
+    if cfg.gemma4_hybrid_attn_impl and cfg.attn_implementation != "flash_attention_2":
+        errors.append(
+            f"`{names('gemma4_hybrid_attn_impl')}: true` runs Gemma 4's sliding-window layers "
+            "on flash_attention_2 and its full-attention layers on sdpa, and "
+            f"`{names('attn_implementation')}` is `{cfg.attn_implementation}`; set "
+            "`attn_implementation: flash_attention_2` (or leave it unset), or remove "
+            f"`gemma4_hybrid_attn_impl` to run every layer on {cfg.attn_implementation} "
+            "(Axolotl refuses this too)"
+        )
     if cfg.model_quantization_config and (cfg.load_in_4bit or cfg.load_in_8bit):
         errors.append(
             f"`{names('model_quantization_config')}` and `load_in_4bit`/`load_in_8bit` both set "

@@ -53,6 +53,7 @@ class ModelOptions:
     reinit: bool = False  # reinit_weights: built from the config, freshly initialised
     quantization: Any = None  # model_quantization_config's transformers object (config.compat3)
     linearized_llama4: bool = False  # llama4_linearized_experts (models/moe.py)
+    hybrid_attention: bool = False  # gemma4_hybrid_attn_impl (models/hybrid_attention.py)
 
     @classmethod
     def from_config(
@@ -77,6 +78,7 @@ class ModelOptions:
             config_class=config.cls_model_config,
             quantization=model_quantization(config) if quantize else None,
             linearized_llama4=bool(config.llama4_linearized_experts),
+            hybrid_attention=bool(config.gemma4_hybrid_attn_impl),
         )
 
 
@@ -220,7 +222,7 @@ def load_model(
         "AutoModelForCausalLM or LlamaForCausalLM",
     )
     if options.reinit:
-        return _reinitialised(cls, loc, options, key, value, kwargs)
+        return _hybrid(_reinitialised(cls, loc, options, key, value, kwargs), options)
     swap: Any = contextlib.nullcontext()
     if options.linearized_llama4:
         from newtune.models.moe import linearized_llama4
@@ -233,6 +235,15 @@ def load_model(
         raise load_error(key, value, loc, exc) from exc
     if loc.gguf_file:
         model = _plain_from_gguf(model, loc, torch_dtype, options)
+    return _hybrid(model, options)
+
+
+def _hybrid(model: Any, options: ModelOptions) -> Any:
+    """`gemma4_hybrid_attn_impl`: Gemma 4's full-attention layers moved to sdpa."""
+    if options.hybrid_attention:
+        from newtune.models.hybrid_attention import apply_hybrid_attention
+
+        apply_hybrid_attention(model)
     return model
 
 

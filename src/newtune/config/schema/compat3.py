@@ -7,7 +7,7 @@ Each key is implemented on the library that does the job, or refused by name wit
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from newtune.config.schema.base import Section
 from newtune.config.schema.compat import refused
@@ -65,16 +65,36 @@ class Compat3Section(Section):
     tiled_mlp_num_shards: Any = refused("Shards of tiled_mlp.", "goes with `tiled_mlp`")
     tiled_mlp_use_original_mlp: Any = refused("tiled_mlp's MLP choice.", "goes with `tiled_mlp`")
     fused_attn_kernel: Any = refused(
-        "Axolotl's fused q/k RMSNorm + RoPE Triton kernel (Qwen3 family).",
-        f"`fused_attn_kernel` {OWN}",
-        "`liger_rms_norm: true` and `liger_rope: true` (liger-kernel's separate kernels)",
+        "Axolotl's fused q/k RMSNorm + RoPE Triton kernel (Qwen3 / Qwen3.5 families; on "
+        "Gemma 4 Axolotl always runs it, and the key lets its LoRA q/k/v/o kernels attach).",
+        f"`fused_attn_kernel` {OWN}. liger-kernel is no stand-in: on a loaded Qwen3 model "
+        "its RMSNorm patches the decoder-layer norms and leaves the attention's q_norm/k_norm "
+        "(the norms this kernel fuses) as they are, and on Gemma 4 its RoPE is a no-op",
+        "`liger_rope: true` (on Qwen3, liger's RoPE on q/k) and `liger_rms_norm: true` (the "
+        "decoder-layer norms)",
     )
-    gemma4_hybrid_attn_impl: Any = refused(
-        "Axolotl's Gemma 4 hybrid attention (flash-attention on sliding layers, SDPA on "
-        "global layers).",
-        f"`gemma4_hybrid_attn_impl` patches Gemma 4's attention per layer; it {OWN}",
-        "`attn_implementation: sdpa` (every layer; global layers' head_dim 512 runs there)",
+    gemma4_hybrid_attn_impl: bool | None = Field(
+        default=None,
+        description="Gemma 4 hybrid attention: the sliding-window layers run "
+        "`attn_implementation` (flash_attention_2, the default with this key; another value "
+        "is refused) and the full-attention layers, whose head_dim 512 flash-attention "
+        "cannot run, run sdpa: each gets a config copy with `_attn_implementation: sdpa` and "
+        "the mask transformers' create_causal_mask builds for sdpa (block-diagonal over packed "
+        "rows). Gemma 4 models only (model_type gemma4 / gemma4_unified); refused for others "
+        "when the model loads.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hybrid_attention(cls, data: Any) -> Any:
+        """`gemma4_hybrid_attn_impl: true` without attn_implementation means flash_attention_2
+        (as Axolotl); another attn_implementation is refused by the rules (config/compat3)."""
+        if not isinstance(data, dict) or data.get("gemma4_hybrid_attn_impl") is not True:
+            return data
+        if data.get("attn_implementation") is None:
+            return {**data, "attn_implementation": "flash_attention_2"}
+        return data
+
     model_quantization_config: Literal["Mxfp4Config", "FineGrainedFP8Config"] | None = Field(
         default=None,
         description="A transformers quantization config class (Mxfp4Config, "
