@@ -88,6 +88,14 @@ FAMILIES: dict[str, Family] = {
         add_bos=False,
         chat_template=CHATML_TEMPLATE,
     ),
+    "qwen3": Family(
+        "qwen3",
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        extra=("<|im_start|>", "<think>", "</think>"),
+        add_bos=False,
+    ),
     "gemma2": Family(
         "gemma2",
         bos="<bos>",
@@ -229,6 +237,10 @@ EXAMPLES = [
     Example("examples/gemma2/qlora.yml", "gemma2", sharegpt_rows),
     Example("examples/phi/lora-3.5.yaml", "phi3", messages_rows),
 ]
+# Run only when `--only` names them: `chat_template: qwen3` (a template newtune renders itself)
+EXTRA_EXAMPLES = [
+    Example("examples/qwen3/32b-qlora.yaml", "qwen3", sharegpt_rows),
+]
 ROWS = 200
 SEQUENCE_LEN = 256
 
@@ -323,8 +335,20 @@ class Result:
 SAVED = ("adapter_model.safetensors", "model.safetensors")
 
 
-def check(result: Result, out: Path) -> None:
-    """Fill losses/saved from the run's output_dir and name the first problem."""
+def expected_rows(entry: dict[str, Any]) -> int:
+    """Rows newtune should read from a dataset of ROWS rows: all, or its `split` slice."""
+    split = str(entry.get("split") or "train")
+    if "[" not in split:
+        return ROWS
+    import datasets
+
+    (part,) = datasets.ReadInstruction.from_spec(split).to_absolute({split.partition("[")[0]: ROWS})
+    return part.to - part.from_
+
+
+def check(result: Result, out: Path, expected: list[int] | None = None) -> None:
+    """Fill losses/saved from the run's output_dir and name the first problem; `expected`:
+    the rows per dataset (default ROWS each)."""
     history_file = out / "log_history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     steps = {h["step"]: h["loss"] for h in history if "loss" in h}
@@ -338,8 +362,8 @@ def check(result: Result, out: Path) -> None:
         result.problem = f"non-finite loss {result.losses}"
     elif not result.saved:
         result.problem = f"no {' or '.join(SAVED)} in {out}"
-    elif not (rows := read_rows(out)) or set(rows) != {ROWS}:
-        result.problem = f"stats.json rows per dataset {rows}, expected {ROWS} each"
+    elif not (rows := read_rows(out)) or rows != (expected or [ROWS] * len(rows)):
+        result.problem = f"stats.json rows per dataset {rows}, expected {expected or ROWS}"
 
 
 def read_rows(out: Path) -> list[int]:
@@ -380,7 +404,7 @@ def run_one(root: Path, example: Example, workdir: Path) -> Result:
     result.code = proc.returncode
     result.tail = (proc.stdout + proc.stderr)[-3000:]
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
-    check(result, out)
+    check(result, out, [expected_rows(d) for d in cfg.get("datasets") or []])
     return result
 
 
@@ -405,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folders")
     parser.add_argument("--only", help="run only the example whose config path contains this")
     args = parser.parse_args(argv)
-    examples = [e for e in EXAMPLES if not args.only or args.only in e.config]
+    pool = EXAMPLES + EXTRA_EXAMPLES if args.only else EXAMPLES
+    examples = [e for e in pool if not args.only or args.only in e.config]
     missing = [e.config for e in examples if not (args.path / e.config).is_file()]
     if missing:
         print(
