@@ -19,7 +19,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from newtune.errors import ModelError
-from newtune.models.hybrid_attention import apply_hybrid_attention
+from newtune.models.hybrid_attention import apply_hybrid_attention, text_model
 from newtune.models.load import ModelOptions, load_model
 
 BASE = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
@@ -35,7 +35,8 @@ def write(tmp_path: Path, **keys: Any) -> str:
 
 
 def tiny(kind: str, attn: str) -> Any:
-    """A 4-layer Gemma 4 (or Gemma 4 unified) text model, sliding window 3, built offline."""
+    """A 4-layer Gemma 4 (or Gemma 4 unified) text model, sliding window 3, built offline;
+    `gemma4_mm`: the same inside Gemma4ForConditionalGeneration (what gemma-4 checkpoints load)."""
     torch.manual_seed(0)
     common = dict(
         vocab_size=64,
@@ -49,10 +50,14 @@ def tiny(kind: str, attn: str) -> Any:
         layer_types=TYPES,
         sliding_window=3,
     )
-    if kind == "gemma4":
-        from transformers import Gemma4TextConfig
+    if kind in ("gemma4", "gemma4_mm"):
+        from transformers import Gemma4Config, Gemma4TextConfig
 
         config = Gemma4TextConfig(hidden_size_per_layer_input=0, **common)
+        if kind == "gemma4_mm":  # Gemma4ForConditionalGeneration (model_type gemma4), no towers
+            config = Gemma4Config(
+                text_config=config.to_dict(), vision_config=None, audio_config=None
+            )
     else:
         from transformers.models.gemma4_unified import Gemma4UnifiedTextConfig
 
@@ -101,7 +106,7 @@ def packed_and_alone(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, alone
 
 
-@pytest.mark.parametrize("kind", ["gemma4", "gemma4_unified"])
+@pytest.mark.parametrize("kind", ["gemma4", "gemma4_mm", "gemma4_unified"])
 def test_global_layers_run_sdpa_and_packed_rows_stay_apart(kind, monkeypatch):
     model = tiny(kind, "eager")
     reference = packed_and_alone(model)[1]
@@ -148,7 +153,7 @@ def varlen(monkeypatch: pytest.MonkeyPatch) -> str:
     return VARLEN
 
 
-@pytest.mark.parametrize("kind", ["gemma4", "gemma4_unified"])
+@pytest.mark.parametrize("kind", ["gemma4", "gemma4_mm", "gemma4_unified"])
 def test_global_sdpa_layers_get_the_block_diagonal_mask_under_a_flash_style_model(kind, varlen):
     """Under flash-attention the model hands the full-attention layers no mask for packed rows;
     the hybrid rebuilds sdpa's block-diagonal mask from position_ids."""
@@ -158,7 +163,7 @@ def test_global_sdpa_layers_get_the_block_diagonal_mask_under_a_flash_style_mode
     apply_hybrid_attention(model)
     packed, alone = packed_and_alone(model)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
-    for layer in model.model.layers:  # without the mask hook sdpa reads one causal sequence
+    for layer in text_model(model).layers:  # without the mask hook sdpa reads one sequence
         layer.self_attn._forward_pre_hooks.clear()
     packed, alone = packed_and_alone(model)
     assert not torch.allclose(packed[LENGTHS[0] :], alone[LENGTHS[0] :], atol=1e-3)
@@ -214,3 +219,46 @@ def test_validate_defaults_flash_attention_and_refuses_another(tmp_path):
 def test_fused_attn_kernel_stays_refused_with_the_reason(tmp_path):
     err = error_line(cli("validate", write(tmp_path, fused_attn_kernel=True)))
     assert "`fused_attn_kernel`" in err and "q_norm/k_norm" in err and "no-op" in err
+
+
+def test_generation_with_a_kv_cache_matches_the_model_without_the_hybrid(varlen):
+    """Decoding with a cache: each full-attention layer's mask is sized to its own cache (the
+    second one must not see the first one's update), so greedy scores match."""
+    import copy
+
+    model = tiny("gemma4", varlen)
+    plain = copy.deepcopy(model)
+    apply_hybrid_attention(model)
+    prompt = rows()[1][None]
+    kwargs = dict(
+        max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        ours, ref = model.generate(prompt, **kwargs), plain.generate(prompt, **kwargs)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradients_under_gradient_checkpointing_equal_the_rows(varlen):
+    """Training: checkpointed layers recompute with the same sdpa mask; the packed row's
+    gradients equal the sum of the rows' gradients."""
+    model = tiny("gemma4", varlen).train()
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_hybrid_attention(model)
+    seqs = rows()
+    weight = torch.randn(sum(LENGTHS), 64, generator=torch.Generator().manual_seed(2))
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    (model(input_ids=ids, position_ids=pos).logits[0] * weight).sum().backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    start = 0
+    for s in seqs:
+        (model(input_ids=s[None]).logits[0] * weight[start : start + len(s)]).sum().backward()
+        start += len(s)
+    q_proj = "model.layers.3.self_attn.q_proj.weight"  # a full-attention layer
+    assert q_proj in packed
+    for name, grad in packed.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-4, rtol=1e-4)

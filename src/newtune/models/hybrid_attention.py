@@ -4,7 +4,7 @@ configured attn_implementation.
 Gemma 4's full-attention layers have head_dim 512, which flash-attention cannot run; its
 sliding-window layers (head_dim 256) can. The model is loaded with the configured
 implementation (flash_attention_2 in Axolotl's configs); then each full-attention layer's
-attention module gets its own copy of the config with `_attn_implementation = "sdpa"`
+attention module gets a copy of the config with `_attn_implementation = "sdpa"`
 (transformers' attention modules look their kernel up there), and a forward pre-hook that
 hands it the mask sdpa needs: transformers' `create_causal_mask` under that sdpa config, from
 the layer's padding mask and position_ids. Under flash-attention the model builds the
@@ -42,12 +42,22 @@ def text_model(model: Any) -> Any:
     return None
 
 
-class GlobalLayerMask:
-    """Forward pre-hook of a full-attention layer's attention: its mask, built for sdpa."""
+class GlobalMasks:
+    """Forward pre-hook of the full-attention layers' attention: their mask, built for sdpa.
+
+    Built once per forward (at the first full-attention layer, before it updates its KV cache)
+    and reused by the others; `reset`, a pre-hook of the decoder stack, starts each forward.
+    """
 
     def __init__(self, config: Any) -> None:
-        self.config = config  # the layer's config copy, `_attn_implementation` = sdpa
-        self._last: tuple[Any, ...] | None = None  # (mask, position_ids, shape, result)
+        self.config = config  # the full-attention layers' config copy: `_attn_implementation` sdpa
+        self._last: tuple[Any, ...] | None = (
+            None  # (mask, position_ids, shape, dtype, device, built)
+        )
+
+    def reset(self, module: Any, args: tuple) -> None:
+        """A new forward of the decoder stack: forget the last mask."""
+        self._last = None
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Replace `attention_mask` by the sdpa mask of the same rows (4D masks pass as they are)."""
@@ -61,28 +71,21 @@ class GlobalLayerMask:
                 "use `attn_implementation: flash_attention_2` (or eager)"
             )
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         position_ids = kwargs.get("position_ids")
-        key = (mask, position_ids, tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
+        shape = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
         last = self._last
-        if (
-            cache is None
-            and position_ids is not None
-            and last is not None
-            and last[0] is mask
-            and last[1] is position_ids
-            and last[2:5] == key[2:]
-        ):
-            built = last[5]  # the other full-attention layers of this forward: same mask
+        if last is not None and last[0] is mask and last[1] is position_ids and last[2] == shape:
+            built = last[3]  # another full-attention layer of the same forward
         else:
             built = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=mask,
-                cache=cache,
+                cache=kwargs.get("cache", kwargs.get("past_key_values")),
                 position_ids=position_ids,
+                layer_idx=getattr(module, "layer_idx", None),  # its cache, not yet updated
             )
-            self._last = (*key, built) if cache is None and position_ids is not None else None
+            self._last = (mask, position_ids, shape, built)
         return args, {**kwargs, "attention_mask": built}
 
 
@@ -103,15 +106,16 @@ def apply_hybrid_attention(model: Any) -> int:
             "remove the key (the whole model then runs `attn_implementation`)"
         )
     main = stack.config._attn_implementation
+    config = copy.copy(stack.config)
+    config._attn_implementation = GLOBAL_ATTENTION
+    masks = GlobalMasks(config)
     moved = 0
     for layer, layer_type in zip(stack.layers, stack.config.layer_types, strict=False):
         attn = getattr(layer, "self_attn", None)
         if layer_type == SLIDING or attn is None or not hasattr(attn, "config"):
             continue
-        config = copy.copy(attn.config)
-        config._attn_implementation = GLOBAL_ATTENTION
         attn.config = config
-        attn.register_forward_pre_hook(GlobalLayerMask(config), with_kwargs=True)
+        attn.register_forward_pre_hook(masks, with_kwargs=True)
         moved += 1
     if not moved:
         raise ModelError(
@@ -119,6 +123,7 @@ def apply_hybrid_attention(model: Any) -> int:
             "layer (its config's layer_types are all sliding_attention), so there is nothing to "
             "run on sdpa; remove the key"
         )
+    stack.register_forward_pre_hook(masks.reset)
     log.info(
         "gemma4_hybrid_attn_impl: %d full-attention layers run %s, %d sliding layers %s",
         moved,
