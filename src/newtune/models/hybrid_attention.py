@@ -51,9 +51,7 @@ class GlobalMasks:
 
     def __init__(self, config: Any) -> None:
         self.config = config  # the full-attention layers' config copy: `_attn_implementation` sdpa
-        self._last: tuple[Any, ...] | None = (
-            None  # (mask, position_ids, shape, dtype, device, built)
-        )
+        self._last: tuple[Any, ...] | None = None  # (mask, position_ids, shape, built)
 
     def reset(self, module: Any, args: tuple) -> None:
         """A new forward of the decoder stack: forget the last mask."""
