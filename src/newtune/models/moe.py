@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,10 @@ SCATTERMOE = "scattermoe"  # its name in transformers' ExpertsInterface
 
 
 # -- quantize_moe_experts --------------------------------------------------------------------
+
+# modules that carry the dequantization cache hooks (a registry here, not an attribute set on
+# torch's objects)
+_CACHED_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class Int8Dequant(nn.Module):
@@ -67,10 +72,10 @@ def _quantize_8bit(module: nn.Module, name: str) -> None:
     parametrize.register_parametrization(
         module, name, Int8Dequant(row_stats, param.dtype), unsafe=True
     )
-    if not getattr(module, "_newtune_dequant_cache", False):
+    if module not in _CACHED_MODULES:  # one pair of cache hooks per module
         module.register_forward_pre_hook(_cache_on)
         module.register_forward_hook(_cache_off, always_call=True)
-        module._newtune_dequant_cache = True
+        _CACHED_MODULES.add(module)
 
 
 def quantize_expert_parameters(
@@ -97,8 +102,6 @@ def quantize_expert_parameters(
             else:
                 _quantize_8bit(module, name)
             done.append(full)
-            # definition order: peft nests the LoRA wrappers of plain parameters in it
-            module._newtune_expert_order = [*getattr(module, "_newtune_expert_order", []), name]
     return done
 
 
@@ -208,7 +211,9 @@ def guard_expert_lora(model: nn.Module) -> int:
                 for w in wrappers
             ):
                 continue
-            order = getattr(base, "_newtune_expert_order", [])
+            # definition order (peft nests plain parameters' wrappers in it), which is the
+            # order the parameters were quantized, so the order of their parametrizations
+            order = list(chains)
             wrappers.sort(key=lambda w: order.index(w.parameter_name)
                           if w.parameter_name in order else len(order))  # fmt: skip
             inner = base
