@@ -111,7 +111,7 @@ def batch_tokens(inputs: dict[str, Any], pad_id: int) -> tuple[int, int]:
     """(real, computed) tokens of one batch as the model receives it."""
     ids = inputs["input_ids"]
     computed = ids.numel()
-    if "attention_mask" in inputs:
+    if "attention_mask" in inputs and inputs["attention_mask"].dim() == 2:  # padded rows
         return int(inputs["attention_mask"].sum()), computed
     # newtune's packed rows: `position_ids` restart at 0 per sequence; a row shorter than the
     # widest ends in one padding segment (pad ids, no label), marked -1 in `sequence_index`.
@@ -157,7 +157,9 @@ def instrument(record: dict[str, Any]) -> None:
             for p, c, r in zip(prompt, data["chosen_ids"], data["rejected_ids"], strict=True)
         )
         record["dataset_rows"] = len(data)
-        record["gradient_checkpointing"] = bool(self.args.gradient_checkpointing)
+        record["gradient_checkpointing"] = bool(
+            self.args.gradient_checkpointing or self.model.is_gradient_checkpointing
+        )
         record["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         record["base_dtype"] = str(self.model.get_input_embeddings().weight.dtype)
         record["precomputed"] = "ref_chosen_logps" in data.column_names
