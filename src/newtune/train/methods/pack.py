@@ -65,6 +65,18 @@ def pad_sequences(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _packed_rows(
+    lengths: np.ndarray, capacity: int, pad_to_capacity: bool, pad_id: int
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best-fit bins of `lengths` and their empty `input_ids`, `labels`, `position_ids`."""
+    bins = pack(lengths, capacity).as_lists()
+    width = capacity if pad_to_capacity else max(int(lengths[b].sum()) for b in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    return bins, ids, labels, positions
+
+
 def pack_sequences(
     sequences: Sequence[Scored], pad_id: int, capacity: int, pad_to_capacity: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -74,12 +86,8 @@ def pack_sequences(
     ([segments], row-major; -1 marks a row's trailing padding).
     """
     lengths = np.array([len(ids) for ids, _ in sequences], dtype=np.int64)
-    bins = pack(lengths, capacity).as_lists()
-    used = [int(lengths[b].sum()) for b in bins]
-    width = capacity if pad_to_capacity else max(used)
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    bins, ids, labels, positions = _packed_rows(lengths, capacity, pad_to_capacity, pad_id)
+    width = ids.shape[1]
     order: list[int] = []
     for row, members in enumerate(bins):
         at = 0
@@ -145,12 +153,8 @@ def pack_shared_pairs(
     units = [_shared_unit(r) for r in rows]
     lengths = np.array([len(u[0]) for u in units], dtype=np.int64)
     room = max(capacity, int(lengths.max()))
-    bins = pack(lengths, room).as_lists()
-    used = [int(lengths[b].sum()) for b in bins]
-    width = room if pad_to_capacity else max(used)
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    bins, ids, labels, positions = _packed_rows(lengths, room, pad_to_capacity, pad_id)
+    width = ids.shape[1]
     owner = torch.full((len(bins), width), -1, dtype=torch.long)
     mask = torch.zeros((len(bins), 1, width, width), dtype=torch.bool)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
