@@ -96,7 +96,7 @@ def evaluate_preference(
     method: Any, config: Any, model: Any, tokenizer: Any, dataset: Any, device: Any
 ) -> dict[str, Any]:
     """`eval_loss` and the method's metrics (TRL's names, e.g. `rewards/accuracies`)."""
-    from newtune.train.methods.base import Reference, evaluate_batches
+    from newtune.train.methods.base import Reference, evaluate_batches, mask_attention
     from newtune.train.methods.reference import frozen_copy
     from newtune.train.methods.trainer import sequential_loader
     from newtune.train.run import pair_capacity
@@ -114,7 +114,7 @@ def evaluate_preference(
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
     capacity = pair_capacity(eval_packing, config)
     dataset = method.prepare_rows(dataset, config.micro_batch_size)
-    attention = getattr(model.config, "_attn_implementation", None)
+    attention = mask_attention(model, getattr(model.config, "_attn_implementation", None))
     collate = method.collator(tokenizer.pad_token_id, capacity, pad_to, attention)
     values = evaluate_batches(
         method, model, reference, sequential_loader(dataset, rows, collate), device

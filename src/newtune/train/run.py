@@ -36,7 +36,7 @@ from newtune.train.callbacks import (
 from newtune.train.distributed import check_distributed, gather_weights
 from newtune.train.kernels import apply_liger, fused_head
 from newtune.train.methods import method_for
-from newtune.train.methods.base import Reference
+from newtune.train.methods.base import Reference, mask_attention
 from newtune.train.precision import tf32_scope
 from newtune.train.preflight import check_output_dir, check_sequence_len
 from newtune.train.report import (
@@ -288,6 +288,7 @@ def _preference_trainer(
         )
         eval_packing = eval_packing or packing
     pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    attention = plan.attn_implementation  # shared prompts only where a 4-D mask is exact
     batches = math.ceil(len(train_ds) / (config.micro_batch_size * plan.world_size))
     steps_per_epoch = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
     if packing is not None:
@@ -298,7 +299,7 @@ def _preference_trainer(
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=method.collator(
-            pad_id, pair_capacity(packing, config), pad_to, plan.attn_implementation
+            pad_id, pair_capacity(packing, config), pad_to, mask_attention(model, attention)
         ),
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -308,7 +309,7 @@ def _preference_trainer(
         method=method,
         reference=reference,
         eval_collator=method.collator(
-            pad_id, pair_capacity(eval_packing, config), pad_to, plan.attn_implementation
+            pad_id, pair_capacity(eval_packing, config), pad_to, mask_attention(model, attention)
         ),
     )
 

@@ -117,6 +117,21 @@ def model_inputs(batch: dict[str, Any], model: Any = None) -> dict[str, Any]:
     return inputs
 
 
+def mask_attention(model: Any, attention: str | None) -> str | None:
+    """`attention`, or None where a custom 4-D mask would not be exact (no shared prompts):
+    models with sliding-window, chunked or non-attention layers, which transformers would
+    otherwise run under the one full causal mask given."""
+    config = getattr(unwrap(model), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types:
+        local = any(t != "full_attention" for t in types)
+    else:
+        keys = ("sliding_window", "attention_chunk_size")
+        local = any(getattr(text, key, None) is not None for key in keys)
+    return None if local else attention
+
+
 def forward_stats(
     model: Any, batch: dict[str, Any], labels: str = "labels", extras: bool = True
 ) -> SequenceStats:

@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock
 
 from newtune.fileio import atomic_dir, clean_stale
-from newtune.train.methods.base import Reference, to_device
+from newtune.train.methods.base import Reference, mask_attention, to_device
 from newtune.train.methods.trainer import sequential_loader
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def score_split(
     """The method's reference columns for every row of a split, in row order (scored packed
     when `capacity` is set: the log-probs are those of the padded rows, without the padding)."""
     columns: dict[str, list[float]] = {name: [] for name in method.ref_columns}
-    collate = method.collator(pad_id, capacity, None, attention)
+    collate = method.collator(pad_id, capacity, None, mask_attention(policy, attention))
     loader = sequential_loader(ds, batch_size, collate)
     with reference.scoring(policy) as ref:
         was_training = ref.training
