@@ -66,6 +66,12 @@ def _eta_min_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]
             f"`{key}: {cfg.eta_min}` is above `learning_rate: {cfg.learning_rate}`: the cosine "
             "would rise instead of decay; set it below the peak lr (or remove it)"
         )
+    floors = sorted({"min_lr", "min_lr_rate"} & set(cfg.lr_scheduler_kwargs or {}))
+    if floors:
+        errors.append(
+            f"`{key}` and `{names('lr_scheduler_kwargs')}` {floors} both set the cosine floor "
+            "(transformers refuses two); keep one"
+        )
     if cfg.jagged_restart_steps:
         errors.append(
             f"`{key}` with `jagged_restart_steps`: the restarts anneal to "

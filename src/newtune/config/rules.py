@@ -169,7 +169,8 @@ def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
                 f"`{names(key)}` shapes the cosine schedule, but `{names('lr_scheduler')}` is "
                 f"{cfg.lr_scheduler}; set `lr_scheduler: cosine` or remove `{names(key)}`"
             )
-    if cfg.cosine_constant_lr_ratio is not None and cfg.cosine_min_lr_ratio is None:
+    floor = cfg.cosine_min_lr_ratio if cfg.eta_min is None else cfg.eta_min  # eta_min: absolute
+    if cfg.cosine_constant_lr_ratio is not None and floor is None:
         errors.append(
             f"`{names('cosine_constant_lr_ratio')}` holds the lr at `cosine_min_lr_ratio` for the "
             f"rest of training; set `{names('cosine_min_lr_ratio')}` too (e.g. 0.1)"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -158,6 +160,7 @@ class OtelMetricsCallback(TrainerCallback):
                 f"{self.host}:{self.port} ({exc}); choose a free `otel_metrics_port` or "
                 "`otel_metrics_host`"
             ) from exc
+        _SERVING.add(self)
         log.info("OpenTelemetry metrics at http://%s:%s/metrics", self.host, self.port)
 
     def _set(self, name: str, value: float) -> None:
@@ -193,6 +196,11 @@ class OtelMetricsCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Stop the endpoint and the meter provider (the port is free again)."""
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the endpoint and the meter provider, if started (also after a failed run)."""
+        _SERVING.discard(self)
         if self.provider is None:
             return
         if self.server is not None:
@@ -203,6 +211,22 @@ class OtelMetricsCallback(TrainerCallback):
         self.provider.shutdown()
         self.provider = self.server = None
         self.gauges = {}
+
+
+_SERVING: set[OtelMetricsCallback] = set()  # endpoints now listening (held until stopped)
+
+
+@contextmanager
+def run_scope4() -> Iterator[None]:
+    """A run's process-wide changes undone when it ends, failed or not: transformers' own
+    WrappedFlexAttention is put back and no OpenTelemetry endpoint is left listening."""
+    try:
+        yield
+    finally:
+        for callback in list(_SERVING):
+            callback.stop()
+        if _TRANSFORMERS_WRAPPER is not None:
+            _flex_module().WrappedFlexAttention = _TRANSFORMERS_WRAPPER
 
 
 def callbacks4(config: NewtuneConfig) -> list[TrainerCallback]:

@@ -121,7 +121,9 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
             log.info("removed %s, left by a process that no longer runs", entry)
     check_sequence_len(config, plan)
     checkpoint = resume_checkpoint(config)  # a missing or incomplete folder fails now
-    with tf32_scope(config.tf32):  # process-wide torch switches: restored after the run
+    from newtune.train.compat4 import run_scope4  # flex wrapper, otel endpoint: undone after
+
+    with tf32_scope(config.tf32), run_scope4():  # process-wide switches: restored after the run
         if config.pretraining_dataset or config.streaming:  # no prepared copy: train.streamed
             from newtune.train.streamed import train_streamed
 
