@@ -132,9 +132,12 @@ def precompute(
     device = torch.device(plan.device if plan.device != "cuda" else f"cuda:{plan.local_rank}")
     batch_size = config.eval_batch_size or config.micro_batch_size
     attention = plan.attn_implementation
-    # packed scoring, as in training (one long row for flash-attention's varlen path)
-    flash = attention.startswith("flash_attention")
-    capacity = 2 * config.sequence_len * batch_size if flash else config.sequence_len
+    # packed scoring only when training packs (a model that trains packed scores packed
+    # exactly; others, e.g. state-space hybrids, are scored padded), laid out as in training
+    capacity = None
+    if config.sample_packing or getattr(config, "dpo_padding_free", None):
+        flash = attention.startswith("flash_attention")
+        capacity = 2 * config.sequence_len * batch_size if flash else config.sequence_len
     with FileLock(str(folder.parent / f".{folder.name}.lock")):
         clean_stale(folder.parent)
         if not (folder / REFERENCE_FILE).is_file():
