@@ -432,3 +432,17 @@ def test_a_linearized_checkpoint_loads_with_the_key_and_lora_targets_its_experts
     with pytest.raises(ModelError, match="is not a Llama 4 model"):
         tiny_moe().save_pretrained(tmp_path / "qwen")
         load_model(str(tmp_path / "qwen"), options=options)
+
+
+def test_linearized_llama4_experts_with_reinit_weights_is_refused(tmp_path):
+    """reinit_weights loads no checkpoint, so linearizing would load nothing (was ignored)."""
+    path = tmp_path / "cfg.yml"
+    keys = {"llama4_linearized_experts": True, "reinit_weights": True}
+    path.write_text(yaml.safe_dump({**BASE, **keys}))
+    proc = cli("validate", str(path))
+    assert proc.returncode != 0
+    assert (
+        "`llama4_linearized_experts: true` with `reinit_weights: true`: linearizing loads a "
+        "linearized checkpoint's expert weights, and reinit_weights loads none"
+    ) in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr

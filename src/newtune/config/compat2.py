@@ -214,6 +214,12 @@ def _kernel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
             f"`{names('quantize_moe_experts')}: true` freezes the quantized experts; it needs "
             "`adapter: lora` or `qlora` (Axolotl requires it too)"
         )
+    if cfg.llama4_linearized_experts and cfg.reinit_weights:
+        errors.append(
+            f"`{names('llama4_linearized_experts')}: true` with `{names('reinit_weights')}: "
+            "true`: linearizing loads a linearized checkpoint's expert weights, and reinit_weights "
+            "loads none (the model is built with fresh weights); remove one of them"
+        )
     return errors
 
 
