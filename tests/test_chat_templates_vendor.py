@@ -141,9 +141,11 @@ def test_render_and_generation_prompt(vendor_tokenizer, name):
     )
 
 
-def rows_for(tok, name: str, row: dict, **entry) -> tuple[list[int], list[int]]:
-    """input_ids and labels of a row through the chat_template format and the engine."""
-    e = DatasetEntry(path="x.jsonl", type="chat_template", **entry)
+def rows_for(
+    tok, name: str, row: dict, kind: str = "chat_template", **entry
+) -> tuple[list[int], list[int]]:
+    """input_ids and labels of a row through a chat format (`kind`) and the engine."""
+    e = DatasetEntry(path="x.jsonl", type=kind, **entry)
     eot = TOKENS[name][0]
     engine = Engine(
         tok,
@@ -191,8 +193,10 @@ def test_qwen_templates_print_contents_only():
     assert fast == {"qwen_25", "qwen3", "falcon_h1", "deepseek_v2", "jamba"}
 
 
+@pytest.mark.parametrize("kind", ["chat_template", "messages"])
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_5"])
-def test_qwen3_reasoning_trace_is_trained_with_the_final_answer(vendor_tokenizer, name):
+def test_qwen3_reasoning_trace_is_trained_with_the_final_answer(vendor_tokenizer, name, kind):
+    """Under TRL's `messages` type too (the trace was rendered there but left untrained)."""
     tok = vendor_tokenizer
     row = {
         "messages": [
@@ -202,7 +206,7 @@ def test_qwen3_reasoning_trace_is_trained_with_the_final_answer(vendor_tokenizer
             {"role": "assistant", "content": "Red.", "reasoning_content": "Any color works."},
         ]
     }
-    ids, labels = rows_for(tok, name, row)
+    ids, labels = rows_for(tok, name, row, kind)
     # the earlier turn drops its trace (as the vendor renders history); the last turn's
     # trace is trained with its answer, from the trace on
     assert (ids, labels) == expected(

@@ -17,7 +17,14 @@ class Messages(ChatTemplate):
     keep_extra_keys = True
 
     def sample(self, row: dict[str, Any]) -> Conversation:
-        return Conversation(tuple(self.messages(row)), tools=tools_of(row, self.tools_column))
+        # a message's reasoning trace (field_thinking, default reasoning_content) is trained
+        # with its content, as under `type: chat_template`
+        thinking = self.thinking[1] if self.thinking else None
+        return Conversation(
+            tuple(self.messages(row)),
+            tools=tools_of(row, self.tools_column),
+            thinking_key=thinking,
+        )
 
 
 @register("prompt_completion")
@@ -43,7 +50,9 @@ class PromptCompletion(ChatTemplate):
         if isinstance(prompt, list) and isinstance(completion, list):
             messages = self.messages(row, "prompt") + self.messages(row, "completion")
             train = (self.train_on_inputs,) * len(prompt) + (True,) * len(completion)
-            return Conversation(tuple(messages), train=train, tools=tools_of(row, self.tools_column))
+            return Conversation(
+                tuple(messages), train=train, tools=tools_of(row, self.tools_column)
+            )
         raise DataError(
             "columns `prompt` and `completion` must both be strings (plain) or both be "
             f"lists of messages (conversational), got {type(prompt).__name__} and "
