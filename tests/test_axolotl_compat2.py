@@ -108,10 +108,10 @@ def test_cce_needs_half_precision_and_excludes_liger_losses(tmp_path):
 
 
 def test_unknown_plugins_are_refused_by_name_and_known_ones_accepted(tmp_path):
-    err = error_of(tmp_path, plugins=["axolotl.integrations.diffusion.DiffusionPlugin"])
+    err = error_of(tmp_path, plugins=["axolotl.integrations.llm_compressor.LLMCompressorPlugin"])
     assert (
-        "axolotl.integrations.diffusion.DiffusionPlugin are Axolotl plugins newtune does not run"
-        in err
+        "axolotl.integrations.llm_compressor.LLMCompressorPlugin are Axolotl plugins newtune "
+        "does not run" in err
     )
     assert "newtune reads LigerPlugin, CutCrossEntropyPlugin, KernelsPlugin, SwanLabPlugin" in err
     result = loaded(

@@ -339,7 +339,6 @@ def test_cls_model_config_reads_the_config_with_that_class(tmp_path, model_dir, 
     [
         ("use_eaft", True, "Axolotl's own EAFT loss"),
         ("eaft_k", 20, "goes with `use_eaft`"),
-        ("diffusion", {"mask_token_id": 1}, "Axolotl's DiffusionPlugin"),
         ("llmcompressor", {"recipe": {}}, "Axolotl's LLMCompressorPlugin"),
         ("context_parapllel_size", 2, "`context_parallel_size` if context parallelism"),
     ],

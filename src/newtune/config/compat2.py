@@ -13,12 +13,14 @@ LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 KERNELS_PLUGIN = "axolotl.integrations.kernels.KernelsPlugin"
 SWANLAB_PLUGIN = "axolotl.integrations.swanlab.SwanLabPlugin"
+DIFFUSION_PLUGIN = "axolotl.integrations.diffusion.DiffusionPlugin"
 # plugin -> what newtune does for it (the plugin itself only makes its keys readable)
 KNOWN_PLUGINS = {
     LIGER_PLUGIN: "the liger_* keys (liger-kernel)",
     CCE_PLUGIN: "cut_cross_entropy (the cut-cross-entropy package)",
     KERNELS_PLUGIN: "use_kernels / experts_implementation (transformers' kernels integration)",
     SWANLAB_PLUGIN: "use_swanlab / swanlab_* (transformers' SwanLabCallback)",
+    DIFFUSION_PLUGIN: "the `diffusion` block (masked-diffusion training, train.methods.diffusion)",
 }
 PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field
     "dp_replicate_size": "dp_replicate_size",
@@ -41,6 +43,12 @@ def unknown_plugins(cfg: NewtuneConfig) -> list[str]:
     """Plugins in `plugins` that newtune has no equivalent for."""
     known = {_short(p) for p in KNOWN_PLUGINS}
     return [p for p in cfg.plugins or [] if _short(p) not in known]
+
+
+def diffusion_enabled(cfg: NewtuneConfig) -> bool:
+    """Masked-diffusion training is on: DiffusionPlugin listed in `plugins` (as in Axolotl,
+    the plugin turns it on; the `diffusion` block only tunes it)."""
+    return _listed(cfg, DIFFUSION_PLUGIN)
 
 
 def cce_enabled(cfg: NewtuneConfig) -> bool:

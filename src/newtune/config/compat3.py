@@ -83,6 +83,43 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             f"{cfg.model_quantization_config} (it takes "
             f"{', '.join(quant_params(cfg.model_quantization_config))}); remove or rename them"
         )
+    return errors + _diffusion_rules(cfg, names)
+
+
+def _diffusion_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """Errors for `diffusion` / DiffusionPlugin (masked-diffusion training)."""
+    from newtune.config.compat import attention
+    from newtune.config.compat2 import diffusion_enabled
+    from newtune.config.schema.multimodal import is_multimodal
+    from newtune.config.schema.preference import training_method
+
+    if not diffusion_enabled(cfg):
+        if cfg.diffusion is None:
+            return []
+        return [
+            f"`{names('diffusion')}` is read by Axolotl's DiffusionPlugin, which `plugins` does "
+            "not list, so the run would train a causal LM and ignore it; add "
+            "`axolotl.integrations.diffusion.DiffusionPlugin` to `plugins`, or remove the block"
+        ]
+    errors = []
+    if training_method(cfg) != "sft":
+        errors.append(
+            "DiffusionPlugin trains a masked-diffusion LM on SFT or pretraining data, and "
+            "`rl`/`reward_model` ask for preference or reward training; remove one (Axolotl's "
+            "plugin has no RL support either)"
+        )
+    if attention(cfg) not in ("sdpa", "eager"):
+        errors.append(
+            f"DiffusionPlugin attends bidirectionally through a 4-D attention mask, which "
+            f"`{names('attn_implementation')}: {cfg.attn_implementation}` does not take; use "
+            "`attn_implementation: sdpa` (or eager); Axolotl's plugin has no flash attention "
+            "support either"
+        )
+    if is_multimodal(cfg):
+        errors.append(
+            "DiffusionPlugin trains text models; `processor_type` asks for a vision-language "
+            "model: remove one"
+        )
     return errors
 
 

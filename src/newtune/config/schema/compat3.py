@@ -7,7 +7,7 @@ Each key is implemented on the library that does the job, or refused by name wit
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from newtune.config.schema.base import Section
 from newtune.config.schema.compat import refused
@@ -15,6 +15,94 @@ from newtune.config.schema.compat import refused
 # transformers quantization configs Axolotl's model_quantization_config names
 QUANT_CLASSES = ("Mxfp4Config", "FineGrainedFP8Config")
 OWN = "is Axolotl's own patched modeling code (no transformers, peft or kernel-package equivalent)"
+
+
+class DiffusionArgs(BaseModel):
+    """Axolotl's `diffusion:` block (DiffusionPlugin), with Axolotl's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_schedule: Literal["linear", "cosine"] = Field(
+        default="linear",
+        description="Accepted for Axolotl compatibility; Axolotl's trainer does not read it "
+        "(t is drawn uniformly and p = (1 - eps) t + eps), and neither does newtune.",
+    )
+    min_mask_ratio: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Accepted for Axolotl compatibility (must be <= max_mask_ratio); like "
+        "Axolotl's trainer, newtune's mask probability does not read it.",
+    )
+    max_mask_ratio: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Accepted for Axolotl compatibility; unread by the training objective.",
+    )
+    num_diffusion_steps: int = Field(
+        default=128,
+        ge=1,
+        description="Denoising steps of Axolotl's diffusion inference; training samples use "
+        "`generation_steps`.",
+    )
+    eps: float = Field(
+        default=1e-3,
+        ge=0.0,
+        le=1.0,
+        description="Smallest mask probability: p = (1 - eps) t + eps with t ~ U(0, 1).",
+    )
+    importance_weighting: bool = Field(
+        default=True,
+        description="Divide each masked token's cross-entropy by its mask probability p (1/t "
+        "weighting of the LLaDA objective).",
+    )
+    mask_token_id: int | None = Field(
+        default=None,
+        ge=0,
+        description="Token id that replaces masked tokens (e.g. 128002, a reserved special "
+        "token of Llama 3); must be below the tokenizer's vocab size. Unset: mask_token_str.",
+    )
+    mask_token_str: str | None = Field(
+        default=None,
+        description="Mask token used when mask_token_id is unset: an existing special token "
+        "of that text, else added as a special token (the embeddings grow); default "
+        "`<|diffusion_mask|>`.",
+    )
+    generate_samples: bool = Field(
+        default=True,
+        description="Every generation_interval steps, mask sequences of the eval (else train) "
+        "data and denoise them; the original, masked and generated texts are logged.",
+    )
+    generation_interval: int = Field(
+        default=100, ge=1, description="Optimizer steps between sample generations."
+    )
+    num_generation_samples: int = Field(
+        default=3, ge=1, description="Sequences denoised at each generation."
+    )
+    generation_steps: int = Field(
+        default=128,
+        ge=1,
+        description="Denoising steps per sample: each unmasks the most confident predictions.",
+    )
+    generation_temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Sampling temperature of the denoising steps (0: greedy).",
+    )
+    generation_max_length: int = Field(
+        default=100, ge=1, description="Longest sequence (tokens) taken as a sample."
+    )
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "DiffusionArgs":
+        """min_mask_ratio must not exceed max_mask_ratio (as Axolotl checks)."""
+        if self.min_mask_ratio > self.max_mask_ratio:
+            raise ValueError(
+                f"min_mask_ratio ({self.min_mask_ratio}) must be <= max_mask_ratio "
+                f"({self.max_mask_ratio})"
+            )
+        return self
 
 
 class Compat3Section(Section):
@@ -128,11 +216,14 @@ class Compat3Section(Section):
     )
     eaft_alpha: Any = refused("EAFT's alpha.", "goes with `use_eaft`")
     eaft_k: Any = refused("EAFT's top-k entropy approximation.", "goes with `use_eaft`")
-    diffusion: Any = refused(
-        "Axolotl's DiffusionPlugin settings (masked-diffusion LM training).",
-        "`diffusion` is read by Axolotl's DiffusionPlugin (its own trainer), which newtune "
-        "does not run",
-        "causal-LM training (remove the key and the plugin)",
+    diffusion: DiffusionArgs | None = Field(
+        default=None,
+        description="Masked-diffusion language-model training (LLaDA-style), read when "
+        "`plugins` lists axolotl.integrations.diffusion.DiffusionPlugin (the plugin alone "
+        "trains with these defaults): each row gets a mask ratio t ~ U(0, 1), its trainable "
+        "tokens are replaced by the mask token with probability p = (1 - eps) t + eps, the "
+        "model attends bidirectionally (packed samples stay isolated) and learns to predict "
+        "the masked tokens (newtune.train.methods.diffusion).",
     )
     llmcompressor: Any = refused(
         "Axolotl's LLMCompressorPlugin recipe (sparse fine-tuning).",

@@ -134,7 +134,8 @@ class TrainingSection(Section):
         default=None,
         description="Axolotl plugins newtune has an equivalent for: LigerPlugin (the liger_* "
         "keys), CutCrossEntropyPlugin (cut_cross_entropy, on by default with it), KernelsPlugin "
-        "(use_kernels, experts_implementation), SwanLabPlugin (use_swanlab); any other is "
+        "(use_kernels, experts_implementation), SwanLabPlugin (use_swanlab), DiffusionPlugin "
+        "(the `diffusion` block: masked-diffusion training); any other is "
         "refused by name.",
     )
     liger_rope: bool | None = Field(default=None, description="liger-kernel fused RoPE.")
