@@ -62,9 +62,7 @@ def _unwrap(model: Any) -> Any:
 
 def is_peft(model: Any) -> bool:
     """True for a PEFT model (its base weights are the policy at init while they stay frozen)."""
-    return hasattr(_unwrap(model), "disable_adapter") and hasattr(
-        _unwrap(model), "get_base_model"
-    )
+    return hasattr(_unwrap(model), "disable_adapter") and hasattr(_unwrap(model), "get_base_model")
 
 
 def num_layers_of(model: Any) -> int:
