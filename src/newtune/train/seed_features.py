@@ -72,4 +72,13 @@ def attach(trainer: Any, config: Any, tokenizer: Any) -> Any:
         from newtune.train.generation_eval import GenerationEvalCallback
 
         trainer.add_callback(GenerationEvalCallback(trainer, config, tokenizer))
+    from newtune.config.compat2 import diffusion_enabled
+
+    if diffusion_enabled(config):  # DiffusionPlugin: diffusion loss, eval and samples
+        from newtune.train.methods.diffusion import DiffusionMethod
+
+        DiffusionMethod(config).install(trainer, tokenizer)
+    from newtune.train.swanlab_completions import attach_completions
+
+    attach_completions(trainer, config, tokenizer)  # swanlab_log_completions (preference)
     return trainer

@@ -7,8 +7,13 @@ from typing import Any
 
 def method_for(config: Any) -> Any:
     """The training method the config asks for (`rl`, `reward_model`), as a Method object."""
+    from newtune.config.compat2 import diffusion_enabled
     from newtune.config.schema.preference import training_method
 
+    if diffusion_enabled(config):  # DiffusionPlugin: masked-diffusion loss on SFT rows
+        from newtune.train.methods.diffusion import DiffusionMethod
+
+        return DiffusionMethod(config)
     name = training_method(config)
     if name == "dpo":
         from newtune.train.methods.dpo import DPOMethod
