@@ -28,6 +28,7 @@ PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field
     "tensor_parallel_size": "tp_size",
     "context_parallel_size": "cp_size",
 }
+COMPLETION_METHODS = ("dpo", "orpo", "kto")  # training_method names with a completion table
 RANGE = re.compile(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$")
 
 
@@ -62,6 +63,52 @@ def cce_enabled(cfg: NewtuneConfig) -> bool:
 def swanlab_enabled(cfg: NewtuneConfig) -> bool:
     """Reporting to SwanLab is asked for (`use_swanlab: true`)."""
     return bool(cfg.use_swanlab)
+
+
+def swanlab_completions(cfg: NewtuneConfig) -> bool:
+    """The SwanLab completion table is logged: SwanLab on, a method with completions (DPO, IPO,
+    SimPO, ORPO, KTO), `swanlab_log_completions` not false (Axolotl's default is true)."""
+    from newtune.config.schema.preference import training_method
+
+    return (
+        swanlab_enabled(cfg)
+        and training_method(cfg) in COMPLETION_METHODS
+        and cfg.swanlab_log_completions is not False
+    )
+
+
+def _completion_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """swanlab_log_completions and its two knobs need a preference method that logs it."""
+    from newtune.config.schema.preference import training_method
+
+    if not cfg.use_swanlab:
+        return []  # `set without use_swanlab` says it already
+    method = training_method(cfg)
+    if cfg.swanlab_log_completions and method not in COMPLETION_METHODS:
+        trains = "a reward model" if method == "reward" else "SFT"
+        return [
+            f"`{names('swanlab_log_completions')}: true` logs the prompt, chosen/rejected (or "
+            "KTO's completion) and per-row rewards of preference training (`rl: dpo`, ipo, "
+            f"simpo, orpo or kto), but this config trains {trains}, which has no such rows; "
+            "remove the key or set it false"
+        ]
+    knobs = [
+        k
+        for k in ("swanlab_completion_log_interval", "swanlab_completion_max_buffer")
+        if getattr(cfg, k) is not None
+    ]
+    if knobs and not swanlab_completions(cfg):
+        why = (
+            "`swanlab_log_completions` is false"
+            if method in COMPLETION_METHODS
+            else "only preference training (`rl: dpo`, ipo, simpo, orpo or kto) logs one"
+        )
+        verb, them = ("shape", "them") if len(knobs) > 1 else ("shapes", "it")
+        return [
+            f"{' and '.join(f'`{names(k)}`' for k in knobs)} {verb} the SwanLab completion "
+            f"table, which this run does not log ({why}); remove {them}"
+        ]
+    return []
 
 
 def trackio_enabled(cfg: NewtuneConfig) -> bool:
@@ -248,11 +295,7 @@ def _tracker_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]
             f"{', '.join(f'`{names(k)}`' for k in swan)} set without `use_swanlab: true`; "
             "nothing would be reported to SwanLab: add `use_swanlab: true` or remove them"
         )
-    if cfg.swanlab_log_completions:
-        errors.append(
-            f"`{names('swanlab_log_completions')}: true` asks for Axolotl's completion table; "
-            "transformers' SwanLabCallback logs metrics only: set it false"
-        )
+    errors += _completion_rules(cfg, names)
     for key in ("trackio_run_name", "trackio_space_id"):
         if getattr(cfg, key) and not cfg.trackio_project_name:
             errors.append(

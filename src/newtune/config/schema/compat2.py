@@ -182,11 +182,21 @@ class Compat2Section(Section):
     swanlab_lark_secret: Any = _swanlab_refused("swanlab_lark_secret")
     swanlab_log_completions: bool | None = Field(
         default=None,
-        description="Axolotl's completion table for preference training; `false` accepted, "
-        "`true` refused (transformers' SwanLabCallback logs metrics only).",
+        description="Log the preference rows trained on (prompt, chosen/rejected or KTO's "
+        "completion, per-row rewards and log-probs) to SwanLab as the table `rlhf_completions` "
+        "(rl: dpo, ipo, simpo, orpo, kto; rank 0's rows). Unset: on for those methods with "
+        "`use_swanlab`, as in Axolotl's plugin.",
     )
-    swanlab_completion_log_interval: Any = _swanlab_refused("swanlab_completion_log_interval")
-    swanlab_completion_max_buffer: Any = _swanlab_refused("swanlab_completion_max_buffer")
+    swanlab_completion_log_interval: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps between completion tables (default 100); the rest at the end.",
+    )
+    swanlab_completion_max_buffer: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows kept for the next completion table (default 128): the newest.",
+    )
     trackio_project_name: str | None = Field(
         default=None,
         description="Report to trackio (transformers' TrackioCallback) in this project "

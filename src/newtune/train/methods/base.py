@@ -38,6 +38,7 @@ class Method:
     needs_reference: bool = False
     sequence_classification: bool = False
     ref_columns: tuple[str, ...] = ()  # precomputed reference log-prob columns
+    rows: Metrics | None = None  # a dict here gets the next loss's per-row values (keep_rows)
 
     @property
     def is_preference(self) -> bool:

@@ -113,9 +113,9 @@ class DPOMethod(PairMethod):
         stats = forward_stats(model, batch, extras=not self.simpo)
         chosen, rejected = stats.halves()
         if self.simpo:
-            return cpo_loss(chosen, rejected, **self.cpo)
+            return cpo_loss(chosen, rejected, **self.cpo, rows=self.rows)
         ref_chosen, ref_rejected = self.reference_logps(model, batch, reference)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.settings)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.settings, self.rows)
 
     def reference_logps(
         self, model: Any, batch: dict[str, Any], reference: Reference

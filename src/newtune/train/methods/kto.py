@@ -124,6 +124,7 @@ class KTOMethod(Method):
             beta=self.beta,
             desirable_weight=self.desirable,
             undesirable_weight=self.undesirable,
+            rows=self.rows,
         )
 
     @staticmethod

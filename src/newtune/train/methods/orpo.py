@@ -31,4 +31,5 @@ class ORPOMethod(PairMethod):
         logits = model(**model_inputs(batch), use_cache=False).logits
         chosen, rejected = stats_of(logits, batch, "labels", extras=False).halves()
         whole_chosen, _ = stats_of(logits, batch, "nll_labels", extras=False).halves()
-        return orpo_loss(chosen, rejected, token_nll(whole_chosen), beta=self.beta)
+        nll = token_nll(whole_chosen)
+        return orpo_loss(chosen, rejected, nll, beta=self.beta, rows=self.rows)

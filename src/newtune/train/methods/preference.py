@@ -315,8 +315,10 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     settings: DPOSettings,
+    rows: Metrics | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
-    """DPOTrainer's loss (weighted sum of its loss types, each a mean over pairs) and metrics."""
+    """DPOTrainer's loss (weighted sum of its loss types, each a mean over pairs) and metrics;
+    `rows`, when given, gets the per-pair values (`keep_rows`)."""
     beta, eps = settings.beta, settings.label_smoothing
     chosen_logps, rejected_logps = chosen.logps, rejected.logps
     chosen_logratios = chosen_logps - ref_chosen_logps
@@ -393,7 +395,21 @@ def dpo_loss(
             beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps
         )
     )
+    keep_rows(
+        rows,
+        reward_chosen=beta * chosen_logratios,
+        reward_rejected=beta * rejected_logratios,
+        logps_chosen=chosen_logps,
+        logps_rejected=rejected_logps,
+    )
     return loss, metrics
+
+
+def keep_rows(rows: Metrics | None, **values: torch.Tensor) -> None:
+    """Put detached per-row values (one per pair or completion) in `rows` when it is given:
+    what the SwanLab completion table shows beside each row's text."""
+    if rows is not None:
+        rows.update({k: v.detach().float().cpu() for k, v in values.items()})
 
 
 def _wpo_weights(stats: SequenceStats) -> torch.Tensor:
@@ -423,6 +439,7 @@ def cpo_loss(
     cpo_alpha: float = 1.0,
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
+    rows: Metrics | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """CPOTrainer's loss and metrics; SimPO is `loss_type="simpo"` (cpo_alpha 0 for pure SimPO).
 
@@ -461,6 +478,13 @@ def cpo_loss(
         beta * chosen_rewards, beta * rejected_rewards, chosen_logps, rejected_logps
     )
     metrics["nll_loss"] = nll.detach()
+    keep_rows(
+        rows,
+        reward_chosen=beta * chosen_rewards,
+        reward_rejected=beta * rejected_rewards,
+        logps_chosen=chosen_logps,
+        logps_rejected=rejected_logps,
+    )
     return loss, metrics
 
 
@@ -470,7 +494,12 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(
-    chosen: SequenceStats, rejected: SequenceStats, nll: torch.Tensor, *, beta: float = 0.1
+    chosen: SequenceStats,
+    rejected: SequenceStats,
+    nll: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    rows: Metrics | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """ORPOTrainer's loss, `nll - beta * mean(log sigmoid(log odds ratio))`, and its metrics.
 
@@ -493,6 +522,15 @@ def orpo_loss(
     metrics["nll_loss"] = nll.detach()
     metrics["log_odds_ratio"] = ratio.detach().mean()
     metrics["log_odds_chosen"] = log_odds.detach().mean()
+    keep_rows(
+        rows,
+        reward_chosen=beta * chosen_logps,
+        reward_rejected=beta * rejected_logps,
+        logps_chosen=chosen_logps,
+        logps_rejected=rejected_logps,
+        log_odds_ratio=ratio,
+        log_odds_chosen=log_odds,
+    )
     return loss, metrics
 
 
@@ -507,6 +545,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
+    rows: Metrics | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """KTOTrainer's loss and metrics for a batch of unpaired completions.
 
@@ -557,6 +596,7 @@ def kto_loss(
         metrics["logps/rejected"] = rejected.logps.detach().nansum() / n_rejected
     if n_chosen and n_rejected:
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    keep_rows(rows, reward=beta * (policy.logps - ref_logps), logps=policy.logps)
     return loss, metrics
 
 

@@ -27,6 +27,8 @@ class PreferenceTrainer(NewtuneTrainer):
     `eval_loss` and `eval_<metric>` the same way.
     """
 
+    completion_sink: Any = None  # (batch, per-row values) -> None: train.swanlab_completions
+
     def __init__(
         self, *args: Any, method: Any, reference: Reference, eval_collator: Any, **kwargs: Any
     ) -> None:
@@ -44,8 +46,14 @@ class PreferenceTrainer(NewtuneTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """The method's loss on the batch; its metrics are kept for the next log."""
+        """The method's loss on the batch; its metrics are kept for the next log, and its
+        per-row values go to `completion_sink` (the SwanLab completion table) when set."""
+        sink = self.completion_sink if model.training else None
+        self.method.rows = {} if sink is not None else None
         loss, metrics = self.method.loss(model, inputs, self.reference)
+        if sink is not None:
+            sink(inputs, self.method.rows)
+            self.method.rows = None
         if model.training:
             self._train_metrics.add(metrics)
         return (loss, None) if return_outputs else loss
