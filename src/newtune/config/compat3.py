@@ -58,6 +58,7 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             f"`gemma4_hybrid_attn_impl` to run every layer on {cfg.attn_implementation} "
             "(Axolotl refuses this too)"
         )
+    errors += _fused_mlp_rules(cfg, names)
     if cfg.model_quantization_config and (cfg.load_in_4bit or cfg.load_in_8bit):
         errors.append(
             f"`{names('model_quantization_config')}` and `load_in_4bit`/`load_in_8bit` both set "
@@ -156,6 +157,39 @@ def model_quantization(cfg: NewtuneConfig) -> Any:
             f"`model_quantization_config_kwargs` {kwargs} are not valid for transformers' "
             f"{name}: {exc}; fix or remove them"
         ) from exc
+
+
+def _fused_mlp_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """`flash_attn_fuse_mlp` (models/fused_mlp.py): full fine-tunes, one process or DDP/ZeRO-1/2."""
+    if not cfg.flash_attn_fuse_mlp:
+        return []
+    key, errors = names("flash_attn_fuse_mlp"), []
+    if cfg.adapter:
+        errors.append(
+            f"`{key}: true` replaces each MLP's gate_proj and up_proj by one packed "
+            f"`gate_up_proj`, and `adapter: {cfg.adapter}` puts LoRA on those projections (and "
+            "merges into them): it would find none; remove `flash_attn_fuse_mlp` (Axolotl "
+            "refuses fused modules with LoRA/QLoRA too)"
+        )
+    if cfg.fsdp or cfg.fsdp_config:
+        errors.append(
+            f"`{key}: true` keeps the model's gate_proj/up_proj checkpoint keys with state-dict "
+            "hooks, and FSDP builds and loads its state dicts by parameter names "
+            "(`gate_up_proj`); remove `flash_attn_fuse_mlp` under FSDP"
+        )
+    if cfg.liger_glu_activation:
+        errors.append(
+            f"`{key}` and `liger_glu_activation` both replace the MLP's forward (the fused MLP "
+            "already runs liger's SiLU-mul on CUDA when liger-kernel is installed); keep one"
+        )
+    hit = [p for p in cfg.unfrozen_parameters or [] if "gate_proj" in p or "up_proj" in p]
+    if hit:
+        errors.append(
+            f"`unfrozen_parameters` names {hit[0]!r}, and `{key}: true` packs gate_proj and "
+            "up_proj into one `gate_up_proj` parameter (trained or frozen together); name "
+            "`mlp.gate_up_proj` instead, or remove `flash_attn_fuse_mlp`"
+        )
+    return errors
 
 
 def _is_config_class(name: str) -> bool:

@@ -311,6 +311,11 @@ def build_model(
     from newtune.models.moe import expert_lora, prepare_experts
 
     config = prepare_experts(model, config)  # quantize_moe_experts, scattermoe
+    if config.flash_attn_fuse_mlp:  # training only: inference and merging load the plain model
+        from newtune.models.fused_mlp import check_engine, fuse_gated_mlps
+
+        check_engine(config)
+        fuse_gated_mlps(model)
     model.config.use_cache = False  # packed rows are isolated only without a KV cache
     resize_embeddings(model, tokenizer, config)
     if options.quantize is not None:

@@ -1,5 +1,6 @@
 """Axolotl keys newtune does not implement, with the alternative where there is one."""
 
+from pydantic import Field
 
 from newtune.config.schema.base import Section, ignored, unsupported
 from newtune.config.schema.compat import refused
@@ -33,13 +34,18 @@ class UnsupportedSection(Section):
         _liger("liger_rms_norm"),
     )
     flash_attn_fuse_qkv: bool | None = unsupported("Fused QKV projection.")
-    flash_attn_fuse_mlp: bool | None = refused(
-        "Axolotl's fused Llama MLP (xformers' packed SwiGLU).",
-        "`flash_attn_fuse_mlp` swaps Llama's MLP for Axolotl's own FusedMLP (gate and up "
-        "weights packed into one matrix for xformers' swiglu_packedw op; Axolotl skips it "
-        "silently where xformers lacks that op, and refuses it with LoRA); no library newtune "
-        "runs provides that module",
-        _liger("liger_glu_activation") + ", liger-kernel's fused SwiGLU",
+    flash_attn_fuse_mlp: bool | None = Field(
+        default=None,
+        description="Fuse each gated MLP's gate and up projections into one packed GEMM "
+        "(Axolotl's fused MLP, there xformers' packed SwiGLU): the model's gate_proj/up_proj "
+        "weights are stacked into one `gate_up_proj` matrix, then `act(gate) * up` "
+        "(liger-kernel's fused SiLU-mul on CUDA when installed, torch otherwise) and "
+        "down_proj; exact to the unfused MLP. Checkpoints and the final model keep the "
+        "model's own gate_proj/up_proj keys. Full fine-tunes only (refused with "
+        "`adapter: lora/qlora`, as in Axolotl: the adapter targets gate_proj/up_proj, which "
+        "the fused module no longer has), not with ZeRO-3/FSDP or `liger_glu_activation`; "
+        "dense gated-MLP model types only (Llama, Mistral, Qwen2/3, Gemma 1-3, OLMo, "
+        "Granite, Cohere, StableLM, ...), others refused when the model loads.",
     )
     torchdistx_path: str | None = unsupported("torchdistx deferred init.")
     is_llama_derived_model: bool | None = ignored("newtune reads the model type from its config.")

@@ -1,0 +1,244 @@
+"""EBFT strided mode: anchor/mask layout, block-parallel generation == per-block generation,
+loss and gradients == a direct per-block computation, rows from transform modules, and
+`newtune train` on a strided config."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from newtune.train.methods import ebft_core as core
+from newtune.train.methods import ebft_strided as es
+from newtune.train.methods.ebft_strided import StridedEBFTMethod, StridedLayout
+
+
+def _naive_allowed(doc: int, anchors: list[int], gen: int) -> torch.Tensor:
+    """The strided rule written out block by block (slot of step s, block k = doc + s*nb + k)."""
+    nb = len(anchors)
+    total = doc + gen * nb
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for q in range(doc):
+        allowed[q, : q + 1] = True
+    for k, a in enumerate(anchors):
+        for s in range(gen):
+            q = doc + s * nb + k
+            allowed[q, :a] = True
+            for earlier in range(s + 1):
+                allowed[q, doc + earlier * nb + k] = True
+    return allowed
+
+
+def test_layout_positions_and_what_each_block_sees():
+    layout = StridedLayout(doc_len=10, anchor_offset=3, stride=2, gen_len=2)
+    assert layout.num_blocks == 3 and layout.total_len == 16
+    assert layout.anchors().tolist() == [3, 5, 7]
+    assert layout.slots().tolist() == [[10, 11, 12], [13, 14, 15]]
+    assert layout.predictors().tolist() == [[2, 4, 6], [10, 11, 12]]
+    assert layout.truth().tolist() == [[3, 4], [5, 6], [7, 8]]
+    assert layout.position_ids().tolist() == [*range(10), 3, 5, 7, 4, 6, 8]
+    allowed = layout.allowed()
+    seen = {q: allowed[q].nonzero().flatten().tolist() for q in range(16)}
+    assert seen[4] == [0, 1, 2, 3, 4]  # the document is causal
+    assert seen[10] == [0, 1, 2, 10]  # block 0 step 0: doc[:3] and itself
+    assert seen[14] == [0, 1, 2, 3, 4, 11, 14]  # block 1 step 1: doc[:5], its step 0, itself
+    assert seen[15] == [0, 1, 2, 3, 4, 5, 6, 12, 15]
+    assert torch.equal(allowed, _naive_allowed(10, [3, 5, 7], 2))
+    # Axolotl's count: (seq_len - gen_len - ctx_len) // stride + 1; the last block ends in the doc
+    wide = StridedLayout(doc_len=256, anchor_offset=8, stride=8, gen_len=8)
+    assert wide.num_blocks == 31 and int(wide.truth()[-1, -1]) == 255
+    assert torch.equal(wide.allowed(), _naive_allowed(256, wide.anchors().tolist(), 8))
+    assert StridedLayout(doc_len=9, anchor_offset=3, stride=2, gen_len=8).num_blocks <= 0
+
+
+def test_flex_mask_mod_is_the_dense_rule():
+    from torch.nn.attention.flex_attention import create_mask
+
+    layout = StridedLayout(doc_len=13, anchor_offset=2, stride=3, gen_len=3)
+    total = layout.total_len
+    dense = create_mask(layout.mask_mod(), 1, 1, total, total, device="cpu")
+    assert torch.equal(dense[0, 0], layout.allowed())
+
+
+def _tiny_llama(attention: str = "sdpa", layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        attn_implementation=attention,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than the tiny init: no near-ties for argmax
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def _greedy_block(model, prefix: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Generate one block alone after `prefix` (no cache): tokens and each step's logits."""
+    seq = prefix.clone()
+    tokens, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(seq.unsqueeze(0)).logits[0, -1]
+            logits.append(out)
+            tokens.append(int(out.argmax()))
+            seq = torch.cat([seq, torch.tensor([tokens[-1]])])
+    return tokens, torch.stack(logits)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_block_parallel_generation_equals_each_block_alone(attention):
+    model = _tiny_llama(attention).train()  # generation switches to eval itself
+    torch.manual_seed(1)
+    docs = torch.randint(3, 48, (2, 14))
+    layout = StridedLayout(doc_len=14, anchor_offset=3, stride=3, gen_len=4)
+    assert layout.num_blocks == 3
+    gen = es.generate_blocks(model, docs, layout, temperature=0.0)
+    assert gen.shape == (2, 12) and model.training
+    model.eval()
+    full = torch.cat([docs, gen], 1)
+    mask = es.strided_mask(layout, 2, model, "cpu")
+    with torch.no_grad():
+        parallel = model(full, attention_mask=mask, position_ids=layout.position_ids()[None]).logits
+    for row in range(2):
+        for k, anchor in enumerate(layout.anchors().tolist()):
+            tokens, logits = _greedy_block(model, docs[row, :anchor], 4)
+            slots = layout.slots()[:, k]
+            assert gen[row, slots - 14].tolist() == tokens
+            torch.testing.assert_close(
+                parallel[row, layout.predictors()[:, k]], logits, atol=2e-5, rtol=1e-4
+            )
+
+
+def test_sampling_respects_temperature_and_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(400, 1)
+    assert es.sample_tokens(logits, 0.0, 1.0).unique().tolist() == [0]
+    torch.manual_seed(0)
+    nucleus = es.sample_tokens(logits, 1.0, 0.8)  # p = .64, .24, .09, .03: the top two
+    assert sorted(nucleus.unique().tolist()) == [0, 1]
+    assert es.sample_tokens(logits, 1.0, 0.5).unique().tolist() == [0]
+    wide = es.sample_tokens(logits, 1.0, 1.0)
+    assert sorted(wide.unique().tolist()) == [0, 1, 2, 3]
+
+
+def _config(**ebft) -> SimpleNamespace:
+    return SimpleNamespace(ebft=SimpleNamespace(mode="strided", **ebft), sample_packing=False)
+
+
+def _direct_loss(policy, features, docs, lengths, gen, method, layout):
+    """The strided loss computed block by block with plain causal forwards."""
+    s = method.settings
+    n, g, nb = method.n, method.gen_len, layout.num_blocks
+    idx = core.layer_indices(2, s["feature_layers"])
+    rows = docs.shape[0]
+    anchors = layout.anchors().tolist()
+    gen_emb = torch.zeros(rows, nb, n, 2 * 16)
+    gt_emb = torch.zeros(rows, nb, 2 * 16)
+    with torch.no_grad():
+        for b in range(rows):
+            for k, a in enumerate(anchors):
+                truth = docs[b, : a + g].unsqueeze(0)
+                hs = features(truth, output_hidden_states=True).hidden_states
+                gt_emb[b, k] = core.layer_features(hs, idx)[0, -1]
+                for j in range(n):
+                    block = gen[b * n + j, layout.slots()[:, k] - layout.doc_len]
+                    seq = torch.cat([docs[b, :a], block]).unsqueeze(0)
+                    hs = features(seq, output_hidden_states=True).hidden_states
+                    gen_emb[b, k, j] = core.layer_features(hs, idx)[0, -1]
+    cos = torch.nn.functional.cosine_similarity(gen_emb, gt_emb.unsqueeze(2), dim=-1)
+    gram = gen_emb @ gen_emb.transpose(-1, -2)
+    div = (gram.sum(-1) - gram.diagonal(dim1=-2, dim2=-1)) / (n - 1)
+    reward = s["alignment_coef"] * 2 * cos - s["diversity_coef"] * 2 * div
+    adv = reward - (reward.sum(-1, keepdim=True) - reward) / (n - 1)  # rloo
+    total, count = 0.0, 0
+    for b in range(rows):
+        for k, a in enumerate(anchors):
+            if a + g > lengths[b]:
+                continue  # a block past the document's end is not trained
+            for j in range(n):
+                block = gen[b * n + j, layout.slots()[:, k] - layout.doc_len]
+                seq = torch.cat([docs[b, :a], block]).unsqueeze(0)
+                logps = torch.log_softmax(policy(seq).logits[0, a - 1 : -1], -1)
+                picked = logps.gather(-1, block.unsqueeze(-1)).squeeze(-1)
+                total = total - (picked * adv[b, k, j]).sum()
+                count += g
+    rl = total / count
+    nll, tokens = 0.0, 0
+    for b in range(rows):
+        doc = docs[b, : lengths[b]].unsqueeze(0)
+        logps = torch.log_softmax(policy(doc).logits[0, :-1], -1)
+        nll = nll - logps.gather(-1, doc[0, 1:].unsqueeze(-1)).sum()
+        tokens += int(lengths[b]) - 1
+    ce = nll / tokens
+    return s["rl_coef"] * rl + s["ce_coef"] * ce, reward, adv
+
+
+def test_loss_and_gradients_equal_a_direct_per_block_computation(monkeypatch):
+    policy = _tiny_llama(seed=3)
+    with torch.no_grad():
+        policy.lm_head.weight.div_(20)  # softer logits: the samples of a block differ
+    policy.train()
+    features = copy.deepcopy(policy).eval()
+    method = StridedEBFTMethod(
+        _config(
+            stride=3,
+            context_length=3,
+            generate_max_len=3,
+            n_samples_per_prompt=3,
+            temperature=1.0,
+            feature_layers=[0.5, 1.0],
+            alignment_coef=1.5,
+            diversity_coef=0.5,
+            rl_coef=1.0,
+            ce_coef=0.25,
+        )
+    )
+    torch.manual_seed(7)
+    lengths = [14, 11]  # the second document's last block (anchor 9) runs past its end
+    docs = torch.randint(3, 48, (2, 14))
+    docs[1, 11:] = 0
+    batch = es.StridedCollator(pad_id=0)(
+        [{"input_ids": docs[b, : lengths[b]].tolist()} for b in range(2)]
+    )
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    seen = {}
+    real = es.generate_blocks
+
+    def record(*args, **kwargs):
+        seen["gen"] = real(*args, **kwargs)
+        return seen["gen"]
+
+    monkeypatch.setattr(es, "generate_blocks", record)
+    loss, metrics = method.loss(policy, batch)
+    layout = StridedLayout(14, 3, 3, 3)
+    gen = seen["gen"]
+    assert gen.shape == (6, 9)
+    assert len({tuple(r) for r in gen.tolist()}) > 1  # sampled, not all equal
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in policy.named_parameters()}
+    policy.zero_grad()
+    expected, reward, adv = _direct_loss(policy, features, docs, lengths, gen, method, layout)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    cells = valid.unsqueeze(-1).expand_as(reward)
+    torch.testing.assert_close(
+        metrics["ebft/mean_reward"], reward[cells].mean(), atol=1e-5, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        metrics["ebft/advantages_std"], adv[cells].std(), atol=1e-5, rtol=1e-4
+    )
+    assert set(metrics) == set(es.METRICS) and metrics["ebft/num_blocks"] == 3
+    assert all(math.isfinite(float(v)) for v in metrics.values())
