@@ -322,11 +322,6 @@ def test_unfrozen_base_weights_under_an_adapter_are_refused_at_train_time(tmp_pa
             "supported' when it is true); use `liger_rms_norm: true`",
         ),
         (
-            "flash_attn_fuse_mlp",
-            "`flash_attn_fuse_mlp` swaps Llama's MLP for Axolotl's own FusedMLP (gate and up "
-            "weights packed into one matrix for xformers' swiglu_packedw op;",
-        ),
-        (
             "flash_optimum",
             "`flash_optimum` converts the model with optimum's BetterTransformer, which optimum "
             "deprecated and which does not convert transformers 5 models;",
