@@ -201,10 +201,10 @@ def test_cli_run_with_two_restarts_saves_the_merged_base_and_merge_lora_gives_th
 
 
 REFUSED = {
-    "qlora": (
-        {"adapter": "qlora", "load_in_4bit": True},
-        "`relora: true` with `adapter: qlora`: ReLoRA merges a LoRA adapter into unquantized base "
-        "weights; set `adapter: lora` and remove load_in_4bit",
+    "8-bit lora": (
+        {"adapter": "lora", "load_in_8bit": True},
+        "`relora: true` with `load_in_8bit: true` and `adapter: lora`: ReLoRA merges into "
+        "quantized weights only under `adapter: qlora`",
     ),
     "one_cycle": (
         {"lr_scheduler": "one_cycle"},

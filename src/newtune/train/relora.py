@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,8 @@ DEFAULT_MIN_SCALE = 0.001
 FULL_RESET_RATIO = 0.999  # `relora_prune_method: reset` (the paper's near-full reset)
 DEFAULT_PRUNE_RATIO = 0.9
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
+BNB_STATE = (("state1", "qmap1", "absmax1"), ("state2", "qmap2", "absmax2"))  # bitsandbytes Adam
+BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
 
 
 # -- the jagged schedule ----------------------------------------------------------------------
@@ -150,6 +153,156 @@ def merge_and_reinit(model: Any, cpu_offload: bool = False) -> int:
     return len(layers)
 
 
+# -- QLoRA: a full-precision master the 4-bit weights are quantized from ----------------------
+#
+# Merging a delta into 4-bit weights and quantizing again would add a new rounding error at every
+# restart. As Axolotl does, the merged base is kept at full precision in safetensors files (the
+# base model's own files until the first restart, then output_dir/relora_base): a restart adds
+# the delta there, in float32, and re-quantizes each 4-bit weight from the result, so the
+# quantized weights are always quantize(master) and the errors do not compound.
+
+
+def is_4bit(layer: Any) -> bool:
+    """Whether a LoRA layer's base layer holds bitsandbytes 4-bit weights."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
+
+
+def weights_folder(base_model: str) -> Path:
+    """The folder of the base model's safetensors files (a local folder or the hub cache)."""
+    path = Path(base_model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        raise ModelError(
+            f"`relora: true` with `adapter: qlora` re-quantizes the base from its full-precision "
+            f"weights at each restart, and `base_model: {base_model}` is a GGUF file; point "
+            "base_model at a safetensors model folder, or use `adapter: lora`"
+        )
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(
+                snapshot_download(
+                    base_model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - any hub failure is the same user problem
+            raise ModelError(
+                f"`relora: true` with `adapter: qlora` reads the full-precision weights of "
+                f"`base_model: {base_model}`, which are not in the local hub cache ({exc}); "
+                "download the model first"
+            ) from exc
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(
+            f"`relora: true` with `adapter: qlora` reads the base model's full-precision "
+            f"safetensors weights, and {path} has none; convert the model to safetensors "
+            "(save_pretrained) or use `adapter: lora`"
+        )
+    return path
+
+
+def _weight_key(model: Any, layer: Any) -> str:
+    base = model.get_base_model()
+    for name, module in base.named_modules():
+        if module is layer:
+            return f"{name}.weight"
+    raise ModelError("ReLoRA: a LoRA layer is not a module of the base model")
+
+
+def check_master(model: Any, folder: Path) -> None:
+    """Every LoRA target's weight must be in the master files, under the same name and shape."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    bad = []
+    for _, layer in lora_layers(model):
+        key = _weight_key(model, layer)
+        weight = layer.get_base_layer().weight
+        shape = tuple(weight.quant_state.shape) if is_4bit(layer) else tuple(weight.shape)
+        if shapes.get(key) != shape:
+            bad.append(key)
+    if bad:
+        raise ModelError(
+            f"`relora: true` with `adapter: qlora` keeps the merged base at full precision "
+            f"beside the 4-bit model, starting from {folder}, and {len(bad)} LoRA target "
+            f"weights are not there under the model's name and shape (first: {bad[0]}; resized "
+            "embeddings or renamed checkpoint keys); use `adapter: lora` for this model"
+        )
+
+
+def requantize_(layer: Any, full: torch.Tensor) -> None:
+    """Replace a 4-bit base layer's weight by the quantization of `full` (same settings)."""
+    import bitsandbytes as bnb
+
+    base = layer.get_base_layer()
+    old = base.weight
+    state = old.quant_state
+    new = bnb.nn.Params4bit(
+        full.to(state.dtype).cpu(),
+        requires_grad=False,
+        quant_type=old.quant_type,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_storage=old.quant_storage,
+        module=base,
+    )
+    base.weight = new.to(old.device)
+
+
+@torch.no_grad()
+def merge_quantized(model: Any, source: Path, destination: Path | None) -> int:
+    """Add every LoRA delta to the master weights in `source` (float32, cast back to the file's
+    dtype), re-quantize the 4-bit layers from them (unquantized targets get the delta in place),
+    re-draw the adapters, and (on the rank that saves) write the new master to `destination`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    by_key = {_weight_key(model, layer): layer for _, layer in layers}
+    for file in sorted(source.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        for key in by_key.keys() & tensors.keys():
+            layer = by_key[key]
+            adapter = _adapter(layer)
+            delta = delta_fp32(layer, adapter, torch.device("cpu"))
+            orig = tensors[key]
+            tensors[key] = (orig.to(torch.float32) + delta).to(orig.dtype).contiguous()
+            if is_4bit(layer):
+                requantize_(layer, tensors[key])
+            else:
+                weight = layer.get_base_layer().weight
+                merged = weight.detach().float() + delta.to(weight.device)
+                weight.data.copy_(merged.to(weight.dtype))
+            layer.reset_lora_parameters(adapter, _init_kind(model, adapter))
+        shards[file.name] = tensors
+    _barrier()  # every rank has read `source` before one replaces it
+    if destination is not None:
+        with atomic_dir(destination) as tmp:
+            for name, tensors in shards.items():
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            for extra in source.iterdir():  # config, index, generation config: unchanged
+                if extra.is_file() and extra.suffix == ".json":
+                    shutil.copy2(extra, tmp / extra.name)
+    _barrier()  # the new master is on disk before any rank reads it
+    return len(layers)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _prune_count(numel: int, ratio: float) -> int:
     return min(numel, int(math.floor(ratio * numel + 0.5)))
 
@@ -181,13 +334,49 @@ def prune_optimizer(
     zeros = total = 0
     state = getattr(optimizer, "optimizer", optimizer).state  # accelerate's wrapper
     for param in params:
+        entry = state.get(param, {})
         for key in ADAM_STATE:
-            value = state.get(param, {}).get(key)
+            value = entry.get(key)
             if torch.is_tensor(value):
                 prune_(value, ratio, method, generator)
                 zeros += int((value == 0).sum())
                 total += value.numel()
+        for key, code, absmax in BNB_STATE:
+            value = entry.get(key)
+            if not torch.is_tensor(value):
+                continue
+            if value.dtype == torch.uint8:  # 8-bit blockwise: prune the values it stands for
+                value = _prune_8bit(value, entry[code], entry[absmax], ratio, method, generator)
+            else:  # bitsandbytes keeps small tensors' state in 32 bits
+                prune_(value, ratio, method, generator)
+            zeros += int((value == 0).sum())
+            total += value.numel()
     return zeros, total
+
+
+def _prune_8bit(
+    quantized: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    ratio: float,
+    method: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Prune a bitsandbytes 8-bit state by its dequantized values, in place: a pruned entry
+    gets the code of 0 (re-quantizing would not give exact zeros); return the values."""
+    import bitsandbytes.functional as bnb_f
+
+    if -(-quantized.numel() // BNB_BLOCK) != absmax.numel():
+        raise ModelError(
+            f"ReLoRA prunes bitsandbytes 8-bit optimizer state in blocks of {BNB_BLOCK}, and "
+            f"this state has {absmax.numel()} blocks for {quantized.numel()} values; use "
+            "optimizer adamw_torch"
+        )
+    values = bnb_f.dequantize_blockwise(quantized, absmax=absmax, code=code, blocksize=BNB_BLOCK)
+    prune_(values, ratio, method, generator)
+    # the pruned entries get the code of 0; the others keep their codes (and blocks their absmax)
+    quantized[values.view(quantized.shape) == 0] = int(code.abs().argmin())
+    return bnb_f.dequantize_blockwise(quantized, absmax=absmax, code=code, blocksize=BNB_BLOCK)
 
 
 def prune_ratio(config: Any) -> float:
@@ -244,6 +433,23 @@ def load_base(model: Any, folder: Path) -> None:
                     named[name].data.copy_(tensor.to(named[name].dtype))
 
 
+@torch.no_grad()
+def load_quantized_base(model: Any, folder: Path) -> None:
+    """Set every LoRA target's base weight from a saved master (4-bit ones re-quantized)."""
+    from safetensors import safe_open
+
+    by_key = {_weight_key(model, layer): layer for _, layer in lora_layers(model)}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in by_key.keys() & set(handle.keys()):
+                layer, tensor = by_key[key], handle.get_tensor(key)
+                if is_4bit(layer):
+                    requantize_(layer, tensor)
+                else:
+                    weight = layer.get_base_layer().weight
+                    weight.data.copy_(tensor.to(weight.dtype))
+
+
 def base_for(adapter_dir: str | Path, base_model: str) -> str:
     """The base an adapter belongs to: its ReLoRA merged base when it has one, else base_model."""
     folder = Path(adapter_dir) / RELORA_BASE
@@ -254,7 +460,10 @@ def base_for(adapter_dir: str | Path, base_model: str) -> str:
 
 
 class ReLoRACallback(TrainerCallback):
-    """At every `jagged_restart_steps` step: merge, re-initialise, prune, log; saves the base."""
+    """At every `jagged_restart_steps` step: merge, re-initialise, prune, log; saves the base.
+
+    Under QLoRA the merged base lives at full precision in output_dir/relora_base (see
+    merge_quantized); checkpoints carry a copy of it."""
 
     def __init__(self, trainer: Any, config: Any) -> None:
         self.trainer = trainer
@@ -265,15 +474,42 @@ class ReLoRACallback(TrainerCallback):
         self.resume = config.resume_from_checkpoint
         self.seed = int(config.seed)
         self.restarts = 0
+        self.quantized = config.adapter == "qlora"
+        self.base_model = str(config.base_model)
+        self.master: Path | None = None  # QLoRA: the full-precision merged base
+        self.output_dir: Path | None = None
+        self.saves = True
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """On resume, load the merged base the checkpoint holds (if a restart happened)."""
+        self.output_dir, self.saves = Path(args.output_dir), bool(args.should_save)
         folder = Path(self.resume) / RELORA_BASE if self.resume else None
-        if folder is not None and folder.is_dir():
+        resumed = folder is not None and folder.is_dir()
+        if self.quantized:
+            self.master = weights_folder(self.base_model)
+            if resumed:
+                assert folder is not None
+                self.master = self._keep(folder)
+            check_master(self.trainer.model, self.master)
+            if resumed:
+                load_quantized_base(self.trainer.model, self.master)
+        elif resumed:
+            assert folder is not None
             load_base(self.trainer.model, folder)
+        if resumed:
             self.restarts = state.global_step // self.every
             log.info("ReLoRA: merged base loaded from %s", folder)
         return control
+
+    def _keep(self, folder: Path) -> Path:
+        """A checkpoint's master copied to output_dir/relora_base (checkpoints get rotated)."""
+        assert self.output_dir is not None
+        target = self.output_dir / RELORA_BASE
+        if self.saves and folder.resolve() != target.resolve():
+            with atomic_dir(target) as tmp:
+                shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _barrier()
+        return target
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Restart before the first micro-batch of every `jagged_restart_steps`-th step."""
@@ -285,7 +521,13 @@ class ReLoRACallback(TrainerCallback):
         """Merge the adapter into the base, re-initialise it and prune its Adam state."""
         model = self.trainer.model
         params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-        layers = merge_and_reinit(model, self.cpu_offload)
+        if self.quantized:
+            assert self.master is not None and self.output_dir is not None
+            target = self.output_dir / RELORA_BASE
+            layers = merge_quantized(model, self.master, target if self.saves else None)
+            self.master = target
+        else:
+            layers = merge_and_reinit(model, self.cpu_offload)
         same_on_every_rank(params)  # the re-drawn A matrices of rank 0
         seed = self.seed * 1_000_003 + step
         zeros, total = prune_optimizer(
@@ -293,11 +535,12 @@ class ReLoRACallback(TrainerCallback):
         )
         self.restarts += 1
         log.info(
-            "ReLoRA restart %d at step %d: %d LoRA layers merged into the base and "
+            "ReLoRA restart %d at step %d: %d LoRA layers merged into the base%s and "
             "re-initialised; %s pruning zeroed %d of %d optimizer state entries (%.1f%%)",
             self.restarts,
             step,
             layers,
+            " (full-precision master, 4-bit weights re-quantized)" if self.quantized else "",
             self.method,
             zeros,
             total,
@@ -317,12 +560,24 @@ class ReLoRACallback(TrainerCallback):
         if self.restarts and args.should_save:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if folder.is_dir():
-                save_base(self.trainer.model, folder / RELORA_BASE)
+                if self.quantized:
+                    assert self.master is not None
+                    with atomic_dir(folder / RELORA_BASE) as tmp:
+                        shutil.copytree(self.master, tmp, dirs_exist_ok=True)
+                else:
+                    save_base(self.trainer.model, folder / RELORA_BASE)
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        """Write output_dir/relora_base: the base the final adapter is trained on."""
-        if args.should_save:
+        """Write output_dir/relora_base: the base the final adapter is trained on (under QLoRA
+        it is already there after a restart, and the base model itself before any)."""
+        if args.should_save and not self.quantized:
             out = save_base(self.trainer.model, Path(args.output_dir) / RELORA_BASE)
             log.info("ReLoRA: %d restarts; merged base written to %s", self.restarts, out)
+        elif args.should_save and self.restarts:
+            log.info(
+                "ReLoRA: %d restarts; full-precision merged base in %s",
+                self.restarts,
+                Path(args.output_dir) / RELORA_BASE,
+            )
         return control

@@ -22,9 +22,11 @@ class SeedTrainingSection(Section):
     relora: bool | None = Field(
         default=None,
         description="ReLoRA: every `jagged_restart_steps` steps the LoRA delta is merged into the "
-        "base weights (fp32), the adapter re-initialised and its optimizer state pruned. Needs "
-        "`adapter: lora` (not quantized); the output holds the adapter and the merged-so-far "
-        "base in `relora_base/` (merge-lora gives the final model).",
+        "base weights (fp32), the adapter re-initialised and its optimizer state pruned (Adam, "
+        "also bitsandbytes 8-bit). `adapter: lora`, or `qlora`: the merged base is kept at full "
+        "precision (safetensors) and the 4-bit weights re-quantized from it. The output holds "
+        "the adapter and the merged-so-far base in `relora_base/` (merge-lora gives the final "
+        "model).",
     )
     jagged_restart_steps: int | None = Field(
         default=None,
@@ -158,22 +160,17 @@ def _relora_rules(cfg: Any, names: Callable[[str], str]) -> list[str]:
     why = f"`{names('relora')}: true`"
     if not cfg.jagged_restart_steps:
         errors.append(f"{why} needs `{names('jagged_restart_steps')}` (steps between restarts)")
-    if cfg.adapter != "lora":
+    if cfg.adapter not in ("lora", "qlora"):
         errors.append(
-            f"{why} with `adapter: {cfg.adapter}`: ReLoRA merges a LoRA adapter into unquantized "
-            "base weights; set `adapter: lora`"
-            + (
-                " and remove load_in_4bit (merging into 4-bit weights and re-quantizing them is "
-                "not exact, so newtune refuses QLoRA + ReLoRA)"
-                if cfg.adapter == "qlora"
-                else ""
-            )
+            f"{why} with `adapter: {cfg.adapter}`: ReLoRA merges a LoRA adapter into the base "
+            "weights; set `adapter: lora` (or `qlora`)"
         )
     for key in ("load_in_8bit", "load_in_4bit"):
         if getattr(cfg, key) and cfg.adapter != "qlora":
             errors.append(
-                f"{why} with `{names(key)}: true`: merging into quantized weights and "
-                "re-quantizing is not exact; remove the key"
+                f"{why} with `{names(key)}: true` and `adapter: {cfg.adapter}`: ReLoRA merges "
+                "into quantized weights only under `adapter: qlora` (4-bit, re-quantized from a "
+                "full-precision copy); use `adapter: qlora` with load_in_4bit, or remove the key"
             )
     if cfg.peft_use_dora:
         errors.append(
