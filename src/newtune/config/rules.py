@@ -12,6 +12,7 @@ from newtune.config.machine import missing_here
 from newtune.config.schema import DatasetEntry, NewtuneConfig, status_of
 from newtune.config.schema.formats import entry_problems
 from newtune.config.schema.multimodal import multimodal_rules
+from newtune.config.schema.online import ONLINE_RL, online_entry_problems
 from newtune.config.schema.preference import training_method
 from newtune.config.schema.pretraining import streaming_rules
 from newtune.config.schema.seed_training import seed_training_rules
@@ -105,6 +106,9 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
 
     out.errors += compat4_rules(cfg, names)  # eta_min, flex compile kwargs, unfrozen + adapter
     out.errors += seed_training_rules(cfg, names)
+    from newtune.config.schema.online import online_rules
+
+    out.errors += online_rules(cfg)  # `trl:`/`vllm:`/`ebft:` blocks (rl: ebft)
     # packages this machine lacks are warnings: the config may train on another machine
     # (`train` refuses at start: config.machine.check_machine)
     out.warnings += missing_here(cfg, names)
@@ -324,6 +328,9 @@ def check_unimplemented(cfg: NewtuneConfig) -> list[str]:
             found += _unimplemented_in(entry, f"{key}[{i}].")
             # unknown formats, bad `:style`, bad `type:` mappings and entry keys the format
             # does not read; plugin formats are only checked to exist (no code runs here)
+            if cfg.rl in ONLINE_RL:  # a user transform `module.function`
+                found += online_entry_problems(entry, f"{key}[{i}]")
+                continue
             found += entry_problems(entry, f"{key}[{i}]", training_method(cfg))
     return found
 

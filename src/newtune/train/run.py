@@ -34,6 +34,7 @@ from newtune.train.callbacks import (
     resume_record,
 )
 from newtune.train.distributed import check_distributed, gather_weights
+from newtune.train.eaft import loss_func
 from newtune.train.kernels import apply_liger, fused_head
 from newtune.train.methods import method_for
 from newtune.train.methods.base import Reference, mask_attention
@@ -124,6 +125,8 @@ def train(loaded: LoadedConfig, plan: RunPlan | None = None) -> Path:
     from newtune.train.compat4 import run_scope4  # flex wrapper, otel endpoint: undone after
 
     with tf32_scope(config.tf32), run_scope4():  # process-wide switches: restored after the run
+        if getattr(method, "trains_itself", False):  # online RL (rl: ebft): its own data + loop
+            return method.train(loaded, plan, checkpoint)
         if config.pretraining_dataset or config.streaming:  # no prepared copy: train.streamed
             from newtune.train.streamed import train_streamed
 
@@ -247,6 +250,7 @@ def _sft_trainer(
         schedule=schedule_for(config),
         fused_head=fused_head(config),
         checkpoint_files=resume_record(_fingerprint(prepared)),
+        compute_loss_func=loss_func(config),  # use_eaft
     )
     if packing is not None:
         _log_packing(config, prepared, batches, steps_per_epoch)

@@ -11,6 +11,7 @@ from newtune.config.schema.inference import InferenceSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
+from newtune.config.schema.online import OnlineSection
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.pretraining import PretrainingSection
 from newtune.config.schema.seed_training import SeedTrainingSection
@@ -25,6 +26,7 @@ class NewtuneConfig(
     Compat3Section,
     SeedTrainingSection,
     MultimodalSection,
+    OnlineSection,
     PreferenceSection,
     PretrainingSection,
     InferenceSection,

@@ -33,7 +33,7 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
-RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto")
+RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto", "ebft")
 METHODS = ("sft", "dpo", "orpo", "kto", "reward")
 PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
 REFUSED_RL = {
@@ -42,7 +42,6 @@ REFUSED_RL = {
     "undesirable row), or `rl: dpo` for a paired loss",
     "grpo": "online RL with generation (GRPO) is not implemented by newtune; use TRL's GRPOTrainer",
     "gdpo": "GDPO is not implemented by newtune; use `rl: dpo`",
-    "ebft": "energy-based fine-tuning (EBFT) is not implemented by newtune",
 }
 
 
@@ -68,7 +67,8 @@ class PreferenceSection(Section):
     rl: str | None = Field(
         default=None,
         description="Preference training method: dpo, ipo (dpo with `dpo_loss_type: [ipo]`), "
-        "simpo, orpo or kto. `kto_pair`, grpo, gdpo and ebft are refused by name.",
+        "simpo, orpo or kto; or ebft, energy-based fine-tuning (schema.online: `ebft:`, "
+        "`trl:`). `kto_pair`, grpo and gdpo are refused by name.",
     )
     rl_beta: float | None = Field(
         default=None, gt=0, description="Beta of the preference loss (TRL default 0.1)."
@@ -136,9 +136,6 @@ class PreferenceSection(Section):
         "newtune keeps only the columns a training method reads."
     )
     process_reward_model: bool | None = unsupported("Process reward models (PRM).")
-    trl: Any = unsupported("TRL trainer options block (GRPO, vLLM).", "`rl_beta` for `trl.beta`")
-    vllm: Any = unsupported("vLLM generation server for online RL.")
-    ebft: Any = unsupported("Energy-based fine-tuning options.")
     dpo_beta: float | None = unsupported("Deprecated DPO beta.", "`rl_beta`")
     rpo_alpha: float | None = unsupported(
         "RPO's NLL weight.", "`dpo_loss_type: [sigmoid, sft]` with `dpo_loss_weights`"

@@ -14,6 +14,16 @@ def method_for(config: Any) -> Any:
         from newtune.train.methods.diffusion import DiffusionMethod
 
         return DiffusionMethod(config)
+    if getattr(config, "rl", None) == "ebft":  # online: TRL's GRPOTrainer, or strided blocks
+        from newtune.config.schema.online import ebft_mode
+
+        if ebft_mode(config) == "strided":
+            from newtune.train.methods.ebft_strided import StridedEBFTMethod
+
+            return StridedEBFTMethod(config)
+        from newtune.train.methods.ebft import StructuredEBFTMethod
+
+        return StructuredEBFTMethod(config)
     name = training_method(config)
     if name == "dpo":
         from newtune.train.methods.dpo import DPOMethod

@@ -1,0 +1,351 @@
+"""Structured EBFT (`rl: ebft`, TRL's GRPOTrainer with the feature-matching reward): exact
+rewards on hand-built embeddings, whitening, grouping, the schema on the keys of Axolotl's
+structured configs, `newtune train` end to end on the tiny model, and the vLLM errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+
+from newtune.config.load import validate_data
+from newtune.train.methods import ebft_core as core
+from newtune.train.methods.ebft import check_groups, strip_end, structured_rewards
+
+TRANSFORM = """
+def transform(cfg, *args, **kwargs):
+    def row(example, tokenizer=None):
+        return {
+            "prompt": [{"role": "user", "content": example["input"]}],
+            "ground_truth": example["output"],
+        }
+
+    return row, {"remove_columns": ["input", "output", "id"]}
+"""
+ROWS = [
+    {"id": i, "input": q, "output": a}
+    for i, (q, a) in enumerate(
+        [
+            ("The capital of France is", "Paris."),
+            ("Name a color.", "Blue"),
+            ("What is the answer?", "0123456789"),
+            ("Translate to French.", "Hello there!"),
+        ]
+    )
+]
+EBFT = {
+    "feature_layers": [0.25, 0.5, 0.75],
+    "embed_method": "last_token",
+    "use_whitening": False,
+    "alignment_coef": 1.0,
+    "diversity_coef": 1.0,
+    "ce_coef": 0.0,
+}
+TRL = {
+    "num_generations": 2,
+    "max_completion_length": 8,
+    "temperature": 1.0,
+    "use_vllm": False,
+    "scale_rewards": True,
+    "loss_type": "grpo",
+    "epsilon": 0.2,
+}
+
+
+def direct_rewards(gen: torch.Tensor, gt: torch.Tensor, a: float, d: float) -> torch.Tensor:
+    """Eq. 7 by loops: 2a cos(g_j, gt) - 2d/(n-1) sum_{k != j} g_j . g_k (unit vectors)."""
+    gen = gen / gen.norm(dim=-1, keepdim=True)
+    gt = gt / gt.norm(dim=-1, keepdim=True)
+    p, n, _ = gen.shape
+    out = torch.zeros(p, n)
+    for i in range(p):
+        for j in range(n):
+            cos = float(gen[i, j] @ gt[i])
+            others = sum(float(gen[i, j] @ gen[i, k]) for k in range(n) if k != j)
+            out[i, j] = 2 * a * cos - 2 * d * others / (n - 1)
+    return out
+
+
+def test_rewards_match_the_formula_on_hand_built_vectors() -> None:
+    gen = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0]],
+            [[0.0, 0.0, 3.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+        ]
+    )
+    gt = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    parts = structured_rewards(gen.reshape(6, 3), gt, 3, alignment_coef=0.5, diversity_coef=2.0)
+    expected = direct_rewards(gen, gt, 0.5, 2.0)
+    torch.testing.assert_close(parts.rewards, expected)
+    # first sample of group 0: cos 1; others (unit) dots 0 and 1/sqrt(2)
+    assert parts.rewards[0, 0].item() == pytest.approx(2 * 0.5 * 1.0 - 2 * 2.0 * (0.5**0.5) / 2)
+    torch.testing.assert_close(parts.alignment[0], torch.tensor([2.0, 0.0, 2 * 0.5**0.5]))
+    mean_gen = (gen / gen.norm(dim=-1, keepdim=True)).mean(1)
+    torch.testing.assert_close(parts.cfm, ((mean_gen - gt) ** 2).sum(-1))
+
+
+def test_rewards_are_grouped_in_order_of_generations() -> None:
+    """Rows are n consecutive samples per prompt: moving a sample to another group changes
+    its diversity term, and each group is scored against its own ground truth."""
+    gen = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    gt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    parts = structured_rewards(gen, gt, 2)
+    # identical samples, aligned with their ground truth: 2*1 - 2*1 = 0 each
+    torch.testing.assert_close(parts.rewards, torch.zeros(2, 2))
+    swapped = structured_rewards(gen[[0, 2, 1, 3]], gt, 2)
+    # [e1, e2] vs gt e1: align (2, 0), diversity 0 -> (2, 0); [e1, e2] vs gt e2 -> (0, 2)
+    torch.testing.assert_close(swapped.rewards, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    with pytest.raises(ValueError, match="groups of 2"):
+        structured_rewards(gen[:3], gt, 2)
+
+
+def test_whitening_decorrelates_each_group() -> None:
+    """With whitening the group's samples become orthonormal in the whitened space (n <= D),
+    so the diversity term vanishes; the ground truth goes through the same map."""
+    torch.manual_seed(0)
+    gen = torch.randn(2, 3, 6) * torch.tensor([10.0, 1, 1, 0.1, 1, 1])
+    gt = torch.randn(2, 6)
+    parts = structured_rewards(gen.reshape(6, 6), gt, 3, use_whitening=True)
+    torch.testing.assert_close(parts.diversity, torch.zeros(2, 3), atol=1e-5, rtol=0)
+    white_gen, white_gt = core.whiten(gen, gt)
+    gram = white_gen @ white_gen.transpose(-1, -2)
+    torch.testing.assert_close(gram, torch.eye(3).expand(2, 3, 3), atol=1e-5, rtol=0)
+    cos = torch.nn.functional.cosine_similarity(white_gen, white_gt.unsqueeze(1), dim=-1)
+    torch.testing.assert_close(parts.alignment, 2 * cos)
+    plain = structured_rewards(gen.reshape(6, 6), gt, 3, use_whitening=False)
+    assert not torch.allclose(plain.diversity, parts.diversity, atol=1e-3)
+
+
+def test_groups_must_share_their_prompt() -> None:
+    check_groups(["a", "a", "b", "b"], ["x", "x", "y", "y"], 2)
+    with pytest.raises(Exception, match="mixes prompts"):
+        check_groups(["a", "b", "b", "b"], ["x", "y", "y", "y"], 2)
+    with pytest.raises(Exception, match="whole groups"):
+        check_groups(["a", "a", "a"], ["x", "x", "x"], 2)
+    assert strip_end([5, 6, 2, 2, 0], {2, 0}) == [5, 6]
+
+
+# -- schema --------------------------------------------------------------------------------
+
+STRUCTURED_CONFIGS = {
+    # the keys of Axolotl's five structured examples (llama-1b-ebft-opencode{,-novllm},
+    # qwen35-{4b,9b}-ebft-structured{,-async}), with newtune's answer for each
+    "novllm": ({"trl": TRL}, None),
+    "vllm-server": ({"trl": {**TRL, "use_vllm": True, "max_completion_length": 256}}, None),
+    "qwen-structured": (
+        {
+            "trl": {
+                **TRL,
+                "use_vllm": True,
+                "vllm_server_host": "0.0.0.0",
+                "vllm_server_port": 8000,
+                "generation_kwargs": {"stop_token_ids": [248044, 248046]},
+                "chat_template_kwargs": {"enable_thinking": False},
+            }
+        },
+        None,
+    ),
+    "qwen-9b": (
+        {
+            "trl": {**TRL, "use_vllm": True, "vllm_server_timeout": 300},
+            "vllm": {
+                "gpu_memory_utilization": 0.7,
+                "max_model_len": 2048,
+                "serve_module": "axolotl.scripts.vllm_serve_lora",
+                "enforce_eager": True,
+            },
+        },
+        "`trl vllm-serve --model <base_model> --enforce-eager --gpu-memory-utilization 0.7 "
+        "--max-model-len 2048`",
+    ),
+    "qwen-async": (
+        {"trl": {**TRL, "use_vllm": True, "async_prefetch": True}},
+        "`trl.async_prefetch: True` is Axolotl's asynchronous GRPO trainer",
+    ),
+}
+
+
+def _config(extra: dict) -> dict:
+    return {
+        "base_model": "org/model",
+        "rl": "ebft",
+        "ebft": EBFT,
+        "datasets": [
+            {
+                "path": "nvidia/OpenCodeInstruct",
+                "type": "ebft_opencode.transform",
+                "split": "train[:1%]",
+            }
+        ],
+        "sequence_len": 512,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "adapter": "lora",
+        "lora_target_linear": True,
+        "output_dir": "./out",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED_CONFIGS))
+def test_schema_on_the_structured_configs(name: str) -> None:
+    from newtune.errors import ConfigError
+
+    extra, refusal = STRUCTURED_CONFIGS[name]
+    if refusal is None:
+        loaded = validate_data(_config(extra), "cfg.yml", None)
+        assert loaded.config.rl == "ebft"
+        assert loaded.config.ebft.feature_layers == [0.25, 0.5, 0.75]
+        assert loaded.config.trl.num_generations == 2
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_data(_config(extra), "cfg.yml", None)
+    assert refusal in str(err.value)
+
+
+def test_schema_defaults_and_mode_rules() -> None:
+    from newtune.config.schema.online import EBFTBlock, TRLBlock, online_rules
+    from newtune.errors import ConfigError
+
+    block = EBFTBlock()
+    assert (block.mode, block.embed_method, block.use_whitening, block.ce_coef) == (
+        "structured",
+        "last_token",
+        False,
+        0.0,
+    )
+    assert (block.adaptive_max_tokens, block.gt_length_multiplier, block.n_samples_per_prompt) == (
+        True,
+        1.5,
+        4,
+    )
+    assert TRLBlock().vllm_server_port == 8000
+    with pytest.raises(
+        ConfigError, match=r"`ebft.n_samples_per_prompt` \(use `trl.num_generations`\)"
+    ):
+        validate_data(_config({"ebft": {**EBFT, "n_samples_per_prompt": 4}}), "cfg.yml", None)
+    with pytest.raises(ConfigError, match="configure online RL"):
+        validate_data({**_config({"trl": TRL}), "rl": "dpo", "ebft": None}, "cfg.yml", None)
+    with pytest.raises(ConfigError, match="module.function"):
+        bad = _config({"trl": TRL})
+        bad["datasets"] = [{"path": "x.jsonl", "type": "alpaca"}]
+        validate_data(bad, "cfg.yml", None)
+    colocate = _config(
+        {
+            "trl": {**TRL, "use_vllm": True, "vllm_mode": "colocate"},
+            "vllm": {"gpu_memory_utilization": 0.4},
+        }
+    )
+    loaded = validate_data(colocate, "cfg.yml", None)
+    from newtune.train.methods.grpo import grpo_kwargs
+
+    kwargs = grpo_kwargs(loaded.config)
+    assert kwargs["vllm_mode"] == "colocate" and kwargs["vllm_gpu_memory_utilization"] == 0.4
+    assert online_rules(loaded.config) == []
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "newtune.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+def write_run(
+    tmp_path: Path, model_dir: Path, ebft: dict | None = None, trl: dict | None = None
+) -> Path:
+    """A structured EBFT config, its data and its transform module beside it."""
+    (tmp_path / "my_ebft_rows.py").write_text(TRANSFORM)
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    cfg = {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {**EBFT, **(ebft or {})},
+        "trl": {**TRL, **(trl or {})},
+        "datasets": [{"path": str(data), "type": "my_ebft_rows.transform"}],
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "learning_rate": 0.01,
+        "logging_steps": 1,
+        "seed": 7,
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "output_dir": str(tmp_path / "out"),
+        "val_set_size": 0.0,
+    }
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_structured_ebft_two_steps(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_run(tmp_path, model_dir, ebft={"ce_coef": 0.1, "use_whitening": True})
+    proc = cli("train", str(cfg), cwd=tmp_path.parent)  # the module is found beside the config
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for entry in logs:
+        assert math.isfinite(entry["loss"])
+        for name in (
+            "ebft/alignment",
+            "ebft/diversity",
+            "ebft/cfm_loss",
+            "ebft/reward",
+            "ebft/ce_loss",
+        ):
+            assert math.isfinite(entry[name]), name
+        assert entry["ebft/ce_loss"] > 0
+        # reward = alignment - diversity (coefs 1), as means over the batch
+        assert entry["ebft/reward"] == pytest.approx(
+            entry["ebft/alignment"] - entry["ebft/diversity"], abs=1e-4
+        )
+
+
+def test_use_vllm_without_vllm_is_one_paragraph(tmp_path: Path, model_dir: Path) -> None:
+    pytest.importorskip("trl")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    cfg = write_run(tmp_path, model_dir, trl={"use_vllm": True, "vllm_server_port": 8123})
+    assert cli("validate", str(cfg)).returncode == 0
+    proc = cli("train", str(cfg))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "`trl.use_vllm: true`" in proc.stderr
+    assert f"trl vllm-serve --model {model_dir} --host 0.0.0.0 --port 8123" in proc.stderr
+    assert "`trl.use_vllm: false`" in proc.stderr
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_missing_transform_module_is_a_data_error(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_run(tmp_path, model_dir)
+    text = cfg.read_text().replace("my_ebft_rows.transform", "no_such_rows.transform")
+    cfg.write_text(text)
+    proc = cli("train", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no module `no_such_rows`" in proc.stderr
