@@ -324,11 +324,18 @@ def test_axolotl_diffusion_examples_validate(name):
     assert "mask_token_id: 128002" in proc.stdout
 
 
-def test_mask_token_id_outside_the_vocabulary_is_refused_at_train(tmp_path, model_dir):
-    cfg = write(tmp_path, model_dir, diffusion={"mask_token_id": 100000})
+@pytest.mark.parametrize(
+    ("mask_id", "words"),
+    [
+        (100000, "`diffusion.mask_token_id: 100000` is not a token of the model"),
+        (0, "the diffusion mask token (id 0) is the tokenizer's BOS, EOS or pad token"),
+    ],
+)
+def test_unusable_mask_token_id_is_refused_at_train(tmp_path, model_dir, mask_id, words):
+    cfg = write(tmp_path, model_dir, diffusion={"mask_token_id": mask_id})
     proc = cli("-m", "newtune.cli.main", "train", str(cfg))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "`diffusion.mask_token_id: 100000` is not a token of the model" in proc.stderr
+    assert words in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

@@ -208,14 +208,21 @@ class Compat3Section(Section):
         "makes the 1-bit checkpoint. Full fine-tunes only; needs `pip install onebitllms` and a "
         "CUDA GPU (Triton kernels).",
     )
-    use_eaft: Any = refused(
-        "Axolotl's entropy-aware fine-tuning loss (EAFT).",
-        "`use_eaft` swaps the loss for Axolotl's own EAFT loss, which no library newtune runs "
-        "provides",
-        "the plain token cross-entropy (remove the eaft_* keys)",
+    use_eaft: bool | None = Field(
+        default=None,
+        description="EAFT, entropy-aware focal training (SFT only): each trained token's "
+        "cross-entropy is weighted by H^eaft_alpha, H the entropy of the softmax over the "
+        "model's eaft_k largest logits there (no gradient through the weight), summed and "
+        "divided by the step's trained tokens. The logged eval_loss stays the plain token "
+        "cross-entropy. Not with fused heads (liger_fused_linear_cross_entropy, "
+        "cut_cross_entropy), which never materialise the logits.",
     )
-    eaft_alpha: Any = refused("EAFT's alpha.", "goes with `use_eaft`")
-    eaft_k: Any = refused("EAFT's top-k entropy approximation.", "goes with `use_eaft`")
+    eaft_alpha: float | None = Field(
+        default=None, ge=0, description="EAFT's entropy exponent (default 1.0; 0 = plain CE)."
+    )
+    eaft_k: int | None = Field(
+        default=None, gt=0, description="EAFT: top-k logits the entropy is taken over (default 20)."
+    )
     diffusion: DiffusionArgs | None = Field(
         default=None,
         description="Masked-diffusion language-model training (LLaDA-style), read when "

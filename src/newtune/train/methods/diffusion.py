@@ -223,9 +223,17 @@ class DiffusionMethod(Method):
         return self._use(tokenizer, added)
 
     def _use(self, tokenizer: Any, token_id: int) -> int:
-        self.mask_token_id = int(token_id)
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.special_ids = tuple(sorted({int(i) for i in ids if i is not None}))
+        if int(token_id) in self.special_ids:
+            raise ConfigError(
+                f"the diffusion mask token (id {token_id}) is the tokenizer's BOS, EOS or pad "
+                f"token (ids {', '.join(map(str, self.special_ids))}), which the forward "
+                "process never masks and the data already holds; set `diffusion.mask_token_id` "
+                "to an unused special token (e.g. 128002 for Llama 3) or `mask_token_str` to a "
+                "new one"
+            )
+        self.mask_token_id = int(token_id)
         return self.mask_token_id
 
     # -- forward process and loss --------------------------------------------------------------
