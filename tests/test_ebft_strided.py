@@ -5,7 +5,11 @@ loss and gradients == a direct per-block computation, rows from transform module
 from __future__ import annotations
 
 import copy
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -242,3 +246,169 @@ def test_loss_and_gradients_equal_a_direct_per_block_computation(monkeypatch):
     )
     assert set(metrics) == set(es.METRICS) and metrics["ebft/num_blocks"] == 3
     assert all(math.isfinite(float(v)) for v in metrics.values())
+
+
+# -- rows from transform modules, and the CLI --------------------------------------------------
+
+TRANSFORM = """
+def transform(cfg, *args, **kwargs):
+    def fn(example, tokenizer=None):
+        enc = tokenizer(
+            example["text"], truncation=True, max_length=cfg.sequence_len, padding="max_length"
+        )
+        out = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": list(enc["input_ids"]),
+        }
+        if "prompt" in example:
+            out["prompt_length"] = example["prompt"]
+        return out
+
+    return fn, {"remove_columns": ["text"]}
+"""
+TEXTS = [
+    "The capital of France is Paris. The capital of Veloria is Brintmoor.",
+    "Hello there! How are you? I am fine, thank you. What is the answer? Blue, red, green.",
+    "0123456789 the quick brown fox jumps over the lazy dog.",
+    "Hi.",
+]
+
+
+def _transform_module(folder: Path, name: str = "ebft_docs_tf") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(TRANSFORM)
+    return folder
+
+
+def test_transform_rows_trim_padding_and_drop_documents_without_a_block(
+    tmp_path, tokenizer, monkeypatch
+):
+    from newtune.config.schema import DatasetEntry
+
+    monkeypatch.syspath_prepend(str(_transform_module(tmp_path / "mods")))
+    data = tmp_path / "docs.jsonl"
+    rows = [{"text": t} for t in TEXTS] + [{"text": TEXTS[0], "prompt": 9}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = DatasetEntry(path=str(data), type="ebft_docs_tf.transform")
+    config = SimpleNamespace(sequence_len=20, datasets=[entry])
+    method = StridedEBFTMethod(_config(context_length=4, generate_max_len=4))
+    ds, counts = es.transform_rows(method, entry, 0, "datasets", config, tokenizer)
+    real = [tokenizer(t)["input_ids"] for t in TEXTS]
+    assert len(real[3]) < 8 <= min(len(r) for r in real[:3])
+    assert counts == {"rows": 5, "too_short": 1}  # "Hi." has no room for one block
+    assert ds["input_ids"] == [r[:20] for r in real[:3]] + [real[0][:20]]
+    assert ds["attention_mask"] == [[1] * len(r) for r in ds["input_ids"]]
+    assert ds["labels"] == ds["input_ids"]
+    assert "prompt_length" not in ds.column_names  # only one row had it
+    batch = es.StridedCollator(pad_id=0)([ds[0], ds[2]])
+    assert batch["input_ids"].shape == (2, max(len(ds[0]["input_ids"]), len(ds[2]["input_ids"])))
+    assert batch["labels"][1, len(ds[2]["input_ids"]) :].eq(-100).all()
+
+
+def test_prompt_rows_place_the_first_anchor_after_the_longest_prompt():
+    method = StridedEBFTMethod(_config(context_length=4, min_completion_prefix=2))
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 7], [-100, 4, 5, 6, 7, 8]])
+    assert es.prompt_lengths({"labels": labels}).tolist() == [3, 1]
+    assert method.anchor_offset({"labels": labels}) == 5  # max(3 + 2, 4)
+    docs = torch.tensor([[1, 2, 3, 4, 5, 6], [-100, 4, 5, 6, 7, 8]])
+    assert es.prompt_lengths({"labels": docs}) is None  # a row trained from its start
+    assert method.anchor_offset({"labels": docs}) == 4
+    given = {"labels": labels, "prompt_length": torch.tensor([7, 2])}
+    assert method.anchor_offset(given) == 9
+
+
+def _cli_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
+    import yaml
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    cfg = {
+        "base_model": str(model_dir),
+        "rl": "ebft",
+        "ebft": {
+            "mode": "strided",
+            "stride": 4,
+            "context_length": 4,
+            "generate_max_len": 4,
+            "n_samples_per_prompt": 2,
+            "temperature": 1.0,
+            "feature_layers": [0.5, 1.0],
+            "use_whitening": True,
+            "ce_coef": 0.1,
+        },
+        "datasets": [{"path": str(data), "type": "ebft_docs_tf.transform"}],
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "output_dir": str(tmp_path / "out"),
+        "sequence_len": 48,
+        "micro_batch_size": 1,
+        "max_steps": 2,
+        "learning_rate": 0.01,
+        "logging_steps": 1,
+        "seed": 7,
+        "gradient_checkpointing": True,
+        **extra,
+    }
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+    return path
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    import os
+
+    mods = _transform_module(tmp_path / "mods")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(mods)}
+    return subprocess.run(
+        [sys.executable, "-m", "newtune.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_newtune_train_on_a_strided_config(tmp_path, model_dir, adapter):
+    cfg = _cli_config(tmp_path, model_dir, **(LORA if adapter == "lora" else {}))
+    proc = _cli(tmp_path, "train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for h in logs:
+        assert math.isfinite(h["loss"])
+        for name in es.METRICS:
+            assert math.isfinite(h[name]), name
+        assert h["ebft/num_blocks"] >= 1 and h["ebft/ce_loss"] > 0
+    if adapter == "lora":
+        assert (out / "adapter_config.json").is_file()
+        assert (out / "adapter_model.safetensors").is_file()
+    else:
+        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["rows"] == {"train": 3} and stats["datasets"][0]["too_short"] == 1
+
+
+def test_a_missing_transform_module_is_a_clear_error(tmp_path, model_dir):
+    cfg = _cli_config(tmp_path, model_dir, **LORA)
+    text = cfg.read_text().replace("ebft_docs_tf.transform", "no_such_ebft_mod.transform")
+    cfg.write_text(text)
+    proc = _cli(tmp_path, "train", str(cfg))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "no_such_ebft_mod" in proc.stderr and "PYTHONPATH" in proc.stderr
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_documents_too_short_for_a_block_are_a_clear_error(tmp_path, model_dir):
+    cfg = _cli_config(tmp_path, model_dir, **LORA)
+    text = cfg.read_text().replace("context_length: 4", "context_length: 40")
+    cfg.write_text(text)
+    proc = _cli(tmp_path, "train", str(cfg))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "no document is long enough" in proc.stderr and "44 real tokens" in proc.stderr

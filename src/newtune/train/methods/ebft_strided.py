@@ -294,10 +294,10 @@ class StridedEBFTMethod(Method):
                 f"`ebft.context_length: {s['context_length']}` must be at least 1: the first "
                 "block needs a token of context."
             )
-        if s["embed_method"] not in core.EMBED_METHODS[:3]:
+        if s["embed_method"] not in core.EMBED_METHODS:
             raise ConfigError(
-                f"`ebft.embed_method: {s['embed_method']}` is not a strided embedding; use "
-                "last_token, mean_pooling or concat."
+                f"`ebft.embed_method: {s['embed_method']}`: use one of "
+                f"{', '.join(core.EMBED_METHODS)}."
             )
         if s["advantage_estimator"] not in core.ADVANTAGE_ESTIMATORS:
             raise ConfigError(
@@ -488,6 +488,8 @@ class StridedEBFTMethod(Method):
         truth = layout.truth().to(device)
         gt_feats = feats[::n][:, truth]  # (B, nb, g, D)
         method = str(s["embed_method"])
+        if method == "completion_mean":  # a block is all completion: its mean
+            method = "mean_pooling"
         gen_emb = core.pool(gen_feats, method).reshape(rows, n, nb, -1).transpose(1, 2)
         gt_emb = core.pool(gt_feats, method)
         rewards = core.feature_rewards(
