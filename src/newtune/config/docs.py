@@ -15,6 +15,7 @@ from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
 from newtune.config.schema.model import ModelSection
 from newtune.config.schema.multimodal import MultimodalSection
+from newtune.config.schema.online import EBFTBlock, OnlineSection, TRLBlock, VllmBlock
 from newtune.config.schema.preference import PreferenceSection
 from newtune.config.schema.pretraining import PretrainingEntry, PretrainingSection
 from newtune.config.schema.seed_training import SeedTrainingSection
@@ -28,6 +29,10 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Adapter", AdapterSection),
     ("Training", TrainingSection),
     ("Preference and reward training", PreferenceSection),
+    ("Online RL (`rl: ebft`)", OnlineSection),
+    ("`ebft:` block (energy-based fine-tuning)", EBFTBlock),
+    ("`trl:` block (TRL's GRPOTrainer)", TRLBlock),
+    ("`vllm:` block", VllmBlock),
     (
         "Streamed data (`pretraining_dataset`, `streaming`) and prepared-data keys",
         PretrainingSection,

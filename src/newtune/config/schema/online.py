@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from newtune.config.keys import is_off
-from newtune.config.schema.base import Section
+from newtune.config.schema.base import Section, ignored, status_of
+from newtune.config.schema.compat import refused
 
 ONLINE_RL = ("ebft",)  # `rl:` values trained online (generation inside the training loop)
 EBFT_MODES = ("structured", "strided")
@@ -65,13 +66,13 @@ class _Block(Section):
     """A nested config block: unknown keys are errors, null means the default."""
 
 
-def _refuse_on(block: BaseModel, keys: dict[str, str], where: str) -> None:
-    """Raise naming every key of `keys` that is set to an on value, with its reason."""
-    found = [
-        f"`{where}.{key}: {getattr(block, key)!r}` {why}"
-        for key, why in keys.items()
-        if not is_off(getattr(block, key))
-    ]
+def _refuse_on(block: BaseModel, where: str) -> None:
+    """Raise naming every refused key of `block` (status "not implemented") set to an on value."""
+    found = []
+    for key, info in type(block).model_fields.items():
+        meta = status_of(info)
+        if meta["status"] == "not implemented" and not is_off(getattr(block, key)):
+            found.append(f"`{where}.{key}: {getattr(block, key)!r}` {meta['reason']}")
     if found:
         raise ValueError("; ".join(found))
 
@@ -216,58 +217,39 @@ class TRLBlock(_Block):
     use_bias_correction_kl: bool | None = Field(
         default=None, description="Importance-correct the KL term."
     )
-    use_liger_loss: bool | None = Field(
-        default=None, description="Liger's fused GRPO loss (refused when true)."
+    use_liger_loss: bool | None = refused(
+        "Liger's fused GRPO loss.",
+        "is Liger's fused GRPO loss, which TRL 1.16 deprecates; newtune runs TRL's own loss. "
+        "Remove the key (the loss is the same)",
     )
-    rollout_func: str | None = Field(
-        default=None, description="A custom rollout function (refused when set)."
+    rollout_func: str | None = refused(
+        "A custom rollout function replacing generation.",
+        "is a custom rollout function that replaces generation; newtune's online methods "
+        "generate with TRL. Remove the key",
     )
-    use_data_producer: bool | None = Field(default=None, description="Axolotl's data producer.")
-    async_prefetch: bool | None = Field(
-        default=None, description="Axolotl's background generation (refused when true)."
+    use_data_producer: bool | None = refused("Axolotl's GRPO data producer.", ASYNC)
+    async_prefetch: bool | None = refused("Axolotl's background generation.", ASYNC)
+    prefetch_depth: int | None = refused("Axolotl's async prefetch depth.", ASYNC)
+    vllm_sync_interval: int | None = refused("Axolotl's async weight-sync interval.", ASYNC)
+    streaming_partial_batch: bool | None = refused("Axolotl's incremental scoring.", ASYNC)
+    streaming_min_groups: int | None = refused("Axolotl's incremental scoring chunk.", ASYNC)
+    vllm_lora_sync: bool | None = refused(
+        "Axolotl's filesystem LoRA sync to its own vLLM serve module.",
+        "syncs LoRA weights to Axolotl's own vLLM serve module "
+        "(`axolotl.scripts.vllm_serve_lora`); TRL's GRPOTrainer syncs merged weights to "
+        "`trl vllm-serve` itself. Remove the key",
     )
-    prefetch_depth: int | None = Field(default=None, description="Axolotl's async prefetch depth.")
-    vllm_sync_interval: int | None = Field(
-        default=None, description="Axolotl's async weight-sync interval."
-    )
-    streaming_partial_batch: bool | None = Field(
-        default=None, description="Axolotl's incremental scoring."
-    )
-    streaming_min_groups: int | None = Field(
-        default=None, description="Axolotl's incremental scoring chunk."
-    )
-    vllm_lora_sync: bool | None = Field(
-        default=None, description="Axolotl's filesystem LoRA sync to its own vLLM server."
-    )
-    replay_buffer_size: int | None = Field(default=None, description=AXOLOTL_PRODUCER)
-    replay_recompute_logps: bool | None = Field(default=None, description=AXOLOTL_PRODUCER)
-    reroll_start_fraction: float | None = Field(default=None, description=AXOLOTL_PRODUCER)
-    reroll_max_groups: int | None = Field(default=None, description=AXOLOTL_PRODUCER)
-    skip_zero_advantage_batches: bool | None = Field(default=None, description=AXOLOTL_PRODUCER)
-    reward_num_workers: int | None = Field(default=None, description=AXOLOTL_PRODUCER)
+    replay_buffer_size: int | None = ignored(AXOLOTL_PRODUCER)
+    replay_recompute_logps: bool | None = ignored(AXOLOTL_PRODUCER)
+    reroll_start_fraction: float | None = ignored(AXOLOTL_PRODUCER)
+    reroll_max_groups: int | None = ignored(AXOLOTL_PRODUCER)
+    skip_zero_advantage_batches: bool | None = ignored(AXOLOTL_PRODUCER)
+    reward_num_workers: int | None = ignored(AXOLOTL_PRODUCER)
 
     @model_validator(mode="after")
     def _refused(self) -> TRLBlock:
         """Axolotl-only trainer features, refused by name when on."""
-        _refuse_on(
-            self,
-            {
-                "use_data_producer": ASYNC,
-                "async_prefetch": ASYNC,
-                "prefetch_depth": ASYNC,
-                "vllm_sync_interval": ASYNC,
-                "streaming_partial_batch": ASYNC,
-                "streaming_min_groups": ASYNC,
-                "vllm_lora_sync": "syncs LoRA weights to Axolotl's own vLLM serve module "
-                "(`axolotl.scripts.vllm_serve_lora`); TRL's GRPOTrainer syncs merged weights "
-                "to `trl vllm-serve` itself. Remove the key",
-                "use_liger_loss": "is Liger's fused GRPO loss, which TRL 1.16 deprecates; "
-                "newtune runs TRL's own loss. Remove the key (the loss is the same)",
-                "rollout_func": "is a custom rollout function that replaces generation; "
-                "newtune's online methods generate with TRL. Remove the key",
-            },
-            "trl",
-        )
+        _refuse_on(self, "trl")
         weights, funcs = self.reward_weights, self.reward_funcs
         if weights is not None and funcs is not None and len(weights) != len(funcs):
             raise ValueError(
@@ -277,39 +259,48 @@ class TRLBlock(_Block):
         return self
 
 
+def _server(description: str, flag: str | None = None) -> Any:
+    """A `vllm:` key that only configures the server `axolotl vllm-serve` starts."""
+    return refused(
+        description + " A setting of the vLLM server `axolotl vllm-serve` starts.",
+        "configures the vLLM server, which newtune does not start",
+        f"`trl vllm-serve {flag}`" if flag else "`trl vllm-serve` options",
+    )
+
+
 class VllmBlock(_Block):
     """Axolotl's `vllm:` block: settings of the vLLM server `axolotl vllm-serve` starts."""
 
-    device: str | None = Field(default=None, description="vLLM device (server setting).")
+    device: str | None = _server("vLLM device.")
     tensor_parallel_size: int | None = Field(
-        default=None, gt=0, description="Tensor parallel size (read in colocate mode)."
+        default=None,
+        gt=0,
+        description="Tensor parallel size of in-process vLLM (`trl.vllm_mode: colocate`); a "
+        "server takes `trl vllm-serve --tensor-parallel-size`.",
     )
-    data_parallel_size: int | None = Field(
-        default=None, gt=0, description="Data parallel size (server setting)."
-    )
+    data_parallel_size: int | None = _server("Data parallel size.", "--data-parallel-size")
     gpu_memory_utilization: float | None = Field(
-        default=None, gt=0, le=1, description="GPU memory share of vLLM (read in colocate mode)."
+        default=None,
+        gt=0,
+        le=1,
+        description="GPU memory share of in-process vLLM (colocate); a server takes "
+        "`trl vllm-serve --gpu-memory-utilization`.",
     )
-    dtype: str | None = Field(default=None, description="vLLM dtype (server setting).")
+    dtype: str | None = _server("vLLM dtype.", "--dtype")
     max_model_len: int | None = Field(
-        default=None, gt=0, description="vLLM context length (read in colocate mode)."
+        default=None,
+        gt=0,
+        description="Context length of in-process vLLM (colocate); a server takes "
+        "`trl vllm-serve --max-model-len`.",
     )
-    enable_prefix_caching: bool | None = Field(
-        default=None, description="Prefix caching (server setting)."
-    )
-    host: str | None = Field(default=None, description="Host the server listens on.")
-    port: int | None = Field(default=None, description="Port the server listens on.")
-    enable_reasoning: bool | None = Field(default=None, description="Reasoning (server setting).")
-    reasoning_parser: str | None = Field(default=None, description="Reasoning parser (server).")
-    enforce_eager: bool | None = Field(
-        default=None, description="No CUDA graphs in vLLM (server setting)."
-    )
-    serve_module: str | None = Field(
-        default=None, description="Axolotl's serve script module (server setting)."
-    )
-    worker_extension_cls: str | None = Field(
-        default=None, description="vLLM worker extension class (server setting)."
-    )
+    enable_prefix_caching: bool | None = _server("Prefix caching.", "--enable-prefix-caching")
+    host: str | None = _server("Host the server listens on.", "--host")
+    port: int | None = _server("Port the server listens on.", "--port")
+    enable_reasoning: bool | None = _server("Reasoning outputs.")
+    reasoning_parser: str | None = _server("Reasoning parser.")
+    enforce_eager: bool | None = _server("No CUDA graphs in vLLM.", "--enforce-eager")
+    serve_module: str | None = _server("Axolotl's serve script module.")
+    worker_extension_cls: str | None = _server("vLLM worker extension class.")
 
 
 class EBFTBlock(_Block):
