@@ -253,7 +253,6 @@ def test_liger_rms_norm_gated_validates_with_a_warning_without_liger(tmp_path):
     ("key", "words"),
     [
         ("tiled_mlp", "TiledMLP"),
-        ("fused_attn_kernel", "Axolotl's own patched modeling code"),
     ],
 )
 def test_axolotl_patches_are_refused_by_name_when_on(tmp_path, key, words):

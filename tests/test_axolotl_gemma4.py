@@ -216,9 +216,11 @@ def test_validate_defaults_flash_attention_and_refuses_another(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_fused_attn_kernel_stays_refused_with_the_reason(tmp_path):
-    err = error_line(cli("validate", write(tmp_path, fused_attn_kernel=True)))
-    assert "`fused_attn_kernel`" in err and "q_norm/k_norm" in err and "no-op" in err
+def test_fused_attn_kernel_validates_with_the_hybrid(tmp_path):
+    """Implemented now (models/fused_attention.py, tests/test_fused_attn.py)."""
+    proc = cli("validate", write(tmp_path, fused_attn_kernel=True, gemma4_hybrid_attn_impl=True))
+    assert proc.returncode == 0, proc.stderr
+    assert "fused_attn_kernel: true" in proc.stdout
 
 
 def test_generation_with_a_kv_cache_matches_the_model_without_the_hybrid(varlen):

@@ -49,6 +49,11 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             "loaded onto its base again; remove `adapter` (a full training from scratch) or "
             "`reinit_weights`"
         )
+    if cfg.fused_attn_kernel:  # the model type, where its config.json is on disk
+        from newtune.models.fused_attention import validate_problem
+
+        problem = validate_problem(cfg.base_model_config or cfg.base_model, cfg.revision_of_model)
+        errors += [problem] if problem else []
     if cfg.gemma4_hybrid_attn_impl and cfg.attn_implementation != "flash_attention_2":
         errors.append(
             f"`{names('gemma4_hybrid_attn_impl')}: true` runs Gemma 4's sliding-window layers "

@@ -316,6 +316,10 @@ def build_model(
 
         check_engine(config)
         fuse_gated_mlps(model)
+    if config.fused_attn_kernel:  # q/k norm + RoPE compiled into one kernel (training only)
+        from newtune.models.fused_attention import apply_fused_attention
+
+        apply_fused_attention(model)
     model.config.use_cache = False  # packed rows are isolated only without a KV cache
     resize_embeddings(model, tokenizer, config)
     if options.quantize is not None:

@@ -152,14 +152,18 @@ class Compat3Section(Section):
     )
     tiled_mlp_num_shards: Any = refused("Shards of tiled_mlp.", "goes with `tiled_mlp`")
     tiled_mlp_use_original_mlp: Any = refused("tiled_mlp's MLP choice.", "goes with `tiled_mlp`")
-    fused_attn_kernel: Any = refused(
-        "Axolotl's fused q/k RMSNorm + RoPE Triton kernel (Qwen3 / Qwen3.5 families; on "
-        "Gemma 4 Axolotl always runs it, and the key lets its LoRA q/k/v/o kernels attach).",
-        f"`fused_attn_kernel` {OWN}. liger-kernel is no stand-in: on a loaded Qwen3 model "
-        "its RMSNorm patches the decoder-layer norms and leaves the attention's q_norm/k_norm "
-        "(the norms this kernel fuses) as they are, and on Gemma 4 its RoPE is a no-op",
-        "`liger_rope: true` (on Qwen3, liger's RoPE on q/k) and `liger_rms_norm: true` (the "
-        "decoder-layer norms)",
+    fused_attn_kernel: bool | None = Field(
+        default=None,
+        description="Fuse the attention's per-head q_norm/k_norm RMSNorm and rotary embedding "
+        "(and Gemma 4's v_norm) into one kernel, as Axolotl's Triton kernel does: newtune "
+        "compiles exactly that region with torch.compile (one Inductor kernel for q and k, "
+        "Triton on a GPU, a C++ loop on a CPU; the same math as the unfused model). "
+        "Model types qwen3, qwen3_moe, qwen3_vl(_text), qwen3_5(_text), qwen3_5_moe(_text), "
+        "gemma4(_text), gemma4_unified(_text); others are refused (at validate when the "
+        "model's config.json is local or cached, else when it loads). Works with LoRA, "
+        "packing, gradient checkpointing and `torch_compile: true` (the whole-model compile "
+        "then traces the rewritten attention and fuses the region in its graph). Training "
+        "only; liger's RoPE is not used by the fused attention.",
     )
     gemma4_hybrid_attn_impl: bool | None = Field(
         default=None,
