@@ -249,18 +249,6 @@ def test_liger_rms_norm_gated_validates_with_a_warning_without_liger(tmp_path):
     assert "liger-kernel" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("key", "words"),
-    [
-        ("tiled_mlp", "TiledMLP"),
-    ],
-)
-def test_axolotl_patches_are_refused_by_name_when_on(tmp_path, key, words):
-    assert getattr(config_of(tmp_path, **{key: False}), key) is False
-    err = error_line(cli("validate", write(tmp_path, **{key: True})))
-    assert f"`{key}`" in err and words in err
-
-
 def test_model_quantization_config_reaches_from_pretrained(tmp_path, model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, Mxfp4Config
 

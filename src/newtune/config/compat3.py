@@ -64,6 +64,7 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             "(Axolotl refuses this too)"
         )
     errors += _fused_mlp_rules(cfg, names)
+    errors += _tiled_mlp_rules(cfg, names)
     if cfg.model_quantization_config and (cfg.load_in_4bit or cfg.load_in_8bit):
         errors.append(
             f"`{names('model_quantization_config')}` and `load_in_4bit`/`load_in_8bit` both set "
@@ -193,6 +194,35 @@ def _fused_mlp_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[st
             f"`unfrozen_parameters` names {hit[0]!r}, and `{key}: true` packs gate_proj and "
             "up_proj into one `gate_up_proj` parameter (trained or frozen together); name "
             "`mlp.gate_up_proj` instead, or remove `flash_attn_fuse_mlp`"
+        )
+    return errors
+
+
+def _tiled_mlp_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """`tiled_mlp` (models/tiled_mlp.py) and its two knobs."""
+    key, errors = names("tiled_mlp"), []
+    knobs = []
+    if cfg.tiled_mlp_num_shards is not None:
+        knobs.append(f"`{names('tiled_mlp_num_shards')}: {cfg.tiled_mlp_num_shards}`")
+    if cfg.tiled_mlp_use_original_mlp is False:
+        knobs.append(f"`{names('tiled_mlp_use_original_mlp')}: false`")
+    if knobs and not cfg.tiled_mlp:
+        errors.append(
+            f"{' and '.join(knobs)} configure `{key}`, which is off, so nothing would change; "
+            "set `tiled_mlp: true` or remove them"
+        )
+    if not cfg.tiled_mlp:
+        return errors
+    if cfg.liger_glu_activation:
+        errors.append(
+            f"`{key}` and `liger_glu_activation`: liger replaces each MLP's forward after the "
+            "model is built, which would silently undo the tiling; keep one"
+        )
+    if cfg.tiled_mlp_use_original_mlp is False and cfg.flash_attn_fuse_mlp:
+        errors.append(
+            f"`{names('tiled_mlp_use_original_mlp')}: false` tiles Llama's gate_proj/up_proj "
+            "forward, and `flash_attn_fuse_mlp` packs those into `gate_up_proj`; set it to true "
+            "(the fused MLP is then tiled) or remove `flash_attn_fuse_mlp`"
         )
     return errors
 

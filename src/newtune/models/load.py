@@ -316,6 +316,12 @@ def build_model(
 
         check_engine(config)
         fuse_gated_mlps(model)
+    if config.tiled_mlp:  # training only, after the fusion: the fused MLP is then tiled
+        from newtune.models.tiled_mlp import apply_tiled_mlp
+
+        original = config.tiled_mlp_use_original_mlp is not False
+        ds = config.deepspeed is not None
+        apply_tiled_mlp(model, config.tiled_mlp_num_shards, original, deepspeed=ds)
     if config.fused_attn_kernel:  # q/k norm + RoPE compiled into one kernel (training only)
         from newtune.models.fused_attention import apply_fused_attention
 

@@ -143,15 +143,28 @@ class Compat3Section(Section):
         "layers), passed as `rms_norm_gated` to liger's function for the model type; train "
         "refuses it when that function has no such switch.",
     )
-    tiled_mlp: Any = refused(
-        "Axolotl's ALST tiled MLP (long-context memory saving).",
-        "`tiled_mlp` swaps each MLP forward for a tiled recompute: DeepSpeed's TiledMLP "
-        "autograd function under ZeRO, and Axolotl's own variant under DDP/FSDP2 (it defers "
-        "FSDP2's reshard between tiles, which DeepSpeed's does not); newtune does not wire it",
-        "`gradient_checkpointing: true` (optionally `activation_offloading: true`)",
+    tiled_mlp: bool | None = Field(
+        default=None,
+        description="ALST tiled MLP for long sequences: each decoder layer's dense MLP runs "
+        "over shards of the sequence and is recomputed shard by shard in backward, so only "
+        "one shard's intermediate activations are alive (exact: same outputs and gradients). "
+        "Under `deepspeed` DeepSpeed's TiledMLP runs it (needs deepspeed); single process, "
+        "DDP and FSDP2 use torch.utils.checkpoint per shard. Mixture-of-experts blocks are not "
+        "tiled.",
     )
-    tiled_mlp_num_shards: Any = refused("Shards of tiled_mlp.", "goes with `tiled_mlp`")
-    tiled_mlp_use_original_mlp: Any = refused("tiled_mlp's MLP choice.", "goes with `tiled_mlp`")
+    tiled_mlp_num_shards: int | None = Field(
+        default=None,
+        ge=1,
+        description="Shards of `tiled_mlp`; unset: one per 32768 tokens of the sequence "
+        "(under DeepSpeed the ranks agree on the largest count).",
+    )
+    tiled_mlp_use_original_mlp: bool | None = Field(
+        default=True,
+        description="`tiled_mlp` tiles the model's own MLP forward (true, the default); false "
+        "tiles Llama's gated forward `down(act(gate(x)) * up(x))` on the module's own "
+        "projections (models with gate_proj/up_proj/down_proj only; Axolotl also "
+        "torch.compiles it, newtune does not).",
+    )
     fused_attn_kernel: bool | None = Field(
         default=None,
         description="Fuse the attention's per-head q_norm/k_norm RMSNorm and rotary embedding "
