@@ -14,6 +14,7 @@ CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 KERNELS_PLUGIN = "axolotl.integrations.kernels.KernelsPlugin"
 SWANLAB_PLUGIN = "axolotl.integrations.swanlab.SwanLabPlugin"
 DIFFUSION_PLUGIN = "axolotl.integrations.diffusion.DiffusionPlugin"
+EP_PLUGIN = "axolotl.integrations.expert_parallel.ExpertParallelPlugin"
 # plugin -> what newtune does for it (the plugin itself only makes its keys readable)
 KNOWN_PLUGINS = {
     LIGER_PLUGIN: "the liger_* keys (liger-kernel)",
@@ -21,6 +22,7 @@ KNOWN_PLUGINS = {
     KERNELS_PLUGIN: "use_kernels / experts_implementation (transformers' kernels integration)",
     SWANLAB_PLUGIN: "use_swanlab / swanlab_* (transformers' SwanLabCallback)",
     DIFFUSION_PLUGIN: "the `diffusion` block (masked-diffusion training, train.methods.diffusion)",
+    EP_PLUGIN: "expert_parallel_size (transformers' expert parallelism, train.expert_parallel)",
 }
 PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field
     "dp_replicate_size": "dp_replicate_size",
@@ -163,8 +165,8 @@ def parallelism_config(config: NewtuneConfig, world_size: int = 1) -> Any:
     processes, which the Trainer runs without a device mesh (and which, unlike a
     ParallelismConfig, accelerate also runs on CPU processes). ValueError (accelerate's, or the
     layout's) when the sizes do not fit the launch or each other."""
-    if not parallel_sizes(config):
-        return None
+    if not parallel_sizes(config) or (config.expert_parallel_size or 1) > 1:
+        return None  # expert parallelism: transformers shards the model (train.expert_parallel)
     sizes = parallel_layout(config, world_size)
     if all(size == 1 for key, size in sizes.items() if key != "dp_replicate_size"):
         return None
@@ -176,6 +178,10 @@ def parallelism_config(config: NewtuneConfig, world_size: int = 1) -> Any:
 def parallel_problem(config: NewtuneConfig, world_size: int) -> str | None:
     """Why the launch does not fit the parallelism sizes, or accelerate refuses them (None when
     they run)."""
+    if (config.expert_parallel_size or 1) > 1:
+        from newtune.train.expert_parallel import launch_problem
+
+        return launch_problem(config, world_size)
     try:
         parallelism_config(config, world_size)
     except ValueError as exc:
@@ -365,6 +371,8 @@ def _qat_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
 
 def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
     """Errors for the plugin, kernel, tracker and parallelism keys."""
+    from newtune.train.expert_parallel import ep_rules
+
     errors = []
     others = unknown_plugins(cfg)
     if others:
@@ -379,6 +387,7 @@ def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
         + _tracker_rules(cfg, names)
         + _parallel_rules(cfg, names)
         + _qat_rules(cfg, names)
+        + ep_rules(cfg, names)  # expert_parallel_size (train.expert_parallel)
     )
 
 
@@ -389,8 +398,11 @@ def compat2_notes(cfg: NewtuneConfig) -> list[str]:
         for known, what in KNOWN_PLUGINS.items():
             if _short(plugin) == _short(known) and known != LIGER_PLUGIN:
                 notes.append(f"plugin {_short(known)}: newtune reads {what}")
+    from newtune.train.expert_parallel import ep_notes
+
+    notes += ep_notes(cfg)  # expert_parallel_size: transformers shards, no ParallelismConfig
     sizes = {k: v for k, v in parallel_sizes(cfg).items() if v > 1}
-    if sizes:
+    if sizes and not (cfg.expert_parallel_size or 1) > 1:
         mesh = "ParallelismConfig" if set(sizes) - {"dp_replicate_size"} else "DDP replicas"
         notes.append(
             f"parallelism ({mesh}): "
@@ -473,6 +485,8 @@ def machine_needs2(cfg: NewtuneConfig, names: Callable[[str], str], need: Any) -
         k
         for k in ("dp_shard_size", "tensor_parallel_size", "context_parallel_size")
         if (getattr(cfg, k) or 1) > 1
+        # with expert_parallel_size, transformers' FSDP2 shards (gloo CPU ranks too)
+        and not (k == "dp_shard_size" and (cfg.expert_parallel_size or 1) > 1)
     ]
     if gpu_only:
         needs.append(

@@ -307,6 +307,9 @@ def build_model(
 
     # `tf32` is applied by train.precision.tf32_scope for the run only (not process-wide here)
     options = ModelOptions.from_config(config, plan)
+    from newtune.train.expert_parallel import with_expert_parallel
+
+    options = with_expert_parallel(options, config, plan)  # expert_parallel_size
     model = load_model(config.base_model, plan.dtype, options=options)
     from newtune.models.moe import expert_lora, prepare_experts
 

@@ -405,4 +405,7 @@ def training_kwargs2(config: NewtuneConfig, world_size: int = 1) -> dict[str, An
         parallel = None
     if parallel is not None:
         kwargs["parallelism_config"] = parallel
+    from newtune.train.expert_parallel import training_kwargs as ep_training_kwargs
+
+    kwargs.update(ep_training_kwargs(config))  # expert_parallel_size: save_only_model
     return kwargs

@@ -199,6 +199,8 @@ def distributed_kwargs(config: NewtuneConfig, plan: RunPlan) -> dict[str, Any]:
         ds = load_deepspeed_config(config.deepspeed)
         kwargs["deepspeed"] = complete_deepspeed_config(ds, config, plan, deepspeed_source(config))
     fsdp = fsdp_settings(config)
+    if fsdp is not None and (config.expert_parallel_size or 1) > 1:
+        fsdp = None  # expert parallelism: transformers FSDP2-shards at load (train.expert_parallel)
     if fsdp is not None:
         if plan.device != "cuda":
             raise ConfigError(
@@ -222,6 +224,11 @@ def gather_weights(trainer: Any) -> dict[str, Any] | None:
     A collective operation: call it on every rank; the main process gets the weights
     (other ranks may get an empty dict). Pass the result to `save_pretrained(state_dict=...)`.
     """
+    from newtune.train.expert_parallel import gather_expert_parallel
+
+    sharded = gather_expert_parallel(trainer)  # expert_parallel_size: sharded at load time
+    if sharded is not None:
+        return sharded
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled:
         if _get(accelerator.deepspeed_config, "zero_optimization.stage") != 3:

@@ -239,18 +239,28 @@ class Compat2Section(Section):
     context_parallel_size: int | None = Field(
         default=None, ge=1, description="Context parallel size (ParallelismConfig.cp_size)."
     )
-    expert_parallel_size: Any = refused(
-        "Expert parallelism (Axolotl's ExpertParallelPlugin).",
-        "`expert_parallel_size` is Axolotl's DeepEP expert-parallel plugin; accelerate's "
-        "ParallelismConfig has no expert-parallel axis, and transformers' own "
-        "DistributedConfig(ep_size) loading is not wired into newtune's Trainer launch",
-        "`dp_shard_size` (FSDP shards the experts)",
+    expert_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Expert parallelism (Axolotl's ExpertParallelPlugin; listing the plugin is "
+        "optional): each MoE layer's experts are split over this many ranks and the routed "
+        "tokens travel to them by all-to-all, the other weights are FSDP2-sharded over the "
+        "data-parallel ranks, all by transformers at load time "
+        "(`from_pretrained(distributed_config=DistributedConfig(ep_size, fsdp_size))`, "
+        "train.expert_parallel). Launch `expert_parallel_size` x `dp_shard_size` processes (a "
+        "multiple with `dp_replicate_size`); the model needs an expert-parallel plan in "
+        "transformers (3-D experts, e.g. Qwen3-MoE) with a number of experts it divides. "
+        "1 = off.",
     )
     expert_parallel_num_nvl_bytes: Any = refused(
-        "DeepEP buffer.", "goes with `expert_parallel_size`"
+        "DeepEP buffer.",
+        "sizes the NVLink buffer of Axolotl's own DeepEP dispatch; newtune's expert "
+        "parallelism dispatches with transformers' all-to-all, which has no such buffer",
     )
     expert_parallel_token_capacity: Any = refused(
-        "DeepEP capacity.", "goes with `expert_parallel_size`"
+        "DeepEP capacity.",
+        "caps the tokens per expert in Axolotl's own DeepEP dispatch (token dropping); "
+        "transformers' all-to-all dispatch drops no tokens",
     )
     use_ray: Any = refused(
         "Ray Train launch.",
