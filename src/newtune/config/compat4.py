@@ -154,6 +154,39 @@ def _otel_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     ]
 
 
+def _eaft_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    from newtune.config.schema.preference import training_method
+
+    given = [k for k in ("eaft_alpha", "eaft_k") if getattr(cfg, k) is not None]
+    if not cfg.use_eaft:
+        if given:
+            keys = " and ".join(f"`{names(k)}`" for k in given)
+            return [f"{keys} set without `{names('use_eaft')}: true`: set it or remove them"]
+        return []
+    errors = []
+    why = f"`{names('use_eaft')}: true`"
+    from newtune.config.compat2 import diffusion_enabled
+
+    other = None
+    if cfg.rl or training_method(cfg) != "sft":
+        other = f"rl: {cfg.rl}" if cfg.rl else "reward_model: true"
+    elif diffusion_enabled(cfg):
+        other = "diffusion (DiffusionPlugin)"
+    if other:
+        errors.append(
+            f"{why} weights the next-token loss of SFT, and the config trains with `{other}`, "
+            "which has its own loss; remove use_eaft"
+        )
+    fused_keys = ("liger_fused_linear_cross_entropy", "cut_cross_entropy")
+    fused = [k for k in fused_keys if getattr(cfg, k, None)]
+    if fused:
+        errors.append(
+            f"{why} with `{names(fused[0])}: true`: EAFT weights each token by the entropy of "
+            "its logits, and the fused head never materialises them; remove one of the two"
+        )
+    return errors
+
+
 def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
     """Errors for eta_min, flex_attn_compile_kwargs, unfrozen_parameters with an adapter and
     use_onebitllms."""
@@ -163,6 +196,7 @@ def compat4_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
         + _unfrozen_adapter_rules(cfg, names)
         + _onebit_rules(cfg, names)
         + _otel_rules(cfg, names)
+        + _eaft_rules(cfg, names)
     )
 
 

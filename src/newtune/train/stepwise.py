@@ -24,6 +24,7 @@ from newtune.errors import ConfigError
 from newtune.fileio import atomic_dir
 from newtune.models.tokenizer import load_tokenizer
 from newtune.train.args import build_training_args, schedule_for
+from newtune.train.eaft import loss_func
 from newtune.train.kernels import fused_head
 from newtune.train.methods import method_for
 from newtune.train.precision import tf32_scope
@@ -124,6 +125,7 @@ class StepTrainer:
                 processing_class=self.tokenizer,
                 schedule=schedule_for(cfg),
                 fused_head=fused_head(cfg),
+                compute_loss_func=loss_func(cfg),  # use_eaft
             )
             self._model = self._prepare()
         pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None

@@ -86,6 +86,7 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
     """Train on the stream, save the outputs (stats.json `stream`: rows read, packing)."""
     from newtune.train.args import build_training_args, schedule_for
     from newtune.train.callbacks import build_callbacks
+    from newtune.train.eaft import loss_func
     from newtune.train.kernels import fused_head
     from newtune.train.report import tracker_environment
     from newtune.train.run import _checkpoint_step, _raise_if_aborted, finish_run, training_model
@@ -120,6 +121,7 @@ def train_streamed(loaded: LoadedConfig, plan: RunPlan, checkpoint: str | None) 
             callbacks=callbacks,
             schedule=schedule_for(config),
             fused_head=fused_head(config),
+            compute_loss_func=loss_func(config),  # use_eaft
             stream=stream,
         )
         attach(trainer, config, tokenizer)  # ReLoRA, jagged lr, LoRA+, LISA
