@@ -377,6 +377,13 @@ def test_cli_trains_sft_diffusion_with_packing_eval_and_samples(tmp_path, model_
     assert "diffusion sample 1 at step 1" in proc.stderr
     assert "diffusion sample 1 at step 2" in proc.stderr
     assert "[MASK]" in proc.stderr
+    # `newtune evaluate` scores the trained model with the same seeded masks as training's eval
+    proc = cli("-m", "newtune.cli.main", "evaluate", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)
+    assert result["eval_accuracy"] == pytest.approx(evals[-1]["eval_accuracy"])
+    assert "perplexity" not in result  # not a next-token loss
 
 
 def test_cli_trains_pretraining_diffusion_and_adds_the_mask_token(tmp_path, model_dir):

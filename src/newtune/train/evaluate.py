@@ -58,9 +58,14 @@ def evaluate(
         )
     else:
         batches = padded_loader(dataset, rows, tokenizer.pad_token_id, pad_to)
-    total, count = token_loss(model, batches, device)
+    if method.name == "diffusion":  # masked-diffusion loss (train.methods.diffusion)
+        from newtune.train.methods.diffusion import evaluate_diffusion
+
+        summary = evaluate_diffusion(method, model, tokenizer, batches, device, config.seed)
+    else:
+        summary = loss_summary(*token_loss(model, batches, device), split, dataset)
     return {
-        **loss_summary(total, count, split, dataset),
+        **summary,
         "total_tokens": int(sample_lengths(dataset).sum()),
         "split": split,
         "model": model_source,

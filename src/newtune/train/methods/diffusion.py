@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from newtune.config.schema.compat3 import DiffusionArgs
 from newtune.data.tokenize import IGNORE_INDEX
-from newtune.errors import ConfigError
+from newtune.errors import ConfigError, DataError
 from newtune.train.methods.base import Method, MetricLog, unwrap
 from newtune.train.trainer import head_can_skip
 
@@ -195,9 +195,10 @@ class DiffusionMethod(Method):
 
     # -- mask token ----------------------------------------------------------------------------
 
-    def resolve_mask_token(self, tokenizer: Any, model: Any = None) -> int:
+    def resolve_mask_token(self, tokenizer: Any, model: Any = None, add: bool = True) -> int:
         """The mask token id: `mask_token_id`, else `mask_token_str` (default
-        `<|diffusion_mask|>`) as an existing special token, else added (embeddings resized)."""
+        `<|diffusion_mask|>`) as an existing special token, else added (embeddings resized)
+        when `add` (training), else a ConfigError (evaluating a trained model)."""
         vocab = len(tokenizer)
         if model is not None:
             vocab = max(vocab, model_vocab(model))
@@ -215,6 +216,12 @@ class DiffusionMethod(Method):
         special = set(getattr(tokenizer, "all_special_tokens", []) or [])
         if isinstance(found, int) and found != tokenizer.unk_token_id and text in special:
             return self._use(tokenizer, found)
+        if not add:
+            raise ConfigError(
+                f"the model's tokenizer has no special token {text!r} to mask with: evaluate "
+                "the output of the diffusion run (its tokenizer holds the token it added), or "
+                "set `diffusion.mask_token_id`"
+            )
         tokenizer.add_special_tokens({"additional_special_tokens": [text]})
         if model is not None and len(tokenizer) > model_vocab(model):
             unwrap(model).resize_token_embeddings(len(tokenizer))
@@ -373,21 +380,40 @@ class DiffusionTrainerMixin:
         super().log(logs, start_time)  # type: ignore[misc]
 
     def eval_metrics(self, dataset: Any, prefix: str) -> dict[str, float]:
-        """Mean diffusion loss and metrics over the eval split (rows weighted), with masks drawn
-        from a generator seeded by `seed`: every evaluation scores the same noised rows."""
-        model = self.model
-        device = self.args.device
-        generator = torch.Generator(device=device).manual_seed(self.args.seed)
-        metrics = MetricLog(("loss", *self.diffusion.metric_names))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for batch in self.eval_loader(dataset):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss, values = self.diffusion.loss(model, batch, generator)
-                metrics.add({"loss": loss, **values}, float(batch["input_ids"].shape[0]))
-        model.train(was_training)
-        return {f"{prefix}_{k}": v for k, v in metrics.pop(device).items()}
+        """Mean diffusion loss and metrics over the eval split (`diffusion_eval`)."""
+        values = diffusion_eval(
+            self.diffusion, self.model, self.eval_loader(dataset), self.args.device, self.args.seed
+        )
+        return {f"{prefix}_{k}": v for k, v in values.items()}
+
+
+def diffusion_eval(
+    method: DiffusionMethod, model: Any, batches: Any, device: Any, seed: int
+) -> dict[str, float]:
+    """Mean diffusion loss and metrics over batches (rows weighted, across ranks), with masks
+    drawn from a generator seeded by `seed`: every evaluation scores the same noised rows."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    metrics = MetricLog(("loss", *method.metric_names))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, values = method.loss(model, batch, generator)
+            metrics.add({"loss": loss, **values}, float(batch["input_ids"].shape[0]))
+    model.train(was_training)
+    return metrics.pop(device)
+
+
+def evaluate_diffusion(
+    method: DiffusionMethod, model: Any, tokenizer: Any, batches: Any, device: Any, seed: int
+) -> dict[str, Any]:
+    """`newtune evaluate` of a diffusion config: eval_loss and the diffusion metrics."""
+    method.resolve_mask_token(tokenizer, model, add=False)
+    values = diffusion_eval(method, model, batches, device, seed)
+    if "loss" not in values:
+        raise DataError("the evaluated split has no rows")
+    return {f"eval_{k}": v for k, v in values.items()}
 
 
 KEEP = ("input_ids", "labels", "attention_mask", "position_ids")
