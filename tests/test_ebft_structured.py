@@ -349,3 +349,26 @@ def test_missing_transform_module_is_a_data_error(tmp_path: Path, model_dir: Pat
     proc = cli("train", str(cfg))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no module `no_such_rows`" in proc.stderr
+
+
+def test_adaptive_max_tokens_caps_generation(tmp_path: Path, model_dir: Path) -> None:
+    """Ground truths of a few tokens: the completion cap is Axolotl's floor of 64 tokens, below
+    trl.max_completion_length (the tiny random model rarely stops by itself)."""
+    cfg = write_run(tmp_path, model_dir, trl={"max_completion_length": 80})
+    text = yaml.safe_load(cfg.read_text())
+    text["max_steps"] = 1
+    cfg.write_text(yaml.safe_dump(text))
+    proc = cli("train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [
+        h for h in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in h
+    ]
+    assert logs[0]["completions/max_length"] <= 64
+    assert logs[0]["completions/clipped_ratio"] > 0  # some completions were cut at the cap
+
+
+def test_preprocess_refuses_structured_ebft(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_run(tmp_path, model_dir)
+    proc = cli("preprocess", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "`rl: ebft` (structured) has nothing to preprocess" in proc.stderr

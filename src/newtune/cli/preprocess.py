@@ -16,7 +16,9 @@ def _preprocess(config: str, overrides: dict[str, Any], force: bool, debug: bool
     from newtune.data.prepare import prepare_data  # the data layer only: no Trainer stack
     from newtune.data.report import mark_trained, report_table
 
-    tokenizer, prepared = prepare_data(load(config, overrides), force=force)
+    loaded = load(config, overrides)
+    _refuse_online(loaded.config)
+    tokenizer, prepared = prepare_data(loaded, force=force)
     log.info("%s prepared data: %s", "reused" if prepared.reused else "wrote", prepared.path)
     print(report_table(prepared.stats), file=sys.stderr)
     if debug:
@@ -27,6 +29,19 @@ def _preprocess(config: str, overrides: dict[str, Any], force: bool, debug: bool
             text = mark_trained(tokenizer, row["input_ids"], row["labels"], color)
             print(f"--- example {i} (trained spans marked) ---\n{text}", file=sys.stderr)
     emit(str(prepared.path))
+
+
+def _refuse_online(cfg: Any) -> None:
+    """Structured `rl: ebft` trains on raw rows (TRL renders and tokenizes the prompts)."""
+    from newtune.config.schema.online import ebft_mode
+    from newtune.errors import ConfigError
+
+    if getattr(cfg, "rl", None) == "ebft" and ebft_mode(cfg) == "structured":
+        raise ConfigError(
+            "`rl: ebft` (structured) has nothing to preprocess: TRL's GRPOTrainer renders and "
+            "tokenizes the prompts of the raw (prompt, ground_truth) rows as it generates, and "
+            "`newtune train` reads the datasets through their transforms itself."
+        )
 
 
 def preprocess_command(
