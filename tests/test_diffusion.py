@@ -417,3 +417,12 @@ def test_cli_trains_pretraining_diffusion_and_adds_the_mask_token(tmp_path, mode
     assert added and added[0]["special"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == added[0]["id"] + 1
+
+
+def test_step_trainer_refuses_diffusion(tmp_path, model_dir):
+    from newtune.errors import ConfigError
+    from newtune.train.stepwise import StepTrainer
+
+    cfg = write(tmp_path, model_dir, diffusion={"mask_token_id": 3})
+    with pytest.raises(ConfigError, match=r"StepTrainer trains next-token SFT steps.*Diffusion"):
+        StepTrainer(str(cfg))

@@ -104,6 +104,12 @@ class StepTrainer:
         self.loaded = load_given(config, **overrides)
         self.config = cfg = self.loaded.config
         method = method_for(cfg)
+        if method.name == "diffusion":
+            raise ConfigError(
+                "StepTrainer trains next-token SFT steps, but the config lists DiffusionPlugin "
+                "(masked-diffusion training); use `newtune train` (or newtune.train) for it, or "
+                "remove the plugin from the config given to StepTrainer."
+            )
         if method.is_preference:
             raise ConfigError(
                 f"StepTrainer trains SFT steps only, but the config sets `{method.describe()}`. "
