@@ -344,17 +344,60 @@ def test_validate_accepts_axolotls_completion_example_keys(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("swanlab") is None, reason="swanlab not installed")
 def test_real_swanlab_offline_run_records_the_table(tmp_path, model_dir):
-    env = {"SWANLAB_SAVE_DIR": str(tmp_path / "swanlog"), "SWANLAB_ROOT": str(tmp_path / "sw")}
+    env = {"SWANLAB_LOG_DIR": str(tmp_path / "swanlog"), "SWANLAB_ROOT": str(tmp_path / "root")}
     cfg = make_config(
         tmp_path, model_dir, PAIRS, "preference", rl="dpo", max_steps=2, **SWANLAB,
         swanlab_completion_log_interval=1, swanlab_completion_max_buffer=2,
     )  # fmt: skip
     result = cli("train", str(cfg), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    files = sorted((tmp_path / "out").rglob("media/echarts/*.json")) or sorted(
-        tmp_path.rglob("media/echarts/*.json")
-    )
+    files = sorted((tmp_path / "swanlog").rglob("media/echarts/*.json"))
     tables = [json.loads(f.read_text()) for f in files]
     assert [len(t["rowData"]) for t in tables] == [2, 2]
     assert [c["field"] for c in tables[0]["colDefs"]] == PAIR_HEADERS
     assert [r["step"] for t in tables for r in t["rowData"]] == [1, 1, 2, 2]
+
+
+def test_swanlab_setup_works_where_get_run_raises_without_a_run(tmp_path, monkeypatch):
+    """swanlab >= 0.10: get_run() raises until init; transformers' setup tests it for None."""
+    import importlib.machinery
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from newtune.config.given import load_given
+    from newtune.config.resolve import resolve
+    from newtune.train.args import build_training_args
+    from newtune.train.callbacks import build_callbacks
+    from newtune.train.report import tracker_env
+
+    runs: list[object] = []
+    inits: list[dict] = []
+
+    def get_run() -> object:
+        if not runs:
+            raise RuntimeError("No active Run. Call swanlab.init() first.")
+        return runs[-1]
+
+    fake = types.ModuleType("swanlab")
+    fake.__spec__ = importlib.machinery.ModuleSpec("swanlab", None)
+    fake.config = {}
+    fake.get_run, fake.has_run = get_run, lambda: bool(runs)
+    fake.init = lambda **kwargs: inits.append(kwargs) or runs.append(object())
+    monkeypatch.setitem(sys.modules, "swanlab", fake)
+    monkeypatch.delenv("SWANLAB_PROJECT", raising=False)  # swanlab 0.10 would misread it
+    cfg = load_given(
+        str(make_config(tmp_path, tmp_path / "m", PAIRS, "preference", rl="dpo", **SWANLAB))
+    ).config
+    args = build_training_args(cfg, resolve(cfg, env={}), False, steps_per_epoch=3)
+    assert args.report_to == []  # one SwanLab callback, newtune's
+    (callback,) = [c for c in build_callbacks(cfg) if "SwanLab" in type(c).__name__]
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                    num_attention_heads=1)
+    )  # fmt: skip
+    state = types.SimpleNamespace(is_world_process_zero=True, trial_name=None)
+    callback.setup(args, state, model)
+    callback.setup(args, state, model)  # a second setup finds the run: no second init
+    assert inits == [{"project": "p"}]  # from swanlab_project, not the environment
+    assert "SWANLAB_PROJECT" not in tracker_env(cfg)

@@ -266,11 +266,11 @@ class QATCallback(TrainerCallback):
 
 
 def callbacks2(config: NewtuneConfig) -> list[TrainerCallback]:
-    """The callbacks these keys need (QAT; SwanLab with a description or workspace)."""
+    """The callbacks these keys need (QAT; SwanLab: NewtuneSwanLabCallback)."""
     callbacks: list[TrainerCallback] = []
     if config.qat is not None:
         callbacks.append(QATCallback(config.qat))
-    if swanlab_enabled(config) and _swanlab_init_extras(config):
+    if swanlab_enabled(config):
         callbacks.append(swanlab_callback(config))
     from newtune.train.compat4 import callbacks4
 
@@ -325,16 +325,21 @@ def apply_model_keys(model: Any, config: NewtuneConfig) -> None:
 
 
 def _swanlab_init_extras(config: NewtuneConfig) -> dict[str, str]:
-    """swanlab.init arguments transformers' SwanLabCallback does not pass."""
-    extras = {"description": config.swanlab_description, "workspace": config.swanlab_workspace}
+    """swanlab.init arguments transformers' SwanLabCallback does not pass; the project too:
+    swanlab >= 0.10 reads SWANLAB_PROJECT as its settings' `project` section (JSON), so the
+    variable transformers takes the project from cannot be set."""
+    extras = {
+        "project": config.swanlab_project,
+        "description": config.swanlab_description,
+        "workspace": config.swanlab_workspace,
+    }
     return {k: v for k, v in extras.items() if v is not None}
 
 
 def report_targets2(config: NewtuneConfig) -> list[str]:
-    """The trackers these keys add to `report_to` (SwanLab with a description or workspace
-    reports through NewtuneSwanLabCallback instead: callbacks2)."""
-    swanlab = swanlab_enabled(config) and not _swanlab_init_extras(config)
-    return [name for on, name in ((swanlab, "swanlab"), (trackio_enabled(config), "trackio")) if on]
+    """The trackers these keys add to `report_to` (SwanLab reports through
+    NewtuneSwanLabCallback instead: callbacks2)."""
+    return ["trackio"] if trackio_enabled(config) else []
 
 
 class _InitWith:
@@ -347,13 +352,22 @@ class _InitWith:
         return getattr(self._module, name)
 
     def init(self, **kwargs: Any) -> Any:
-        """swanlab.init with the config's description/workspace."""
-        return self._module.init(**self._extras, **kwargs)
+        """swanlab.init with the config's project/description/workspace (over what
+        transformers passes: its `project` comes from SWANLAB_PROJECT, unset)."""
+        return self._module.init(**{**kwargs, **self._extras})
+
+    def get_run(self) -> Any:
+        """The active run, or None: transformers tests for None, and swanlab >= 0.10's
+        get_run raises without a run (its has_run answers)."""
+        has_run = getattr(self._module, "has_run", None)
+        if has_run is not None and not has_run():
+            return None
+        return self._module.get_run()
 
 
 def swanlab_callback(config: NewtuneConfig) -> TrainerCallback:
     """transformers' SwanLabCallback whose swanlab.init also gets swanlab_description and
-    swanlab_workspace."""
+    swanlab_workspace, and whose setup works with swanlab >= 0.10 (get_run raises there)."""
     from transformers.integrations import SwanLabCallback
 
     extras = _swanlab_init_extras(config)
@@ -375,7 +389,6 @@ def tracker_env2(config: NewtuneConfig) -> dict[str, str]:
     if not swanlab_enabled(config):
         return {}
     values = {
-        "SWANLAB_PROJECT": config.swanlab_project,
         "SWANLAB_MODE": config.swanlab_mode,
         "SWANLAB_LOG_MODEL": None
         if config.swanlab_log_model is None
