@@ -322,6 +322,9 @@ def test_axolotl_diffusion_examples_validate(name):
     proc = cli("-m", "newtune.cli.main", "validate", str(AXOLOTL / name))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mask_token_id: 128002" in proc.stdout
+    assert "noise_schedule, min/max_mask_ratio and num_diffusion_steps do not change" in (
+        proc.stdout + proc.stderr
+    )
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ KNOWN_PLUGINS = {
     CCE_PLUGIN: "cut_cross_entropy (the cut-cross-entropy package)",
     KERNELS_PLUGIN: "use_kernels / experts_implementation (transformers' kernels integration)",
     SWANLAB_PLUGIN: "use_swanlab / swanlab_* (transformers' SwanLabCallback)",
-    DIFFUSION_PLUGIN: "the `diffusion` block (masked-diffusion training, train.methods.diffusion)",
+    DIFFUSION_PLUGIN: "the `diffusion` block (masked-diffusion training; as in Axolotl, "
+    "noise_schedule, min/max_mask_ratio and num_diffusion_steps do not change training)",
     EP_PLUGIN: "expert_parallel_size (transformers' expert parallelism, train.expert_parallel)",
 }
 PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field
