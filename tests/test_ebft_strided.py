@@ -373,7 +373,8 @@ LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": T
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_newtune_train_on_a_strided_config(tmp_path, model_dir, adapter):
-    cfg = _cli_config(tmp_path, model_dir, **(LORA if adapter == "lora" else {}))
+    extra = {**LORA, "val_set_size": 1} if adapter == "lora" else {}  # LoRA also evaluates
+    cfg = _cli_config(tmp_path, model_dir, **extra)
     proc = _cli(tmp_path, "train", str(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -390,7 +391,14 @@ def test_newtune_train_on_a_strided_config(tmp_path, model_dir, adapter):
     else:
         assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["rows"] == {"train": 3} and stats["datasets"][0]["too_short"] == 1
+    assert stats["datasets"][0]["too_short"] == 1
+    if adapter == "lora":
+        assert stats["rows"] == {"train": 2, "test": 1}
+        results = json.loads((out / "train_results.json").read_text())
+        assert math.isfinite(results["eval_loss"])
+        assert math.isfinite(results["eval_ebft/alignment"])
+    else:
+        assert stats["rows"] == {"train": 3}
 
 
 def test_a_missing_transform_module_is_a_clear_error(tmp_path, model_dir):
@@ -412,3 +420,34 @@ def test_documents_too_short_for_a_block_are_a_clear_error(tmp_path, model_dir):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "no document is long enough" in proc.stderr and "44 real tokens" in proc.stderr
+
+
+@pytest.mark.slow
+def test_flex_attention_gives_the_sdpa_logits_and_loss():
+    """Under flex_attention (a BlockMask; generation switches to sdpa and back) the policy's
+    logits and the loss equal sdpa's (CPU flex: compiled, about a minute)."""
+    flex, sdpa = _tiny_llama("flex_attention", seed=5), _tiny_llama("sdpa", seed=5)
+    layout = StridedLayout(doc_len=14, anchor_offset=3, stride=3, gen_len=4)
+    torch.manual_seed(2)
+    docs = torch.randint(3, 48, (2, 14))
+    gen = es.generate_blocks(flex, docs, layout, temperature=0.0)
+    assert flex.config._attn_implementation == "flex_attention"
+    assert torch.equal(gen, es.generate_blocks(sdpa, docs, layout, temperature=0.0))
+    full = torch.cat([docs, gen], 1)
+    masks = [es.strided_mask(layout, 2, m, "cpu") for m in (flex, sdpa)]
+    assert type(masks[0]).__name__ == "BlockMask" and masks[1].dtype == torch.bool
+    with torch.no_grad():
+        a, b = (
+            m(full, attention_mask=mask, position_ids=layout.position_ids()[None]).logits
+            for m, mask in zip((flex, sdpa), masks, strict=True)
+        )
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    config = _config(stride=3, context_length=3, generate_max_len=4, n_samples_per_prompt=2)
+    config.ebft.temperature, config.ebft.ce_coef = 1.0, 0.5
+    batch = {"input_ids": docs, "attention_mask": torch.ones_like(docs)}
+    losses = []
+    for model in (flex, sdpa):
+        torch.manual_seed(11)
+        with torch.no_grad():
+            losses.append(StridedEBFTMethod(config).loss(model, batch)[0])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)

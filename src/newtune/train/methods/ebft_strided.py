@@ -304,6 +304,11 @@ class StridedEBFTMethod(Method):
                 f"`ebft.advantage_estimator: {s['advantage_estimator']}`: use one of "
                 f"{', '.join(core.ADVANTAGE_ESTIMATORS)}."
             )
+        if getattr(config, "precompute_ref_log_probs", None):
+            raise ConfigError(
+                "`precompute_ref_log_probs: true` with `rl: ebft`: EBFT scores the blocks it "
+                "generates during training, so nothing can be computed ahead; remove the key."
+            )
         if getattr(config, "sample_packing", None):
             raise ConfigError(
                 "`sample_packing: true` with `rl: ebft` (strided): each document is its own "
