@@ -372,3 +372,18 @@ def test_preprocess_refuses_structured_ebft(tmp_path: Path, model_dir: Path) -> 
     proc = cli("preprocess", str(cfg))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "`rl: ebft` (structured) has nothing to preprocess" in proc.stderr
+
+
+def test_multi_turn_rows_are_refused(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_run(tmp_path, model_dir)
+    module = tmp_path / "my_ebft_rows.py"
+    module.write_text(
+        TRANSFORM.replace(
+            '"ground_truth": example["output"],',
+            '"ground_truth": example["output"], "remaining_turns": [],',
+        )
+    )
+    proc = cli("train", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "`remaining_turns` column" in proc.stderr
+    assert not (tmp_path / "out" / "adapter_config.json").exists()

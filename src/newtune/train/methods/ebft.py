@@ -106,6 +106,17 @@ class StructuredEBFTMethod(OnlineMethod):
         self.ebft = ebft_block(config)
         self.max_length = int(config.sequence_len)
 
+    def check_rows(self, data: Any) -> None:
+        """Multi-turn rows (Axolotl's `remaining_turns`, sequential rollouts) are refused."""
+        for split, ds in data.items():
+            if "remaining_turns" in ds.column_names:
+                raise DataError(
+                    f"the `{split}` rows have a `remaining_turns` column: Axolotl's multi-turn "
+                    "EBFT rolls out each later assistant turn with vLLM, which newtune does not "
+                    "do. Give one (prompt, ground_truth) row per assistant turn instead (the "
+                    "conversation so far as the prompt)."
+                )
+
     def reward_funcs(self) -> list[Any]:
         """None here: the trainer passes its own feature-matching reward to TRL."""
         return []

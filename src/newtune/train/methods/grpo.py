@@ -319,6 +319,9 @@ class OnlineMethod(Method):
     def check_data(self, data: Any) -> None:
         """Rows are checked as they are read (`online_data`)."""
 
+    def check_rows(self, data: Any) -> None:
+        """Refuse row columns this method would not read (none by default)."""
+
     def reward_funcs(self) -> list[Any]:
         """TRL reward functions (subclasses)."""
         raise NotImplementedError
@@ -340,6 +343,7 @@ class OnlineMethod(Method):
         config = loaded.config
         tokenizer, new_ids = load_tokenizer(config)
         data = online_data(config, loaded.source, tokenizer, self.columns)
+        self.check_rows(data)
         rows = {name: len(ds) for name, ds in data.items()}
         log.info("%s: %s prompts to train on", self.describe(), rows["train"])
         model = training_model(config, plan, tokenizer, new_ids)
