@@ -124,7 +124,7 @@ def train_step(model: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return logits.detach(), grads
 
 
-def fused_and_plain(kind: str, checkpointing: bool = True) -> tuple[Any, Any]:
+def fused_and_plain(kind: str, reentrant: bool = False) -> tuple[Any, Any]:
     """The same model twice, LoRA-wrapped and in train mode: fused (as build_model does,
     before the adapter) and plain; gradient checkpointing on both."""
     plain = tiny(kind)
@@ -133,8 +133,9 @@ def fused_and_plain(kind: str, checkpointing: bool = True) -> tuple[Any, Any]:
     pair = []
     for model in (fused, plain):
         model.config.use_cache = False
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        if reentrant:  # the frozen embeddings' output must require grad (as build_model does)
+            model.enable_input_require_grads()
         pair.append(with_lora(model).train())
     return pair[0], pair[1]
 
@@ -186,6 +187,71 @@ def test_partial_rotary_passes_the_rest_through():
     assert torch.equal(fa.rotate(x, angle.cos(), angle.sin())[..., 8:], x[..., 8:])
 
 
+# module, attention class, text config class of every class newtune fuses
+CLASSES = [
+    ("qwen3", "Qwen3Attention", "Qwen3Config"),
+    ("qwen3_moe", "Qwen3MoeAttention", "Qwen3MoeConfig"),
+    ("qwen3_vl", "Qwen3VLTextAttention", "Qwen3VLTextConfig"),
+    ("qwen3_5", "Qwen3_5Attention", "Qwen3_5TextConfig"),
+    ("qwen3_5_moe", "Qwen3_5MoeAttention", "Qwen3_5MoeTextConfig"),
+    ("gemma4", "Gemma4TextAttention", "Gemma4TextConfig"),
+    ("gemma4_unified", "Gemma4UnifiedTextAttention", "Gemma4UnifiedTextConfig"),
+]
+
+
+def attention_pair(module: str, name: str, config_name: str, dtype: torch.dtype) -> tuple:
+    """Two copies of one attention layer of `name` (random norm weights), the second fused."""
+    import importlib
+
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    configuration = importlib.import_module(f"transformers.models.{module}")
+    config = getattr(configuration, config_name)(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    plain = getattr(modeling, name)(config, layer_idx=0).to(dtype)
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    fused = copy.deepcopy(plain)
+    assert fa.fuse(fused) and is_fused(fused) and not is_fused(plain)
+    return plain, fused
+
+
+def run_layer(layer: Any, hidden: torch.Tensor, rotary: int) -> torch.Tensor:
+    """The layer's output on `hidden` with random positions' cos/sin over `rotary` dims."""
+    angle = torch.randn(*hidden.shape[:2], rotary, generator=torch.Generator().manual_seed(4))
+    cos, sin = angle.cos().to(hidden.dtype), angle.sin().to(hidden.dtype)
+    extra = {"shared_kv_states": {}} if "Gemma4" in type(layer).__name__ else {}
+    return layer(hidden, (cos, sin), None, **extra)[0]
+
+
+@pytest.mark.parametrize(("module", "name", "config_name"), CLASSES)
+def test_every_fused_class_equals_its_transformers_forward(module, name, config_name, aot_eager):
+    """Output, input and weight gradients of one layer; Qwen3.5 with a partial rotary."""
+    plain, fused = attention_pair(module, name, config_name, torch.float32)
+    rotary = 4 if module.startswith("qwen3_5") else 16
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, got = run_layer(plain, x, rotary), run_layer(fused, x2, rotary)
+    torch.testing.assert_close(got, out, atol=1e-6, rtol=1e-5)
+    out.square().sum().backward()
+    got.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, atol=1e-6, rtol=1e-5)
+    for (n, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_bf16_inductor_kernel_gives_the_unfused_values_bit_for_bit():
+    """Half precision: the region rounds where eager code casts (emulate_precision_casts)."""
+    plain, fused = attention_pair("qwen3", "Qwen3Attention", "Qwen3Config", torch.bfloat16)
+    x = torch.randn(2, 6, 32).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(run_layer(fused, x, 16), run_layer(plain, x, 16))
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "qwen3_5", "gemma4", "gemma4_mm"])
 def test_fused_equals_plain_under_lora_packing_and_checkpointing(kind, aot_eager):
     fused, plain = fused_and_plain(kind)
@@ -200,6 +266,11 @@ def test_fused_equals_plain_under_lora_packing_and_checkpointing(kind, aot_eager
     assert (fa.norm_rope_qk if kind.startswith("qwen") else fa.norm_rope_q, "aot_eager") in (
         fa._COMPILED
     )
+
+
+def test_reentrant_checkpointing_recomputes_the_fused_region(aot_eager):
+    fused, plain = fused_and_plain("qwen3", reentrant=True)
+    assert_same(fused, plain)
 
 
 def test_inductor_compiled_model_equals_plain_under_lora_packing_and_checkpointing():

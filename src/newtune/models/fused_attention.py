@@ -138,10 +138,17 @@ def norm_rope_kv(
 
 
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` compiled with torch.compile under BACKEND (built once per function and backend)."""
+    """`fn` compiled with torch.compile under BACKEND (built once per function and backend).
+
+    Inductor keeps bf16/fp16 intermediates in fp32 unless told otherwise; with
+    `emulate_precision_casts` it rounds where the eager code casts (the norm's output before
+    the weight, the rotation's operands), so the fused region gives the unfused model's values
+    in half precision too, not merely close ones.
+    """
     key = (fn, BACKEND)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, backend=BACKEND, dynamic=None)
+        options = {"emulate_precision_casts": True} if BACKEND == "inductor" else None
+        _COMPILED[key] = torch.compile(fn, backend=BACKEND, dynamic=None, options=options)
     return _COMPILED[key]
 
 
@@ -274,6 +281,25 @@ def is_fused(module: Any) -> bool:
     return func in SIGNATURES
 
 
+def fuse(module: Any) -> bool:
+    """Give `module` the fused forward if it is an attention module of a known class."""
+    cls = type(module)
+    forward = FORWARDS.get(cls.__name__)
+    if forward is None or not cls.__module__.startswith("transformers."):
+        return False
+    if not _known_forward(cls, forward):
+        import transformers
+
+        raise ModelError(
+            f"`fused_attn_kernel: true`: transformers {transformers.__version__}'s "
+            f"{cls.__name__}.forward takes other arguments than newtune's fused rewrite of it "
+            "was written for, so it cannot be replaced safely; remove the key, or use the "
+            "transformers version newtune is tested with"
+        )
+    module.forward = types.MethodType(forward, module)
+    return True
+
+
 def apply_fused_attention(model: Any) -> int:
     """Give every attention module of a supported model the fused forward; how many.
 
@@ -284,23 +310,7 @@ def apply_fused_attention(model: Any) -> int:
     model_type = getattr(base.config, "model_type", None)
     if model_type not in SUPPORTED_TYPES:
         raise ModelError(unsupported_message(model_type, "the loaded model"))
-    patched = 0
-    for module in base.modules():
-        cls = type(module)
-        forward = FORWARDS.get(cls.__name__)
-        if forward is None or not cls.__module__.startswith("transformers."):
-            continue
-        if not _known_forward(cls, forward):
-            import transformers
-
-            raise ModelError(
-                f"`fused_attn_kernel: true`: transformers {transformers.__version__}'s "
-                f"{cls.__name__}.forward takes other arguments than newtune's fused rewrite of "
-                "it was written for, so it cannot be replaced safely; remove the key, or use "
-                "the transformers version newtune is tested with"
-            )
-        module.forward = types.MethodType(forward, module)
-        patched += 1
+    patched = sum(fuse(module) for module in base.modules())
     if not patched:
         raise ModelError(
             f"`fused_attn_kernel: true`: this `{model_type}` model has no attention module of "
