@@ -146,24 +146,41 @@ def _direct_loss(policy, features, docs, lengths, gen, method, layout):
     idx = core.layer_indices(2, s["feature_layers"])
     rows = docs.shape[0]
     anchors = layout.anchors().tolist()
-    gen_emb = torch.zeros(rows, nb, n, 2 * 16)
-    gt_emb = torch.zeros(rows, nb, 2 * 16)
+    width = 2 * 16 * (3 if s["embed_method"] == "concat" else 1)
+    gen_emb = torch.zeros(rows, nb, n, width)
+    gt_emb = torch.zeros(rows, nb, width)
+
+    def embed(feats):  # the block's g token features -> its embedding
+        if s["embed_method"] == "concat":
+            return torch.cat([feats[g // 4], feats[g // 2], feats[3 * g // 4]])
+        return feats[-1]
+
     with torch.no_grad():
         for b in range(rows):
             for k, a in enumerate(anchors):
                 truth = docs[b, : a + g].unsqueeze(0)
                 hs = features(truth, output_hidden_states=True).hidden_states
-                gt_emb[b, k] = core.layer_features(hs, idx)[0, -1]
+                gt_emb[b, k] = embed(core.layer_features(hs, idx)[0, a:])
                 for j in range(n):
                     block = gen[b * n + j, layout.slots()[:, k] - layout.doc_len]
                     seq = torch.cat([docs[b, :a], block]).unsqueeze(0)
                     hs = features(seq, output_hidden_states=True).hidden_states
-                    gen_emb[b, k, j] = core.layer_features(hs, idx)[0, -1]
+                    gen_emb[b, k, j] = embed(core.layer_features(hs, idx)[0, a:])
+                if s["use_whitening"]:
+                    u, sv, _ = torch.linalg.svd(gen_emb[b, k].T, full_matrices=False)
+                    keep = sv > 1e-5 * sv.max()
+                    w = u[:, keep] @ torch.diag(1 / sv[keep]) @ u[:, keep].T
+                    gen_emb[b, k], gt_emb[b, k] = gen_emb[b, k] @ w, gt_emb[b, k] @ w
     cos = torch.nn.functional.cosine_similarity(gen_emb, gt_emb.unsqueeze(2), dim=-1)
     gram = gen_emb @ gen_emb.transpose(-1, -2)
     div = (gram.sum(-1) - gram.diagonal(dim1=-2, dim2=-1)) / (n - 1)
     reward = s["alignment_coef"] * 2 * cos - s["diversity_coef"] * 2 * div
-    adv = reward - (reward.sum(-1, keepdim=True) - reward) / (n - 1)  # rloo
+    if s["advantage_estimator"] == "rloo":
+        adv = reward - (reward.sum(-1, keepdim=True) - reward) / (n - 1)
+    else:  # group_norm
+        mean = reward.mean(-1, keepdim=True)
+        std = ((reward - mean) ** 2).sum(-1, keepdim=True).div(n - 1).sqrt()
+        adv = (reward - mean) / (std + 1e-8)
     total, count = 0.0, 0
     for b in range(rows):
         for k, a in enumerate(anchors):
@@ -187,7 +204,15 @@ def _direct_loss(policy, features, docs, lengths, gen, method, layout):
     return s["rl_coef"] * rl + s["ce_coef"] * ce, reward, adv
 
 
-def test_loss_and_gradients_equal_a_direct_per_block_computation(monkeypatch):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"embed_method": "concat", "use_whitening": True, "advantage_estimator": "group_norm"},
+    ],
+    ids=["last_token-rloo", "concat-whitened-group_norm"],
+)
+def test_loss_and_gradients_equal_a_direct_per_block_computation(monkeypatch, variant):
     policy = _tiny_llama(seed=3)
     with torch.no_grad():
         policy.lm_head.weight.div_(20)  # softer logits: the samples of a block differ
@@ -205,6 +230,7 @@ def test_loss_and_gradients_equal_a_direct_per_block_computation(monkeypatch):
             diversity_coef=0.5,
             rl_coef=1.0,
             ce_coef=0.25,
+            **variant,
         )
     )
     torch.manual_seed(7)
