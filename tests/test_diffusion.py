@@ -309,11 +309,22 @@ def write(tmp_path: Path, model_dir: Path, **extra) -> Path:
         ({"attn_implementation": "flash_attention_2"}, "does not take; use"),
         ({"diffusion": {"min_mask_ratio": 0.9, "max_mask_ratio": 0.1}}, "must be <= max_mask"),
         ({"diffusion": {"noise_schedule": "cubic"}}, "noise_schedule"),
+        ({"diffusion": {"epsilon": 0.1}}, "`diffusion.epsilon`"),
     ],
 )
 def test_bad_diffusion_configs_are_refused_at_validate(tmp_path, model_dir, extra, words):
     proc = cli("-m", "newtune.cli.main", "validate", str(write(tmp_path, model_dir, **extra)))
     assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_null_diffusion_keys_mean_axolotls_defaults(tmp_path, model_dir):
+    from newtune.cli.common import load
+
+    cfg = write(tmp_path, model_dir, diffusion={"eps": None, "generation_interval": None})
+    settings = load(str(cfg), {}).config.diffusion
+    assert settings == DiffusionArgs()
+    assert (settings.eps, settings.generation_interval, settings.mask_token_id) == (1e-3, 100, None)
+    assert (settings.noise_schedule, settings.importance_weighting) == ("linear", True)
 
 
 @pytest.mark.skipif(not AXOLOTL.is_dir(), reason="Axolotl's examples are not here")

@@ -7,7 +7,7 @@ Each key is implemented on the library that does the job, or refused by name wit
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from newtune.config.schema.base import Section
 from newtune.config.schema.compat import refused
@@ -17,10 +17,8 @@ QUANT_CLASSES = ("Mxfp4Config", "FineGrainedFP8Config")
 OWN = "is Axolotl's own patched modeling code (no transformers, peft or kernel-package equivalent)"
 
 
-class DiffusionArgs(BaseModel):
-    """Axolotl's `diffusion:` block (DiffusionPlugin), with Axolotl's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
+class DiffusionArgs(Section):
+    """Axolotl's `diffusion:` block (DiffusionPlugin), with Axolotl's defaults (null: default)."""
 
     noise_schedule: Literal["linear", "cosine"] = Field(
         default="linear",
