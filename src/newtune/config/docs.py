@@ -9,7 +9,7 @@ from newtune.config.schema import DatasetEntry, status_of
 from newtune.config.schema.adapter import AdapterSection
 from newtune.config.schema.compat import CompatSection
 from newtune.config.schema.compat2 import Compat2Section
-from newtune.config.schema.compat3 import Compat3Section
+from newtune.config.schema.compat3 import Compat3Section, DiffusionArgs
 from newtune.config.schema.data import DataSection
 from newtune.config.schema.distributed import DistributedSection
 from newtune.config.schema.logging import LoggingSection
@@ -45,6 +45,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("Axolotl keys read as Axolotl does, and its legacy keys", CompatSection),
     ("Axolotl plugins, kernels, trackers and parallelism", Compat2Section),
     ("Axolotl data order, re-init, kernel patches and quantization configs", Compat3Section),
+    ("`diffusion:` block (DiffusionPlugin: masked-diffusion training)", DiffusionArgs),
     ("Not implemented", UnsupportedSection),
 ]
 

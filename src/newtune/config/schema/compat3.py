@@ -17,11 +17,16 @@ QUANT_CLASSES = ("Mxfp4Config", "FineGrainedFP8Config")
 OWN = "is Axolotl's own patched modeling code (no transformers, peft or kernel-package equivalent)"
 
 
+# keys Axolotl's diffusion trainer validates but never reads: accepted, and documented so
+UNREAD = {"status": "ignored"}
+
+
 class DiffusionArgs(Section):
     """Axolotl's `diffusion:` block (DiffusionPlugin), with Axolotl's defaults (null: default)."""
 
     noise_schedule: Literal["linear", "cosine"] = Field(
         default="linear",
+        json_schema_extra=UNREAD,
         description="Accepted for Axolotl compatibility; Axolotl's trainer does not read it "
         "(t is drawn uniformly and p = (1 - eps) t + eps), and neither does newtune.",
     )
@@ -29,6 +34,7 @@ class DiffusionArgs(Section):
         default=0.1,
         ge=0.0,
         le=1.0,
+        json_schema_extra=UNREAD,
         description="Accepted for Axolotl compatibility (must be <= max_mask_ratio); like "
         "Axolotl's trainer, newtune's mask probability does not read it.",
     )
@@ -36,13 +42,15 @@ class DiffusionArgs(Section):
         default=0.9,
         ge=0.0,
         le=1.0,
+        json_schema_extra=UNREAD,
         description="Accepted for Axolotl compatibility; unread by the training objective.",
     )
     num_diffusion_steps: int = Field(
         default=128,
         ge=1,
-        description="Denoising steps of Axolotl's diffusion inference; training samples use "
-        "`generation_steps`.",
+        json_schema_extra=UNREAD,
+        description="Denoising steps of Axolotl's diffusion inference (`axolotl inference`), "
+        "which newtune does not have; training samples use `generation_steps`.",
     )
     eps: float = Field(
         default=1e-3,
