@@ -402,8 +402,29 @@ def qwen3_dir(tmp_path_factory: pytest.TempPathFactory, chat_tok_dir: Path) -> P
     return folder
 
 
-def test_cli_trains_two_steps_with_the_fused_attention(tmp_path, qwen3_dir):
-    """`newtune train` (Inductor on CPU) with LoRA, packing and gradient checkpointing."""
+@pytest.mark.parametrize(
+    "example", ["qwen3/8b-lora-fused-attn.yaml", "qwen3/8b-lora-fused-attn-compile.yaml"]
+)
+def test_axolotl_examples_validate(example):
+    path = Path("/work/axolotl/examples") / example
+    if not path.is_file():
+        pytest.skip("Axolotl examples not here")
+    assert yaml.safe_load(path.read_text())["fused_attn_kernel"] is True
+    proc = newtune_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "fused_attn_kernel: true" in proc.stdout and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"torch_compile": True, "torch_compile_backend": "aot_eager"}],
+    ids=["fused", "whole_model_compiled"],
+)
+def test_cli_trains_two_steps_with_the_fused_attention(tmp_path, qwen3_dir, extra):
+    """`newtune train` (Inductor on CPU) with LoRA, packing and gradient checkpointing; and
+    under `torch_compile: true` (aot_eager here: Inductor over the whole model is minutes on
+    this CPU), where the whole-model compile traces the fused attention."""
     data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     cfg = {
         "base_model": str(qwen3_dir),
@@ -422,6 +443,7 @@ def test_cli_trains_two_steps_with_the_fused_attention(tmp_path, qwen3_dir):
         "sample_packing": True,
         "gradient_checkpointing": True,
         "fused_attn_kernel": True,
+        **extra,
     }
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
