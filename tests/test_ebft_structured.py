@@ -387,3 +387,94 @@ def test_multi_turn_rows_are_refused(tmp_path: Path, model_dir: Path) -> None:
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "`remaining_turns` column" in proc.stderr
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+# -- rl: grpo / gdpo (TRL's GRPOTrainer with user reward functions) --------------------------
+
+REWARDS = """
+def transform(cfg, *args, **kwargs):
+    def row(example, tokenizer=None):
+        return {"prompt": [{"role": "user", "content": example["input"]}], "answer": example["output"]}
+
+    return row, {"remove_columns": ["input", "output", "id"]}
+
+
+def length_reward(prompts, completions, **kwargs):
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+def answer_reward(prompts, completions, answer, **kwargs):
+    return [1.0 if a[:1] in c[0]["content"] else 0.0 for c, a in zip(completions, answer)]
+"""
+
+
+def test_gdpo_schema_and_aggregation() -> None:
+    from newtune.errors import ConfigError
+    from newtune.train.methods.grpo import grpo_kwargs
+
+    gdpo = {
+        "base_model": "org/model",
+        "rl": "gdpo",
+        "trl": {
+            "beta": 0.001,
+            "max_completion_length": 128,
+            "num_generations": 2,
+            "temperature": 0.7,
+            "top_p": 0.95,
+            "use_vllm": False,
+            "reward_funcs": ["rwd.format_reward", "rwd.correctness_reward"],
+            "reward_weights": [1.0, 2.0],
+            "log_completions": True,
+            "num_completions_to_print": 3,
+            "scale_rewards": True,
+        },
+        "datasets": [{"path": "openai/gsm8k", "name": "main", "type": "rwd.gsm8k_transform"}],
+        "sequence_len": 512,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 8,
+        "output_dir": "./out",
+    }
+    loaded = validate_data(gdpo, "cfg.yml", None)
+    kwargs = grpo_kwargs(loaded.config)
+    assert kwargs["multi_objective_aggregation"] == "normalize_then_sum"
+    assert kwargs["reward_weights"] == [1.0, 2.0] and kwargs["beta"] == 0.001
+    assert (
+        grpo_kwargs(validate_data({**gdpo, "rl": "grpo"}, "c.yml", None).config).get(
+            "multi_objective_aggregation"
+        )
+        is None
+    )
+    bad = {**gdpo, "trl": {**gdpo["trl"], "multi_objective_aggregation": "sum_then_normalize"}}
+    with pytest.raises(ConfigError, match="`sum_then_normalize` is `rl: grpo`"):
+        validate_data(bad, "cfg.yml", None)
+    with pytest.raises(ConfigError, match="`rl: grpo` rewards completions with `trl.reward_funcs`"):
+        validate_data({**gdpo, "rl": "grpo", "trl": {"num_generations": 2}}, "cfg.yml", None)
+    with pytest.raises(ConfigError, match="has 1 weights for 2"):
+        validate_data({**gdpo, "trl": {**gdpo["trl"], "reward_weights": [1.0]}}, "cfg.yml", None)
+
+
+def test_train_gdpo_with_user_rewards(tmp_path: Path, model_dir: Path) -> None:
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    cfg = yaml.safe_load(write_run(tmp_path, model_dir).read_text())
+    cfg.pop("ebft")
+    cfg["rl"] = "gdpo"
+    cfg["trl"] = {
+        **TRL,
+        "beta": 0.01,
+        "reward_funcs": ["my_rewards.length_reward", "my_rewards.answer_reward"],
+        "reward_weights": [0.5, 2.0],
+    }
+    cfg["datasets"] = [{"path": str(data), "type": "my_rewards.transform"}]
+    path = tmp_path / "gdpo.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file()
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["kl"])
+        assert entry["rewards/length_reward/mean"] > 0
+        assert 0 <= entry["rewards/answer_reward/mean"] <= 1

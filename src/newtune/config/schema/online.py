@@ -20,7 +20,7 @@ from newtune.config.keys import is_off
 from newtune.config.schema.base import Section, ignored, status_of
 from newtune.config.schema.compat import refused
 
-ONLINE_RL = ("ebft",)  # `rl:` values trained online (generation inside the training loop)
+ONLINE_RL = ("ebft", "grpo", "gdpo")  # `rl:` values trained online (generation in the loop)
 EBFT_MODES = ("structured", "strided")
 STRIDED_ONLY = (
     "stride",
@@ -89,7 +89,7 @@ AXOLOTL_PRODUCER = (
 
 
 class TRLBlock(_Block):
-    """Axolotl's `trl:` block: TRL GRPOConfig options of online RL (`rl: ebft`)."""
+    """Axolotl's `trl:` block: TRL GRPOConfig options of online RL (`rl: ebft|grpo|gdpo`)."""
 
     beta: float | None = Field(
         default=None, ge=0, description="KL coefficient against the reference (TRL 0.0: none)."
@@ -157,7 +157,9 @@ class TRLBlock(_Block):
     )
     reward_funcs: list[str] | None = Field(
         default=None,
-        description="Dotted paths of reward functions. `rl: ebft` computes its own "
+        description="`rl: grpo`/`gdpo`: reward functions as `module.function` (module beside "
+        "the config or on the Python path; f(prompts, completions, **columns) -> floats), or "
+        "reward model paths. `rl: ebft` computes its own "
         "feature-matching reward, so it must not be set there.",
     )
     reward_weights: list[float] | None = Field(
@@ -375,7 +377,7 @@ class OnlineSection(Section):
 
     trl: TRLBlock | None = Field(
         default=None,
-        description="TRL trainer options of online RL (`rl: ebft`): generation, "
+        description="TRL trainer options of online RL (`rl: ebft`, `grpo`, `gdpo`): generation, "
         "vLLM connection, GRPO loss.",
     )
     vllm: VllmBlock | None = Field(
@@ -399,13 +401,35 @@ def online_rules(cfg: Any) -> list[str]:
         blocks = ", ".join(f"`{k}:`" for k in given)
         method = f"`rl: {rl}`" if rl else "SFT"
         return [
-            f"{blocks} configure online RL (`rl: ebft`), but the config trains {method}; "
-            f"remove {blocks} or set `rl: ebft`"
+            f"{blocks} configure online RL (`rl: ebft`, `grpo`, `gdpo`), but the config trains "
+            f"{method}; remove {blocks} or set `rl:` to one of them"
         ]
+    if rl in ("grpo", "gdpo"):
+        return _grpo_rules(cfg)
     ebft = ebft_block(cfg)
     if ebft.mode == "structured":
         return _structured_rules(ebft, cfg.trl, cfg.vllm)
     return _strided_rules(ebft, cfg.trl, cfg.vllm)
+
+
+def _grpo_rules(cfg: Any) -> list[str]:
+    """GRPO/GDPO: reward functions required, no `ebft:` block, GDPO's aggregation."""
+    rl, trl = cfg.rl, cfg.trl
+    errors = []
+    if cfg.ebft is not None:
+        errors.append(f"`ebft:` configures `rl: ebft`, but the config trains `rl: {rl}`; remove it")
+    if trl is None or not trl.reward_funcs:
+        errors.append(
+            f"`rl: {rl}` rewards completions with `trl.reward_funcs` (a list of "
+            "`module.function` paths), which is not set; add it"
+        )
+    if rl == "gdpo" and trl is not None and trl.multi_objective_aggregation == "sum_then_normalize":
+        errors.append(
+            "`rl: gdpo` normalises each reward within its group before summing "
+            "(`trl.multi_objective_aggregation: normalize_then_sum`); `sum_then_normalize` is "
+            "`rl: grpo`: use that, or remove the key"
+        )
+    return errors + _vllm_rules(trl, cfg.vllm)
 
 
 def _structured_rules(ebft: EBFTBlock, trl: TRLBlock | None, vllm: VllmBlock | None) -> list[str]:
@@ -481,16 +505,18 @@ def _vllm_rules(trl: TRLBlock | None, vllm: VllmBlock | None) -> list[str]:
 
 
 def online_entry_problems(entry: Any, where: str) -> list[str]:
-    """`rl: ebft` datasets: `type` names a user transform `module.function` (Axolotl's RL
+    """Online RL datasets: `type` names a user transform `module.function` (Axolotl's RL
     transform convention); the module is imported when the data is read, from the Python path
     or the config's folder."""
     kind = entry.type
     if isinstance(kind, str) and "." in kind and all(p.isidentifier() for p in kind.split(".")):
         return []
     return [
-        f"`{where}.type: {kind}`: `rl: ebft` reads rows from a transform function named "
+        f"`{where}.type: {kind}`: online RL (`rl: ebft`, `grpo`, `gdpo`) reads rows from a "
+        "transform function named "
         "`module.function` (a Python file `module.py` beside the config or on the Python path, "
-        "whose function returns a row function giving prompt and ground_truth); set `type` to one"
+        "whose function returns a row function: a `prompt`, plus `ground_truth` for structured "
+        "EBFT or the columns the reward functions read); set `type` to one"
     ]
 
 

@@ -33,22 +33,22 @@ DPO_LOSS_TYPES = (
     "sigmoid_norm",
 )
 DpoLossType = Literal[DPO_LOSS_TYPES]  # type: ignore[valid-type]
-RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto", "ebft")
-METHODS = ("sft", "dpo", "orpo", "kto", "reward")
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
+RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto", "ebft", "grpo", "gdpo")
+METHODS = ("sft", "dpo", "orpo", "kto", "reward", "prm")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward", "prm")
 REFUSED_RL = {
     "kto_pair": "TRL removed DPO's `kto_pair` loss (the seed's legacy name); newtune has no "
     "such loss. Use `rl: kto` (TRL's KTOTrainer: paired rows are split into a desirable and an "
     "undesirable row), or `rl: dpo` for a paired loss",
-    "grpo": "online RL with generation (GRPO) is not implemented by newtune; use TRL's GRPOTrainer",
-    "gdpo": "GDPO is not implemented by newtune; use `rl: dpo`",
 }
 
 
-def method_of(rl: str | None, reward_model: bool | None) -> str:
-    """The training method of an `rl` value and `reward_model` flag."""
+def method_of(rl: str | None, reward_model: bool | None, prm: bool | None = None) -> str:
+    """The training method of an `rl` value and the `reward_model`/`process_reward_model` flags."""
     if reward_model:
         return "reward"
+    if prm:
+        return "prm"
     if rl in ("dpo", "ipo", "simpo"):
         return "dpo"
     if rl in ("orpo", "kto"):
@@ -57,8 +57,12 @@ def method_of(rl: str | None, reward_model: bool | None) -> str:
 
 
 def training_method(config: Any) -> str:
-    """One of "sft", "dpo" (dpo, ipo, simpo), "orpo", "kto", "reward", from the config."""
-    return method_of(getattr(config, "rl", None), getattr(config, "reward_model", None))
+    """One of "sft", "dpo" (dpo, ipo, simpo), "orpo", "kto", "reward", "prm", from the config."""
+    return method_of(
+        getattr(config, "rl", None),
+        getattr(config, "reward_model", None),
+        getattr(config, "process_reward_model", None),
+    )
 
 
 class PreferenceSection(Section):
@@ -67,8 +71,9 @@ class PreferenceSection(Section):
     rl: str | None = Field(
         default=None,
         description="Preference training method: dpo, ipo (dpo with `dpo_loss_type: [ipo]`), "
-        "simpo, orpo or kto; or ebft, energy-based fine-tuning (schema.online: `ebft:`, "
-        "`trl:`). `kto_pair`, grpo and gdpo are refused by name.",
+        "simpo, orpo or kto; online RL (schema.online, `trl:` block): ebft (energy-based "
+        "fine-tuning, `ebft:`), grpo or gdpo (TRL's GRPOTrainer with `trl.reward_funcs`; gdpo "
+        "normalises each reward before summing). `kto_pair` is refused by name.",
     )
     rl_beta: float | None = Field(
         default=None, gt=0, description="Beta of the preference loss (TRL default 0.1)."
@@ -121,7 +126,9 @@ class PreferenceSection(Section):
         description="Train a reward model (sequence classification, Bradley-Terry loss).",
     )
     num_labels: int | None = Field(
-        default=None, description="Reward model outputs; must be 1 (a scalar reward)."
+        default=None,
+        description="Classifier outputs: 1 for a reward model (a scalar reward), 2 for a "
+        "process reward model (each step scored wrong/right); the default in both cases.",
     )
     center_rewards_coefficient: float | None = Field(
         default=None, ge=0, description="Reward model: pull rewards toward zero mean (0.01)."
@@ -135,7 +142,13 @@ class PreferenceSection(Section):
     remove_unused_columns: bool | None = ignored(
         "newtune keeps only the columns a training method reads."
     )
-    process_reward_model: bool | None = unsupported("Process reward models (PRM).")
+    process_reward_model: bool | None = Field(
+        default=None,
+        description="Train a process reward model (PRM): a token classifier "
+        "(AutoModelForTokenClassification, `num_labels: 2`) that labels each reasoning step "
+        "right or wrong at the step's separator token, on `type: stepwise_supervised` rows "
+        "(prompt, completions: steps, labels: one bool per step), as TRL's PRMTrainer.",
+    )
     dpo_beta: float | None = unsupported("Deprecated DPO beta.", "`rl_beta`")
     rpo_alpha: float | None = unsupported(
         "RPO's NLL weight.", "`dpo_loss_type: [sigmoid, sft]` with `dpo_loss_weights`"

@@ -14,6 +14,10 @@ def method_for(config: Any) -> Any:
         from newtune.train.methods.diffusion import DiffusionMethod
 
         return DiffusionMethod(config)
+    if getattr(config, "rl", None) in ("grpo", "gdpo"):  # online: TRL's GRPOTrainer
+        from newtune.train.methods.grpo import GRPOMethod
+
+        return GRPOMethod(config)
     if getattr(config, "rl", None) == "ebft":  # online: TRL's GRPOTrainer, or strided blocks
         from newtune.config.schema.online import ebft_mode
 
@@ -41,6 +45,10 @@ def method_for(config: Any) -> Any:
         from newtune.train.methods.reward import RewardMethod
 
         return RewardMethod(config)
+    if name == "prm":  # process_reward_model: a token classifier on step labels
+        from newtune.train.methods.prm import PRMMethod
+
+        return PRMMethod(config)
     from newtune.train.methods.sft import SFTMethod
 
     return SFTMethod(config)

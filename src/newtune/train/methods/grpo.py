@@ -107,6 +107,8 @@ def grpo_kwargs(config: Any) -> dict[str, Any]:
         value = getattr(trl, key)
         if value is not None:
             kwargs[field] = value
+    if getattr(config, "rl", None) == "gdpo":  # GDPO: each reward normalised, then summed
+        kwargs.setdefault("multi_objective_aggregation", "normalize_then_sum")
     if trl.sync_ref_model:
         kwargs["sync_ref_model"] = True
         kwargs["ref_model_mixup_alpha"] = trl.ref_model_mixup_alpha
@@ -381,6 +383,45 @@ class OnlineMethod(Method):
                 f"{args.vllm_server_timeout:g} s ({exc}). Start it first with "
                 f"{vllm_server_help(self.config)}, or set `trl.use_vllm: false`."
             ) from exc
+
+
+class GRPOMethod(OnlineMethod):
+    """`rl: grpo` / `rl: gdpo`: TRL's GRPOTrainer with the config's `trl.reward_funcs`."""
+
+    name = "grpo"
+
+    def __init__(self, config: Any, source: str | None = None) -> None:
+        super().__init__(config)
+        self.source = source
+
+    def train(self, loaded: Any, plan: Any, checkpoint: str | None) -> Path:
+        """As OnlineMethod.train; reward modules are also looked up beside the config."""
+        self.source = loaded.source
+        return super().train(loaded, plan, checkpoint)
+
+    def reward_funcs(self) -> list[Any]:
+        """Each `trl.reward_funcs` entry: a function `module.function`, else a reward model
+        path or hub id (TRL loads it as a sequence classifier)."""
+        funcs = []
+        for i, name in enumerate(self.trl.reward_funcs or []):
+            module = name.rpartition(".")[0]
+            folder = _config_folder(self.source)
+            local = folder is not None and (folder / f"{module}.py").is_file()
+            try:
+                found = bool(module) and importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if found or local:
+                func = load_transform(name, f"trl.reward_funcs[{i}]", self.source)
+                if len(inspect.signature(func).parameters) < 2:
+                    raise ConfigError(
+                        f"`trl.reward_funcs[{i}]: {name}` must take (prompts, completions, "
+                        "**kwargs) and return one float per completion."
+                    )
+                funcs.append(func)
+            else:  # a reward model (local folder or hub id), as Axolotl reads it
+                funcs.append(name)
+        return funcs
 
 
 def NewtuneGRPOTrainer() -> type:  # noqa: N802 - a class factory (trl is imported lazily)
