@@ -350,7 +350,8 @@ class OnlineMethod(Method):
         log.info("%s: %s prompts to train on", self.describe(), rows["train"])
         model = training_model(config, plan, tokenizer, new_ids)
         callbacks = build_callbacks(config)
-        batches = math.ceil(rows["train"] / (config.micro_batch_size * plan.world_size))
+        completions = rows["train"] * (self.trl.num_generations or 8)  # TRL's default G
+        batches = math.ceil(completions / (config.micro_batch_size * plan.world_size))
         steps = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
         args = grpo_config(config, plan, "test" in data, steps)
         with tracker_environment(config):
