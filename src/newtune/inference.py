@@ -169,6 +169,16 @@ def build_generator(
             "`newtune evaluate` for its accuracy on the eval split, or load output_dir with "
             "transformers' AutoModelForSequenceClassification to score texts."
         )
+    if config.process_reward_model:
+        from newtune.errors import ConfigError
+
+        raise ConfigError(
+            "`newtune inference` generates text, and this config trains a process reward "
+            "model (`process_reward_model: true`), which labels each reasoning step right or "
+            "wrong instead. Use `newtune evaluate` for its step accuracy on the eval split, or "
+            "load output_dir with transformers' AutoModelForTokenClassification and read the "
+            "logits at each step separator's last token."
+        )
     if is_multimodal(config):  # a VLM: prompts with images (inference_vision)
         from newtune.inference_vision import build_vision_generator
 

@@ -222,7 +222,7 @@ _PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
     "kto_desirable_weight": ("kto",),
     "kto_undesirable_weight": ("kto",),
     "max_prompt_len": ("dpo", "ipo", "simpo", "orpo", "kto"),
-    "num_labels": ("reward",),
+    "num_labels": ("reward", "prm"),
     "center_rewards_coefficient": ("reward",),
 }
 
@@ -237,15 +237,15 @@ def _preference_rules(
             f"`{names('rl')}: {cfg.rl}` and `{names('reward_model')}: true` are both set; a "
             "reward model is trained with its own (Bradley-Terry) loss: keep one of them"
         )
-    rl = "reward" if cfg.reward_model else cfg.rl
+    errors += _prm_rules(cfg, names)
+    rl = "reward" if cfg.reward_model else ("prm" if cfg.process_reward_model else cfg.rl)
+    labels = {None: "SFT", "reward": "`reward_model: true`", "prm": "`process_reward_model: true`"}
     for key, readers in _PREFERENCE_KEYS.items():
         value = getattr(cfg, key)
         if value is None or value is False or rl in readers:
             continue
-        method = {None: "SFT", "reward": "`reward_model: true`"}.get(rl, f"`rl: {rl}`")
-        wanted = " or ".join(
-            "`reward_model: true`" if r == "reward" else f"`rl: {r}`" for r in readers
-        )
+        method = labels.get(rl, f"`rl: {rl}`")
+        wanted = " or ".join(labels.get(r, f"`rl: {r}`") for r in readers)
         errors.append(
             f"`{names(key)}: {value}` is read only with {wanted}, and this config trains with "
             f"{method}; remove it"
@@ -263,10 +263,61 @@ def _preference_rules(
             f"{len(types)} loss type(s) ({', '.join(types)}); give one weight per "
             f"`{names('dpo_loss_type')}` entry"
         )
-    if cfg.num_labels is not None and cfg.num_labels != 1:
+    if cfg.num_labels is not None and cfg.num_labels != 1 and not cfg.process_reward_model:
         errors.append(
             f"`{names('num_labels')}: {cfg.num_labels}`: a Bradley-Terry reward model scores "
             "a sequence with one number; use `num_labels: 1` or remove the key"
+        )
+    return errors
+
+
+def _prm_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
+    """`process_reward_model: true` (train.methods.prm): what its token classifier cannot take."""
+    if not cfg.process_reward_model:
+        return []
+    errors = []
+    why = f"`{names('process_reward_model')}: true`"
+    for other in ("rl", "reward_model"):
+        if getattr(cfg, other):
+            errors.append(
+                f"{why} and `{names(other)}: {getattr(cfg, other)}` are both set; a process "
+                "reward model trains a token classifier on step labels with its own loss: keep "
+                "one of them"
+            )
+    if cfg.num_labels is not None and cfg.num_labels != 2:
+        errors.append(
+            f"`{names('num_labels')}: {cfg.num_labels}` with {why}: each step is labelled "
+            "right or wrong (true/false), so the classifier has 2 classes and is trained with "
+            "cross-entropy on them (as TRL's PRMTrainer); use `num_labels: 2` or remove the key"
+        )
+    model_type = cfg.model_type
+    if model_type and not str(model_type).endswith("ForTokenClassification"):
+        errors.append(
+            f"`{names('model_type')}: {model_type}` with {why}: a process reward model is a "
+            "token classifier (a label at each step's separator); use `model_type: "
+            "AutoModelForTokenClassification` or remove the key"
+        )
+    for key in ("sample_packing", "eval_sample_packing"):
+        if getattr(cfg, key):
+            errors.append(
+                f"`{names(key)}: true` with {why}: process reward rows are padded one per "
+                "batch row (Axolotl and TRL do not pack them either); set it false or remove it"
+            )
+    if cfg.chat_template is not None:
+        errors.append(
+            f"`{names('chat_template')}: {cfg.chat_template}` with {why}: `type: "
+            "stepwise_supervised` tokenizes the prompt and steps as plain text (as Axolotl and "
+            "TRL do), so no chat template would be applied; remove the key"
+        )
+    if cfg.train_on_inputs:
+        errors.append(
+            f"`{names('train_on_inputs')}: true` with {why}: only the steps' separator tokens "
+            "carry labels, and a prompt has no step label to train; remove the key"
+        )
+    if getattr(cfg, "processor_type", None):
+        errors.append(
+            f"`{names('processor_type')}` with {why}: process reward models train on text "
+            "steps; remove processor_type or train a text-only model"
         )
     return errors
 

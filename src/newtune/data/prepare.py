@@ -370,7 +370,11 @@ def _tokenize_entry(
     if problem:
         raise DataError(problem)
     method = training_method(config)
-    if method == "sft":
+    if method == "prm":  # process reward rows in SFT's columns (labels are step classes)
+        from newtune.data.strategies.stepwise_supervised import batch_tokenizer
+
+        tokenize = batch_tokenizer(where, entry, strategy, engine)
+    elif method == "sft":
         tokenize = _batch_tokenizer(where, entry, strategy, engine)
     else:
         margin = pref.has_margin(method, rows)
@@ -674,7 +678,7 @@ def _finish(
     ds: datasets.Dataset, config: NewtuneConfig, what: str
 ) -> tuple[datasets.Dataset, dict]:
     method = training_method(config)
-    if method == "sft":
+    if method in ("sft", "prm"):  # prm rows are already cut to sequence_len
         ds, counts = _apply_lengths(ds, config)
     else:
         ds, counts = pref.apply_lengths(ds, config, method)

@@ -55,6 +55,11 @@ def lora_targets(config: NewtuneConfig, model: Any = None) -> Any:
     modules = config.lora_target_modules
     if not config.lora_target_linear:
         return modules
+    if getattr(config, "process_reward_model", None) and model is not None:
+        # peft's all-linear skips sequence classifiers' heads only; a token classifier's head
+        # trains in full (TOKEN_CLS modules_to_save), so it is no LoRA target
+        names = set(modules if isinstance(modules, list) else []) | set(linear_names(model))
+        return sorted(names - {"score", "classifier"})
     if isinstance(modules, list) and modules:
         if model is None:
             raise ValueError("joining lora_target_modules with the linear layers needs the model")
@@ -83,6 +88,15 @@ def _peft_extras(config: NewtuneConfig) -> dict[str, Any]:
             raise ConfigError(f"`peft.loftq_config` is not valid: {exc}") from exc
         extras.setdefault("init_lora_weights", "loftq")
     return extras
+
+
+def _task_type(config: NewtuneConfig) -> str:
+    """peft's task type: its classifier heads (`score`/`classifier`) are trained in full."""
+    if getattr(config, "reward_model", None):
+        return "SEQ_CLS"
+    if getattr(config, "process_reward_model", None):
+        return "TOKEN_CLS"
+    return "CAUSAL_LM"
 
 
 def lora_config(config: NewtuneConfig, model: Any = None, new_tokens: bool = False) -> LoraConfig:
@@ -116,7 +130,7 @@ def lora_config(config: NewtuneConfig, model: Any = None, new_tokens: bool = Fal
         ensure_weight_tying=tied and bool(to_save),
         target_parameters=config.lora_target_parameters,  # lora_target_parameters (MoE experts)
         bias="none",
-        task_type="SEQ_CLS" if getattr(config, "reward_model", None) else "CAUSAL_LM",
+        task_type=_task_type(config),
         **_peft_extras(config),
     )
 

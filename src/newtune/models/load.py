@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from newtune.config.compat import attention
 from newtune.config.compat2 import tensor_parallel_kwargs
@@ -48,6 +53,7 @@ class ModelOptions:
     device_map: Any = None
     max_memory: dict[Any, Any] | None = None
     num_labels: int | None = None  # a sequence classifier (reward model) with this many outputs
+    token_classification: bool = False  # with num_labels: a token classifier (process reward model)
     tensor_parallel: dict[str, Any] = field(default_factory=dict)  # tp_plan/tp_size (train.compat2)
     config_class: str | None = None  # cls_model_config: a transformers config class
     reinit: bool = False  # reinit_weights: built from the config, freshly initialised
@@ -72,7 +78,8 @@ class ModelOptions:
             bnb_kwargs=dict(config.bnb_config_kwargs or {}),
             device_map=_device_map(config, plan, bits if quantize else None),
             max_memory=_max_memory(config),
-            num_labels=1 if getattr(config, "reward_model", None) else None,
+            num_labels=1 if getattr(config, "reward_model", None) else _prm_labels(config),
+            token_classification=bool(getattr(config, "process_reward_model", None)),
             tensor_parallel=tensor_parallel_kwargs(config),  # tensor_parallel_size
             reinit=bool(config.reinit_weights),
             config_class=config.cls_model_config,
@@ -80,6 +87,13 @@ class ModelOptions:
             linearized_llama4=bool(config.llama4_linearized_experts),
             hybrid_attention=bool(config.gemma4_hybrid_attn_impl),
         )
+
+
+def _prm_labels(config: NewtuneConfig) -> int | None:
+    """A process reward model's classes (`num_labels`, 2 by default); None for other methods."""
+    if not getattr(config, "process_reward_model", None):
+        return None
+    return getattr(config, "num_labels", None) or 2
 
 
 def _device_map(config: NewtuneConfig, plan: RunPlan | None, bits: str | None) -> Any:
@@ -215,11 +229,13 @@ def load_model(
         kwargs["config"].num_labels = options.num_labels
     elif options.num_labels is not None:
         kwargs["num_labels"] = options.num_labels
+    default: Any = AutoModelForCausalLM
+    if options.num_labels is not None:
+        default = AutoModelForSequenceClassification
+        if options.token_classification:
+            default = AutoModelForTokenClassification
     cls = transformers_class(
-        "model_type",
-        options.model_type,
-        AutoModelForCausalLM if options.num_labels is None else AutoModelForSequenceClassification,
-        "AutoModelForCausalLM or LlamaForCausalLM",
+        "model_type", options.model_type, default, "AutoModelForCausalLM or LlamaForCausalLM"
     )
     if options.reinit:
         return _hybrid(_reinitialised(cls, loc, options, key, value, kwargs), options)

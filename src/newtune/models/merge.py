@@ -45,8 +45,8 @@ def merge_lora(
         )
     ignore = (config.base_model_ignore_patterns if config else None) or None
     folder = _local_folder(base_model, ignore)
-    if _is_sequence_classifier(adapter_dir):  # a reward model: peft merges it into its class
-        log.info("this adapter is a sequence classifier's (reward model): merging in memory")
+    if _is_sequence_classifier(adapter_dir):  # a (process) reward model: peft merges its class
+        log.info("this adapter is a classifier's (reward model): merging in memory")
     elif folder is not None and base_shards(folder) is not None:
         problem = json_problem(folder / "config.json")
         if problem:
@@ -69,12 +69,18 @@ def merge_lora(
 
 
 def _is_sequence_classifier(adapter_dir: str) -> bool:
-    """True for an adapter of a sequence classifier (peft task type SEQ_CLS: a reward model)."""
+    """True for an adapter of a classifier: peft task type SEQ_CLS (a reward model) or
+    TOKEN_CLS (a process reward model)."""
+    return _adapter_task(adapter_dir) in ("SEQ_CLS", "TOKEN_CLS")
+
+
+def _adapter_task(adapter_dir: str) -> str | None:
+    """The peft task type an adapter was saved with (None when unreadable)."""
     try:
         text = (Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")
-        return json.loads(text).get("task_type") == "SEQ_CLS"
+        return json.loads(text).get("task_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
 
 
 def _merge_device(config: NewtuneConfig | None) -> str:
@@ -118,8 +124,12 @@ def _merge_in_memory(
     if config is not None:  # never quantized: QLoRA adapters merge into the full weights
         full = ModelOptions.from_config(config, quantize=False)
         options = dataclasses.replace(full, device_map=None, max_memory=None)
-    if _is_sequence_classifier(adapter_dir):
+    task = _adapter_task(adapter_dir)
+    if task == "SEQ_CLS":
         options = dataclasses.replace(options, num_labels=1)
+    elif task == "TOKEN_CLS":  # a process reward model: its classes, 2 unless the config says
+        labels = options.num_labels or 2
+        options = dataclasses.replace(options, num_labels=labels, token_classification=True)
     model = load_model(base_model, "float32", options=options)
     if config is not None:
         resize_embeddings(model, tokenizer, config)

@@ -106,6 +106,20 @@ class DatasetEntry(Section):
     chat_template_jinja: str | None = Field(
         default=None, description="Jinja chat template for this dataset only."
     )
+    step_separator: str | None = Field(
+        default=None,
+        description="stepwise_supervised: text appended to every step; the step's label sits "
+        "on its last token (default a newline).",
+    )
+    max_completion_length: int | None = Field(
+        default=None,
+        gt=0,
+        description="stepwise_supervised: keep the first this many tokens of the steps.",
+    )
+    train_on_last_step_only: bool | None = Field(
+        default=None,
+        description="stepwise_supervised: only the last step's label is trained (and scored).",
+    )
 
     @model_validator(mode="after")
     def _renderable_template(self) -> "DatasetEntry":

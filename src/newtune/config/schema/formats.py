@@ -373,6 +373,11 @@ PREFERENCE_FORMATS: dict[str, dict[str, Format]] = {
         "unpaired_preference": _PREF_TEMPLATE,
     },
     "reward": {"bradley_terry.chat_template": _PREF_TEMPLATE, "preference": _PREF_TEMPLATE},
+    "prm": {
+        "stepwise_supervised": Format(
+            frozenset({"step_separator", "max_completion_length", "train_on_last_step_only"})
+        )
+    },
 }
 # `type:` mappings (user-defined formats) of DPO and KTO: key -> Axolotl's default
 PREFERENCE_USER_DEFINED: dict[str, dict[str, str]] = {
@@ -406,6 +411,7 @@ METHOD_LABELS = {
     "orpo": "`rl: orpo`",
     "kto": "`rl: kto`",
     "reward": "`reward_model: true`",
+    "prm": "`process_reward_model: true`",
 }
 
 
@@ -480,7 +486,11 @@ def method_mismatch(type_name: str, method: str | None) -> str | None:
         f"is {kind}, not a format of {METHOD_LABELS[method]}; its formats are "
         f"{', '.join(sorted(preference_formats(method)))}"
         + (" or a `type:` mapping" if method in PREFERENCE_USER_DEFINED else "")
-        + ". Preference rows need a prompt with a chosen and a rejected completion"
+        + (
+            ". Process reward rows need a prompt, its steps (`completions`) and one label per step"
+            if method == "prm"
+            else ". Preference rows need a prompt with a chosen and a rejected completion"
+        )
         + (" (or one completion and a label)" if method == "kto" else "")
     )
 

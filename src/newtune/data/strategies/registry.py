@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "metharme",
     "preference",
     "sharegpt",
+    "stepwise_supervised",
     "trl",
     "user_defined",
 )
