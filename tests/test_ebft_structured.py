@@ -502,3 +502,26 @@ def test_train_gdpo_with_user_rewards(tmp_path: Path, model_dir: Path) -> None:
         assert math.isfinite(entry["loss"]) and math.isfinite(entry["kl"])
         assert entry["rewards/length_reward/mean"] > 0
         assert 0 <= entry["rewards/answer_reward/mean"] <= 1
+
+
+def test_stop_token_ids_end_transformers_generation(tmp_path: Path, model_dir: Path) -> None:
+    """`generation_kwargs.stop_token_ids` (vLLM's key, in Axolotl's Qwen3.5 configs) ends a
+    completion under transformers generate too: with every token a stop token, each completion
+    is its first token, and TRL counts it as terminated."""
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    cfg = write_run(
+        tmp_path, model_dir, trl={"generation_kwargs": {"stop_token_ids": list(range(vocab))}}
+    )
+    text = yaml.safe_load(cfg.read_text())
+    text["max_steps"] = 1
+    cfg.write_text(yaml.safe_dump(text))
+    proc = cli("train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [
+        h for h in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "loss" in h
+    ]
+    assert logs[0]["completions/max_length"] == 1
+    assert logs[0]["completions/clipped_ratio"] == 0
+    assert math.isfinite(logs[0]["ebft/reward"])

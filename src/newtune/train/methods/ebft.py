@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from newtune.config.schema.online import ebft_block
 from newtune.errors import DataError
 from newtune.train.methods import ebft_core as core
-from newtune.train.methods.grpo import OnlineMethod
+from newtune.train.methods.grpo import OnlineMethod, add_stop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def ebft_trainer_class() -> type:
             self.ebft = method.ebft
             kwargs["reward_funcs"] = [FeatureReward(self)]
             super().__init__(*args, **kwargs)
+            add_stop_tokens(self, method.trl)
             self.feature_network = core.FeatureNetwork(self.model)
             self.feature_layers = core.layer_indices(
                 core.num_layers_of(self.model), self.ebft.feature_layers

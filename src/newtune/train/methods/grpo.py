@@ -107,6 +107,10 @@ def grpo_kwargs(config: Any) -> dict[str, Any]:
         value = getattr(trl, key)
         if value is not None:
             kwargs[field] = value
+    if not trl.use_vllm and "stop_token_ids" in (trl.generation_kwargs or {}):
+        # vLLM's SamplingParams key; transformers generation gets them as end tokens instead
+        rest = {k: v for k, v in trl.generation_kwargs.items() if k != "stop_token_ids"}
+        kwargs["generation_kwargs"] = rest or None
     if getattr(config, "rl", None) == "gdpo":  # GDPO: each reward normalised, then summed
         kwargs.setdefault("multi_objective_aggregation", "normalize_then_sum")
     if trl.sync_ref_model:
@@ -435,5 +439,23 @@ def NewtuneGRPOTrainer() -> type:  # noqa: N802 - a class factory (trl is import
         def __init__(self, *args: Any, method: Any, **kwargs: Any) -> None:
             self.method = method
             super().__init__(*args, **kwargs)
+            add_stop_tokens(self, method.trl)
 
     return _Trainer
+
+
+def stop_token_ids(trl: Any) -> list[int]:
+    """`trl.generation_kwargs.stop_token_ids` (vLLM's name), as a list."""
+    ids = (trl.generation_kwargs or {}).get("stop_token_ids") or []
+    return [int(i) for i in ([ids] if isinstance(ids, int) else ids)]
+
+
+def add_stop_tokens(trainer: Any, trl: Any) -> None:
+    """transformers generation: `stop_token_ids` end a completion as EOS does (vLLM reads them
+    itself), both when sampling and when TRL masks what follows the first end token."""
+    stops = [i for i in stop_token_ids(trl) if i not in trainer.eos_token_ids]
+    if trl.use_vllm or not stops:
+        return
+    trainer.eos_token_ids = [*trainer.eos_token_ids, *stops]
+    trainer.generation_config.eos_token_id = list(trainer.eos_token_ids)
+    trainer.generation_kwargs["eos_token_id"] = list(trainer.eos_token_ids)
