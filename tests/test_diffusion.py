@@ -243,6 +243,10 @@ def test_logits_to_keep_path_equals_full_logits():
             position_ids=batch["position_ids"],
         ).logits
     assert torch.allclose(kept, full[wanted], atol=1e-5)
+    unskipped = diffusion_forward(  # liger's fused head: no logits_to_keep, the same logits
+        model, batch["input_ids"], seg, batch["position_ids"], wanted, head_skip=False
+    )
+    assert torch.allclose(unskipped, kept, atol=1e-5)
     assert torch.allclose(full[0, 6], raw[0, 6]) and torch.allclose(full[0, 7], raw[0, 6])
     assert torch.allclose(full[0, 2], raw[0, 1])
 

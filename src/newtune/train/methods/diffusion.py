@@ -131,12 +131,14 @@ def diffusion_forward(
     segments: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     wanted: torch.Tensor | None = None,
+    head_skip: bool = True,
 ) -> torch.Tensor:
     """Logits predicting each token at its own position, under bidirectional attention.
 
     The causal head predicts token i from the output at i - 1; a sample's first token from its
     own output. `wanted` (bool [B, L]): only those positions' logits are returned, flattened
-    in row-major order, and the head projects only the outputs they need; else [B, L, V].
+    in row-major order, and (with `head_skip`, when the forward takes a boolean
+    `logits_to_keep`) the head projects only the outputs they need; else [B, L, V].
     """
     starts = segment_starts(segments)
     source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -148,7 +150,7 @@ def diffusion_forward(
     }
     if position_ids is not None:
         inputs["position_ids"] = position_ids
-    if wanted is None or not head_can_skip(unwrap(model)):
+    if wanted is None or not head_skip or not head_can_skip(unwrap(model)):
         logits = model(**inputs).logits
         aligned = logits.gather(1, source.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return aligned if wanted is None else aligned[wanted]
@@ -183,6 +185,8 @@ class DiffusionMethod(Method):
         self.mask_token_id: int | None = self.settings.mask_token_id
         self.special_ids: tuple[int, ...] = ()
         self.sft = bool(getattr(config, "datasets", None))  # Axolotl's answer_* metrics
+        # liger's fused head owns the forward: every position's logits, no logits_to_keep mask
+        self.head_skip = not getattr(config, "liger_fused_linear_cross_entropy", None)
 
     @property
     def is_preference(self) -> bool:
@@ -295,7 +299,9 @@ class DiffusionMethod(Method):
         positions = None if batch.get("attention_mask") is not None else batch.get("position_ids")
         device = ids.device
         if not noised.masked.any():  # nothing masked: a zero loss that still reaches the graph
-            logits = diffusion_forward(model, noised.input_ids, segments, positions, noised.masked)
+            logits = diffusion_forward(
+                model, noised.input_ids, segments, positions, noised.masked, self.head_skip
+            )
             loss = logits.sum() * 0.0
             zero = torch.zeros((), device=device)
             metrics = {
@@ -308,7 +314,9 @@ class DiffusionMethod(Method):
             if self.settings.importance_weighting:
                 metrics["importance_weight_avg"] = torch.ones((), device=device)
             return loss, {**metrics, **self._answer_metrics(labels)}
-        logits = diffusion_forward(model, noised.input_ids, segments, positions, noised.masked)
+        logits = diffusion_forward(
+            model, noised.input_ids, segments, positions, noised.masked, self.head_skip
+        )
         targets = ids[noised.masked]
         token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
         loss = self.reduce(token_loss, noised, labels)
