@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -525,3 +526,91 @@ def test_stop_token_ids_end_transformers_generation(tmp_path: Path, model_dir: P
     assert logs[0]["completions/max_length"] == 1
     assert logs[0]["completions/clipped_ratio"] == 0
     assert math.isfinite(logs[0]["ebft/reward"])
+
+
+@pytest.mark.parametrize(
+    ("embed_method", "whitening"),
+    [("last_token", False), ("mean_pooling", False), ("last_token", True)],
+)
+def test_trainer_rewards_equal_a_direct_computation(
+    model_dir: Path, embed_method: str, whitening: bool
+) -> None:
+    """The trainer's reward path (prompt ids + generated ids without the trailing EOS, right
+    padding in chunks, frozen copy of the model, pooling, grouping) against each sequence run
+    alone through the model and eq. 7 written out."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from newtune.config.schema.online import EBFTBlock
+    from newtune.train.methods.ebft import ebft_trainer_class
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ebft = EBFTBlock(embed_method=embed_method, use_whitening=whitening, diversity_coef=0.5)
+    cls = ebft_trainer_class()
+    fake = types.SimpleNamespace(
+        processing_class=tok,
+        eos_token_ids=[tok.eos_token_id],
+        method=types.SimpleNamespace(max_length=64),
+        ebft=ebft,
+        feature_network=core.FeatureNetwork(model),
+        feature_layers=core.layer_indices(2, ebft.feature_layers),
+        args=types.SimpleNamespace(per_device_train_batch_size=2),
+        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+        _metrics={"train": defaultdict(list)},
+        _tokenize_prompts=lambda prompts: (tok(prompts)["input_ids"], None, {}),
+    )
+    fake._embed = types.MethodType(cls._embed, fake)
+    prompts = [
+        "The capital of France is",
+        "The capital of France is",
+        "Name a color.",
+        "Name a color.",
+    ]
+    eos = tok.eos_token_id
+    completions = [
+        tok(" Paris.", add_special_tokens=False)["input_ids"] + [eos],
+        tok(" Brintmoor. The quick", add_special_tokens=False)["input_ids"],
+        tok(" Blue", add_special_tokens=False)["input_ids"] + [eos, tok.pad_token_id],
+        tok(" red, green", add_special_tokens=False)["input_ids"],
+    ]
+    truths = [" Paris.", " Paris.", " Blue", " Blue"]
+    got = cls.ebft_rewards(fake, prompts, completions, truths, 2, True)
+
+    def embed(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        feats = torch.cat(
+            [
+                torch.nn.functional.normalize(hidden[i][0].float(), dim=-1)
+                for i in fake.feature_layers
+            ],
+            -1,
+        )
+        return feats[-1] if embed_method == "last_token" else feats.mean(0)
+
+    gen, gt = [], []
+    for i, comp in enumerate(completions):
+        prompt = tok(prompts[i])["input_ids"]
+        body = list(comp)
+        while body and body[-1] in (eos, tok.pad_token_id):
+            body.pop()
+        gen.append(embed(prompt + body))
+        if i % 2 == 0:
+            gt.append(embed(prompt + tok(truths[i], add_special_tokens=False)["input_ids"]))
+    gen_t = torch.stack(gen).view(2, 2, -1)
+    gt_t = torch.stack(gt)
+    if whitening:
+        gen_t, gt_t = core.whiten(gen_t, gt_t)
+    else:
+        gen_t = torch.nn.functional.normalize(gen_t, dim=-1)
+        gt_t = torch.nn.functional.normalize(gt_t, dim=-1)
+    expected = []
+    for p in range(2):
+        for j in range(2):
+            cos = torch.nn.functional.cosine_similarity(gen_t[p, j], gt_t[p], dim=0)
+            dot = gen_t[p, j] @ gen_t[p, 1 - j]
+            expected.append(float(2 * cos - 0.5 * 2 * dot))
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert fake._metrics["train"]["ebft/reward"] == [pytest.approx(sum(expected) / 4, abs=1e-4)]
