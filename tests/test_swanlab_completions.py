@@ -221,6 +221,45 @@ def test_dpo_run_logs_the_bounded_table_every_interval(tmp_path, model_dir):
     assert "Traceback" not in result.stderr
 
 
+def base_logp(model_dir: Path, prompt: str, completion: str) -> float:
+    """Summed log-prob of `completion` after `prompt` under the untrained tiny model (the texts
+    as the table shows them, special tokens included, tokenized back)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    tail = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([head + tail])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float(picked[len(head) - 1 :].sum())
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_each_rows_values_are_that_rows_own(tmp_path, model_dir, packed):
+    """Step 1: the LoRA policy is the base model, so each row's log-probs are the base model's
+    log-probs of that row's texts and its rewards are 0, padded or packed (shared prompts)."""
+    env = fake_swanlab(tmp_path)
+    cfg = make_config(
+        tmp_path, model_dir, PAIRS, "preference", rl="dpo", max_steps=1, **SWANLAB,
+        sample_packing=packed or None, swanlab_completion_log_interval=1,
+    )  # fmt: skip
+    result = cli("train", str(cfg), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (table,) = [r for r in records(tmp_path) if "table" in r]
+    rows = [dict(zip(PAIR_HEADERS, r, strict=True)) for r in table["rows"]]
+    assert len(rows) == 2 and rows[0]["prompt"] != rows[1]["prompt"]
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            expected = base_logp(model_dir, row["prompt"], row[side])
+            assert row[f"logps_{side}"] == pytest.approx(expected, abs=1e-4), (row, side)
+            assert row[f"reward_{side}"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_orpo_and_kto_tables_and_the_default_interval(tmp_path, model_dir):
     env = fake_swanlab(tmp_path / "orpo")
     cfg = make_config(tmp_path / "orpo", model_dir, PAIRS, "preference", rl="orpo", **SWANLAB)
@@ -242,25 +281,30 @@ def test_orpo_and_kto_tables_and_the_default_interval(tmp_path, model_dir):
         "unpaired_preference",
         rl="kto",
         max_steps=2,
+        gradient_accumulation_steps=2,
         **SWANLAB,
         swanlab_completion_log_interval=1,
-        swanlab_completion_max_buffer=1,
+        swanlab_completion_max_buffer=3,
     )
     result = cli("train", str(cfg), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     tables = [r for r in records(tmp_path / "kto") if "table" in r]
     headers = ["step", "prompt", "completion", "label", "reward", "logps"]
+    # each step trains 2 micro-batches of 2 rows: the newest 3 of its 4, all of that step
     assert [(t["step"], t["headers"], len(t["rows"])) for t in tables] == [
-        (1, headers, 1),
-        (2, headers, 1),
+        (1, headers, 3),
+        (2, headers, 3),
     ]
     expected = rendered(model_dir, UNPAIRED, "completion")
+    seen = []
     for table in tables:
-        ((step, prompt, completion, label, reward, logps),) = table["rows"]
-        assert step == table["step"]
-        source = expected[(prompt, completion)]
-        assert label == ("desirable" if source["label"] else "undesirable")
-        assert math.isfinite(reward) and logps < 0
+        for step, prompt, completion, label, reward, logps in table["rows"]:
+            assert step == table["step"]
+            source = expected[(prompt, completion)]
+            assert label == ("desirable" if source["label"] else "undesirable")
+            assert math.isfinite(reward) and logps < 0
+            seen.append((prompt, completion))
+    assert len(set(seen)) == 6  # 8 rows of one epoch trained, 6 logged, none twice
 
 
 def test_log_completions_false_logs_no_table(tmp_path, model_dir):
