@@ -477,3 +477,19 @@ def test_flex_attention_gives_the_sdpa_logits_and_loss():
         with torch.no_grad():
             losses.append(StridedEBFTMethod(config).loss(model, batch)[0])
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_compiled_policy_generates_and_keeps_logits_through_its_original_module():
+    model = _tiny_llama(seed=4).eval()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled wrapper ran")
+
+    compiled = torch.compile(model, backend=refuse)  # lazy: compiles only if the wrapper runs
+    layout = StridedLayout(doc_len=10, anchor_offset=2, stride=4, gen_len=3)
+    docs = torch.randint(3, 48, (1, 10))
+    gen = es.generate_blocks(compiled, docs, layout)
+    assert torch.equal(gen, es.generate_blocks(model, docs, layout))
+    keep = torch.tensor([1, 4])
+    assert es._keep_kwargs(compiled, keep)["logits_to_keep"] is keep
+    assert core.FeatureNetwork(compiled).kind == "copy"

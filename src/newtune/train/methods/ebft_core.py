@@ -55,9 +55,10 @@ def layer_features(hidden_states: Sequence[torch.Tensor], indices: Sequence[int]
 
 
 def _unwrap(model: Any) -> Any:
+    """The model inside DDP/DeepSpeed wrappers and torch.compile."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
-    return model
+    return getattr(model, "_orig_mod", model)
 
 
 def is_peft(model: Any) -> bool:

@@ -210,6 +210,7 @@ def generate_blocks(
     mask. Runs the unwrapped model in eval mode, under sdpa when it trains with flex.
     """
     inner = unwrap(model)
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile'd: shapes change every step
     rows, device = input_ids.shape[0], input_ids.device
     allowed = layout.allowed().to(device)
     positions = layout.position_ids().to(device)
@@ -533,6 +534,7 @@ class StridedEBFTMethod(Method):
 def _keep_kwargs(model: Any, keep: torch.Tensor) -> dict[str, Any]:
     """`logits_to_keep` (an index tensor) where the causal LM's forward takes it."""
     inner = unwrap(model)
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile'd
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     params = inspect.signature(base.forward).parameters
     return {"logits_to_keep": keep} if "logits_to_keep" in params else {}
