@@ -614,3 +614,19 @@ def test_trainer_rewards_equal_a_direct_computation(
             expected.append(float(2 * cos - 0.5 * 2 * dot))
     assert got == pytest.approx(expected, abs=1e-4)
     assert fake._metrics["train"]["ebft/reward"] == [pytest.approx(sum(expected) / 4, abs=1e-4)]
+
+
+def test_each_rank_must_generate_whole_groups() -> None:
+    """Under several GPUs TRL may split a prompt's completions across ranks; EBFT's diversity
+    term needs the whole group on one rank, so that is refused before the trainer is built."""
+    import types
+
+    from newtune.errors import ConfigError
+    from newtune.train.methods.ebft import StructuredEBFTMethod
+
+    method = StructuredEBFTMethod(validate_data(_config({"trl": TRL}), "cfg.yml", None).config)
+    split = types.SimpleNamespace(
+        per_device_train_batch_size=2, steps_per_generation=1, num_generations=4
+    )
+    with pytest.raises(ConfigError, match="each GPU generates 2 completions per round"):
+        method.build_trainer(None, split, {}, None, [])

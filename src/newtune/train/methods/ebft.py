@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from newtune.config.schema.online import ebft_block
-from newtune.errors import DataError
+from newtune.errors import ConfigError, DataError
 from newtune.train.methods import ebft_core as core
 from newtune.train.methods.grpo import OnlineMethod, add_stop_tokens
 
@@ -120,6 +120,21 @@ class StructuredEBFTMethod(OnlineMethod):
     def reward_funcs(self) -> list[Any]:
         """None here: the trainer passes its own feature-matching reward to TRL."""
         return []
+
+    def build_trainer(
+        self, model: Any, args: Any, data: Any, tokenizer: Any, callbacks: list[Any]
+    ) -> Any:
+        """The EBFT trainer; each rank must generate whole groups (diversity is per group)."""
+        per_rank = args.per_device_train_batch_size * args.steps_per_generation
+        if per_rank % args.num_generations:
+            raise ConfigError(
+                f"`rl: ebft` compares each completion with the other completions of its prompt "
+                f"on the same GPU, but each GPU generates {per_rank} completions per round "
+                f"(micro_batch_size x gradient_accumulation_steps), not a multiple of "
+                f"trl.num_generations = {args.num_generations}; make it one (or set "
+                "trl.generation_batch_size to a multiple of num_generations x the GPU count)."
+            )
+        return super().build_trainer(model, args, data, tokenizer, callbacks)
 
     def trainer_class(self) -> type:
         """TRL's GRPOTrainer with the EBFT reward, CE term and adaptive completion cap."""
