@@ -444,3 +444,29 @@ def test_step_trainer_refuses_diffusion(tmp_path, model_dir):
     cfg = write(tmp_path, model_dir, diffusion={"mask_token_id": 3})
     with pytest.raises(ConfigError, match=r"StepTrainer trains next-token SFT steps.*Diffusion"):
         StepTrainer(str(cfg))
+
+
+def test_installed_trainer_divides_the_micro_batch_loss_over_accumulation(tmp_path):
+    from transformers import TrainingArguments
+
+    from newtune.train.trainer import NewtuneTrainer
+
+    model = tiny_model()
+    model.train()
+    tokenizer = types.SimpleNamespace(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), gradient_accumulation_steps=4, report_to=[], use_cpu=True
+    )
+    trainer = NewtuneTrainer(model=model, args=args)
+    m = method(eps=0.5, generate_samples=False)
+    m.resolve_mask_token = lambda tok, model=None, add=True: m._use(tok, MASK)  # type: ignore
+    m.install(trainer, tokenizer)
+    assert type(trainer).__name__ == "DiffusionNewtuneTrainer"
+    trainer.current_gradient_accumulation_steps = 4
+    batch = sft_batch()
+    torch.manual_seed(5)
+    # Trainer counts the batch's label tokens; the diffusion loss is a mean and ignores it
+    step_loss = trainer.training_step(trainer.model, dict(batch), torch.tensor(10))
+    torch.manual_seed(5)
+    expected, _ = m.loss(model, batch)
+    assert torch.allclose(step_loss, expected.detach() / 4, atol=1e-6)

@@ -354,7 +354,9 @@ class DiffusionMethod(Method):
         base = type(trainer)
         trainer.__class__ = type(f"Diffusion{base.__name__}", (DiffusionTrainerMixin, base), {})
         trainer.diffusion = self
-        trainer.model_accepts_loss_kwargs = False  # the loss is a batch mean: Trainer divides it
+        # the loss is a micro-batch mean: Trainer divides it by the accumulation steps
+        trainer.model_accepts_loss_kwargs = False
+        trainer.loss_is_scaled_for_ga = False
         trainer._diffusion_log = MetricLog(self.metric_names)
         trainer._diffusion_last = None
         if self.settings.generate_samples:
