@@ -38,7 +38,7 @@ from newtune.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# model_type (config.model_type) -> the family's attention classes (Axolotl's supported set)
+# the attention classes whose forward is rewritten, and the model types (Axolotl's set)
 QWEN3 = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen3VLTextAttention")
 QWEN3_GATED = ("Qwen3_5Attention", "Qwen3_5MoeAttention")  # q_proj also yields an output gate
 GEMMA4 = ("Gemma4TextAttention", "Gemma4UnifiedTextAttention")
@@ -82,7 +82,7 @@ def config_model_type(value: str, revision: str | None = None) -> str | None:
             from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(value, "config.json", revision=revision)
-        except Exception:  # not a valid hub id: `locate` reports it when the model loads
+        except (ValueError, OSError):  # not a hub id: `locate` reports it when the model loads
             return None
     if not isinstance(found, (str, Path)) or not Path(found).is_file():
         return None
