@@ -158,6 +158,8 @@ def test_keys_reach_the_model(tmp_path, model_dir):
     assert [(t.num_shards, t.deepspeed, t.inner) for t in tiles] == [
         (3, False, LlamaMLP.forward)
     ] * 2
+    ds = _built(tmp_path, model_dir, tiled_mlp=True, deepspeed="zero3")
+    assert [layer.mlp.forward.deepspeed for layer in ds.model.layers] == [True, True]
     both = _built(tmp_path, model_dir, tiled_mlp=True, flash_attn_fuse_mlp=True)
     mlp = both.model.layers[0].mlp
     assert isinstance(mlp, FusedGatedMLP) and mlp.forward.inner is FusedGatedMLP.forward
@@ -229,3 +231,64 @@ def test_cli_trains_two_steps_with_the_losses_of_the_plain_run(tmp_path, model_d
     assert len(losses[0]) == 2
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
     assert (tmp_path / "tiled" / "out" / "model.safetensors").is_file()
+
+
+def test_each_weight_gradient_is_accumulated_once_per_backward():
+    """DDP's and FSDP2's gradient hooks run when a weight's gradient is accumulated: with the
+    checkpoint per shard the engine sums the shards' gradients first, so they run once."""
+    holder = Holder(_llama_mlp())
+    apply_tiled_mlp(holder, num_shards=4)
+    calls = {name: 0 for name, _ in holder.mlp.named_parameters()}
+    for name, p in holder.mlp.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda _p, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    holder.mlp(torch.randn(2, 10, HIDDEN, requires_grad=True)).sum().backward()
+    assert calls == {"gate_proj.weight": 1, "up_proj.weight": 1, "down_proj.weight": 1}
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def _assert_same_weights(a: dict, b: dict, tol: float) -> None:
+    assert sorted(a) == sorted(b) and a
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, worst
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_train_the_same_weights_tiled_or_not(tmp_path, model_dir):
+    from test_cli import train_on_two_cpu_ranks
+
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    for name, keys in (("plain", {}), ("tiled", {"tiled_mlp": True, "tiled_mlp_num_shards": 3})):
+        (tmp_path / name).mkdir()
+        cfg = make_config(tmp_path / name, model_dir, data, "chat_template", max_steps=2, **keys)
+        proc = train_on_two_cpu_ranks(cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("MLP modules tiled" in proc.stderr) == bool(keys)
+    plain, tiled = (_final_weights(tmp_path / n / "out") for n in ("plain", "tiled"))
+    _assert_same_weights(plain, tiled, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_cpu_ranks_run_deepspeeds_tiled_mlp(tmp_path, model_dir, stage):
+    """ZeRO reduces the MLP gradients after the last shard (and ZeRO-3 gathers the weights once
+    per shard on both ranks): the weights equal a run without tiling."""
+    pytest.importorskip("deepspeed")
+    from test_distributed import _ds_run
+
+    from newtune.train.distributed import load_deepspeed_config
+
+    ds = load_deepspeed_config(f"zero{stage}")
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition tiny weights
+    outs = {}
+    for name, keys in (("plain", {}), ("tiled", {"tiled_mlp": True, "tiled_mlp_num_shards": 3})):
+        (tmp_path / name).mkdir()
+        _ds_run(tmp_path / name, model_dir, ds, **keys)
+        outs[name] = _final_weights(tmp_path / name / "out")
+    _assert_same_weights(outs["plain"], outs["tiled"], 1e-5)
