@@ -630,3 +630,10 @@ def test_each_rank_must_generate_whole_groups() -> None:
     )
     with pytest.raises(ConfigError, match="each GPU generates 2 completions per round"):
         method.build_trainer(None, split, {}, None, [])
+
+
+def test_evaluate_command_refuses_online_methods(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_run(tmp_path, model_dir)
+    proc = cli("evaluate", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "`rl: ebft` is evaluated by sampling completions" in proc.stderr

@@ -13,7 +13,7 @@ from newtune.config.resolve import resolve
 from newtune.config.schema.multimodal import is_multimodal
 from newtune.data.packing import packing_plan, sample_lengths
 from newtune.data.prepare import prepare_data
-from newtune.errors import DataError
+from newtune.errors import ConfigError, DataError
 from newtune.fileio import clean_stale
 from newtune.inference import choose_model, load_trained
 from newtune.train.methods import method_for
@@ -39,6 +39,12 @@ def evaluate(
         return evaluate_vision(loaded, split, base_only, base_overridden)
     check_sequence_len(config, resolve(config))  # padded batches must fit: refuse before work
     method = method_for(config)
+    if getattr(method, "online", False):  # rl: ebft (structured) / grpo / gdpo: TRL generates
+        raise ConfigError(
+            f"`newtune evaluate` scores the tokens of a fixed split, but `{method.describe()}` "
+            "is evaluated by sampling completions and scoring them: set `val_set_size` or "
+            "`test_datasets` and `newtune train` logs eval_reward and the method's eval metrics."
+        )
     _, prepared = prepare_data(loaded)
     method.check_data(prepared.data)
     dataset = split_of(prepared.data, split)

@@ -298,6 +298,7 @@ class OnlineMethod(Method):
     name = "grpo"
     columns: tuple[str, ...] = ("prompt",)
     trains_itself = True  # train.run hands the run to `train`
+    online = True  # evaluated by generating (train's eval), not by `newtune evaluate`
 
     def __init__(self, config: Any) -> None:
         self.config = config
