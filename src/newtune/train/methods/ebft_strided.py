@@ -235,8 +235,11 @@ def generate_blocks(
             position_ids=positions[: layout.doc_len].expand(rows, -1),
             cache=cache,
             use_cache=True,
+            **_keep_kwargs(inner, pred[0]),  # only the anchors' logits: no (rows, S, V) tensor
         )
-        step_logits = out.logits[:, pred[0]]
+        step_logits = out.logits
+        if step_logits.shape[1] != layout.num_blocks:  # the forward kept every position
+            step_logits = step_logits[:, pred[0]]
         tokens = []
         for step in range(layout.gen_len):
             new = sample_tokens(step_logits, temperature, top_p)
