@@ -32,14 +32,16 @@ def _preprocess(config: str, overrides: dict[str, Any], force: bool, debug: bool
 
 
 def _refuse_online(cfg: Any) -> None:
-    """Structured `rl: ebft` trains on raw rows (TRL renders and tokenizes the prompts)."""
+    """Structured `rl: ebft`, grpo and gdpo train on raw rows (TRL tokenizes the prompts)."""
     from newtune.config.schema.online import ebft_mode
     from newtune.errors import ConfigError
 
-    if getattr(cfg, "rl", None) == "ebft" and ebft_mode(cfg) == "structured":
+    rl = getattr(cfg, "rl", None)
+    if rl in ("grpo", "gdpo") or (rl == "ebft" and ebft_mode(cfg) == "structured"):
+        label = "`rl: ebft` (structured)" if rl == "ebft" else f"`rl: {rl}`"
         raise ConfigError(
-            "`rl: ebft` (structured) has nothing to preprocess: TRL's GRPOTrainer renders and "
-            "tokenizes the prompts of the raw (prompt, ground_truth) rows as it generates, and "
+            f"{label} has nothing to preprocess: TRL's GRPOTrainer renders and "
+            "tokenizes the prompts of the raw rows as it generates, and "
             "`newtune train` reads the datasets through their transforms itself."
         )
 
