@@ -324,8 +324,6 @@ def test_cls_model_config_reads_the_config_with_that_class(tmp_path, model_dir, 
 @pytest.mark.parametrize(
     ("key", "value", "words"),
     [
-        ("use_eaft", True, "Axolotl's own EAFT loss"),
-        ("eaft_k", 20, "goes with `use_eaft`"),
         ("llmcompressor", {"recipe": {}}, "Axolotl's LLMCompressorPlugin"),
         ("context_parapllel_size", 2, "`context_parallel_size` if context parallelism"),
     ],
