@@ -470,3 +470,21 @@ def test_installed_trainer_divides_the_micro_batch_loss_over_accumulation(tmp_pa
     torch.manual_seed(5)
     expected, _ = m.loss(model, batch)
     assert torch.allclose(step_loss, expected.detach() / 4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("world", "fsdp", "zero", "expected"),
+    [(1, True, 3, False), (2, True, None, True), (2, False, 3, True), (2, False, 2, False)],
+)
+def test_samples_are_off_only_when_weights_are_sharded(world, fsdp, zero, expected):
+    from newtune.train.methods.diffusion import sharded
+
+    ns = types.SimpleNamespace
+    plugin = ns(zero_stage=zero) if zero else None
+    trainer = ns(
+        args=ns(world_size=world),
+        is_fsdp_enabled=fsdp,
+        is_deepspeed_enabled=zero is not None,
+        accelerator=ns(state=ns(deepspeed_plugin=plugin)),
+    )
+    assert sharded(trainer) is expected

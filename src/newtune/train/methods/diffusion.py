@@ -359,9 +359,26 @@ class DiffusionMethod(Method):
         trainer.loss_is_scaled_for_ga = False
         trainer._diffusion_log = MetricLog(self.metric_names)
         trainer._diffusion_last = None
-        if self.settings.generate_samples:
+        if self.settings.generate_samples and sharded(trainer):
+            log.warning(
+                "diffusion: generate_samples is off: the weights are sharded (FSDP / ZeRO-3), "
+                "and rank 0 denoising alone would wait forever on the other ranks"
+            )
+        elif self.settings.generate_samples:
             trainer.add_callback(DiffusionSamplesCallback(trainer, self, tokenizer))
         return trainer
+
+
+def sharded(trainer: Any) -> bool:
+    """True when the weights are sharded over ranks (FSDP, DeepSpeed ZeRO-3)."""
+    if trainer.args.world_size <= 1:
+        return False
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False)) and (
+        getattr(plugin, "zero_stage", 0) == 3
+    )
 
 
 class DiffusionTrainerMixin:
