@@ -241,3 +241,22 @@ def test_axolotl_examples_with_the_key_validate(example):
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0 and "flash_attn_fuse_mlp" not in proc.stderr, proc.stderr
+
+
+def test_train_refuses_a_model_type_without_a_gated_mlp(tmp_path, chat_tok_dir):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(chat_tok_dir)
+    gpt2 = tmp_path / "gpt2"
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    path = make_config(tmp_path, gpt2, data, "chat_template", flash_attn_fuse_mlp=True)
+    proc = cli("-m", "newtune.cli.main", "train", str(path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "this model's type is `gpt2`, which newtune does not fuse; supported model types: " in (
+        proc.stderr
+    )
+    assert "llama, ministral, mistral, olmo, olmo2, olmo3, qwen2, qwen3" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
