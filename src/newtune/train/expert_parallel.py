@@ -258,6 +258,13 @@ def ep_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]
     ):
         if getattr(cfg, flag, None):
             errors.append(f"{key} with `{names(flag)}`: {why}; remove one of them")
+    if cfg.lora_target_parameters:
+        errors.append(
+            f"{key} with `{names('lora_target_parameters')}`: PEFT's LoRA on parameters adds "
+            "whole-tensor deltas to weights that expert parallelism holds as per-rank DTensor "
+            "shards, which torch refuses (mixed Tensor and DTensor); adapt the attention and "
+            "dense layers with `lora_target_modules`, or drop `expert_parallel_size`"
+        )
     for resume in ("resume_from_checkpoint", "auto_resume_from_checkpoints"):
         if getattr(cfg, resume, None):
             errors.append(
