@@ -106,6 +106,9 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
 
     out.errors += compat4_rules(cfg, names)  # eta_min, flex compile kwargs, unfrozen + adapter
     out.errors += seed_training_rules(cfg, names)
+    from newtune.train.ray_launch import ray_rules
+
+    out.errors += ray_rules(cfg, names)  # use_ray, ray_num_workers, resources_per_worker
     from newtune.config.schema.online import online_rules
 
     out.errors += online_rules(cfg)  # `trl:`/`vllm:`/`ebft:` blocks (rl: ebft)
@@ -278,9 +281,11 @@ def _prm_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     errors = []
     why = f"`{names('process_reward_model')}: true`"
     for other in ("rl", "reward_model"):
-        if getattr(cfg, other):
+        value = getattr(cfg, other)
+        if value:
             errors.append(
-                f"{why} and `{names(other)}: {getattr(cfg, other)}` are both set; a process "
+                f"{why} and `{names(other)}: {'true' if value is True else value}` are both "
+                "set; a process "
                 "reward model trains a token classifier on step labels with its own loss: keep "
                 "one of them"
             )
