@@ -493,3 +493,73 @@ def test_a_compiled_policy_generates_and_keeps_logits_through_its_original_modul
     keep = torch.tensor([1, 4])
     assert es._keep_kwargs(compiled, keep)["logits_to_keep"] is keep
     assert core.FeatureNetwork(compiled).kind == "copy"
+
+
+AXOLOTL = Path("/work/axolotl")
+STRIDED_EXAMPLES = [
+    ("llama-1b-ebft-strided.yaml", []),  # LoRA, rows from Axolotl's ebft_pretrain.transform
+    ("llama-8b-ebft-strided-fft.yaml", ["--sequence_len=128"]),  # full fine-tune
+    # prompt/completion rows (prompt_length); flex_attention is the slow CPU compile: sdpa here
+    ("llama-1b-ebft-strided-structured.yaml", ["--sequence_len=256", "--attn_implementation=sdpa"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (AXOLOTL / "examples/ebft").is_dir(), reason="no Axolotl checkout")
+@pytest.mark.parametrize("name,overrides", STRIDED_EXAMPLES, ids=[e[0] for e in STRIDED_EXAMPLES])
+def test_axolotls_strided_examples_train_with_their_own_transforms(tmp_path, name, overrides):
+    """Axolotl's example config, unedited, with Axolotl's own transform module on PYTHONPATH
+    (read from the checkout, not copied), on a tiny Llama and synthetic rows."""
+    import importlib.util
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "axolotl_examples_run", root / "benchmarks" / "axolotl_examples_run.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("axolotl_examples_run", bench)
+    spec.loader.exec_module(bench)
+    model = bench.build_model(tmp_path / "tiny-llama", bench.FAMILIES["llama"])
+    code = [
+        "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 3,
+        "for i in range(10):\n    print(i * i)\n# the quick brown fox jumps over the lazy dog\n"
+        * 3,
+    ]
+    data = {
+        "sjelassi/swallow_code_20m": [{"question": c, "answer": ""} for c in code * 2],
+        "nvidia/OpenCodeInstruct": [
+            {"input": "Write code that prints squares.", "output": c, "id": str(i), "domain": "d"}
+            for i, c in enumerate(code * 100)  # `split: train[:1%]`: 2 rows
+        ],
+    }
+    for path, rows in data.items():
+        (tmp_path / path).mkdir(parents=True)
+        (tmp_path / path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(AXOLOTL / "examples/ebft"),
+    }
+    args = [f"--base_model={model}", "--max_steps=2", f"--output_dir={out}", *overrides]
+    proc = subprocess.run(
+        [sys.executable, "-m", "newtune.cli.main", "train", str(AXOLOTL / "examples/ebft" / name)]
+        + args,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for h in logs:
+        assert all(math.isfinite(h[m]) for m in ("loss", *es.METRICS))
+        assert h["ebft/num_blocks"] >= 1
+    weights = "model.safetensors" if "fft" in name else "adapter_model.safetensors"
+    assert (out / weights).is_file()
