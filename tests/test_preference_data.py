@@ -465,8 +465,9 @@ def _refused(proc: subprocess.CompletedProcess, *parts: str) -> None:
                                                            "with `rl: simpo`"]),
         ("preference", {"rl": "dpo", "kto_desirable_weight": 2.0}, ["read only with `rl: kto`"]),
         ("preference", {"rl": "ipo", "dpo_loss_type": ["hinge"]}, ["`rl: ipo` is DPO with"]),
-        ("alpaca", {"num_labels": 1}, ["`num_labels: 1` is read only with "
-                                       "`reward_model: true`, and this config trains with SFT"]),
+        ("alpaca", {"num_labels": 1}, ["`num_labels: 1` is read only with `reward_model: true` "
+                                       "or `process_reward_model: true`, and this config trains "
+                                       "with SFT"]),
         ({"field_chosen": "c", "field_completion": "x"}, {"rl": "dpo"},
          ["unknown key(s) `field_completion`"]),
         ("preference", {"rl": "dpo", "dpo_use_liger_kernel": True},
