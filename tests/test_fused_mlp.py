@@ -260,3 +260,19 @@ def test_train_refuses_a_model_type_without_a_gated_mlp(tmp_path, chat_tok_dir):
     )
     assert "llama, ministral, mistral, olmo, olmo2, olmo3, qwen2, qwen3" in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_lisa_trains_the_fused_model(tmp_path, model_dir):
+    """llama-2/lisa.yml's combination: LISA switches whole layers, packed MLP weights included."""
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    lisa = {"lisa_n_layers": 1, "lisa_step_interval": 1, "lisa_layers_attribute": "model.layers"}
+    path = make_config(tmp_path, model_dir, data, "chat_template", flash_attn_fuse_mlp=True, **lisa)
+    proc = cli("-m", "newtune.cli.main", "train", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved, base = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(model_dir / "model.safetensors"),
+    )
+    assert sorted(saved) == sorted(base)
+    moved = {k for k in base if not torch.equal(saved[k], base[k])}
+    assert {k for k in moved if ".mlp.gate_proj" in k or ".mlp.up_proj" in k}
