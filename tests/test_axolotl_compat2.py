@@ -300,7 +300,6 @@ def test_use_kernels_warns_here_and_fails_clearly_without_the_package(tmp_path, 
     ("key", "value", "expected"),
     [
         ("fp8", True, "`fp8` needs fp8 matmuls"),
-        ("use_ray", True, "Ray Train, which newtune does not integrate; use `accelerate launch`"),
         ("expert_parallel_token_capacity", 1024, "Axolotl's own DeepEP dispatch"),
         ("nvfp4_merge_aware", True, "`nvfp4_merge_aware` is Axolotl's own code"),
     ],

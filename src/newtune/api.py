@@ -46,7 +46,12 @@ def train(config: ConfigLike, **overrides: Any) -> Path:
     """Train as the config says (as `newtune train` does); return the output folder."""
     from newtune.train.run import train as run_train
 
-    return run_train(load_config(config, **overrides))
+    loaded = load_config(config, **overrides)
+    if loaded.config.use_ray:  # Ray Train workers run the same `run_train` (train.ray_launch)
+        from newtune.train.ray_launch import train_with_ray
+
+        return train_with_ray(loaded)
+    return run_train(loaded)
 
 
 def stepwise(

@@ -28,8 +28,13 @@ LAUNCHERS: dict[str, list[str]] = {
 }
 
 
-def _train(config: str, overrides: dict[str, Any]) -> None:
+def _train(config: str, overrides: dict[str, Any], debug: bool = False) -> None:
     loaded = load(config, overrides)
+    if loaded.config.use_ray:  # Ray Train starts the ranks; each runs train.run.train
+        from newtune.train.ray_launch import train_with_ray
+
+        log.info("training done; outputs in %s", train_with_ray(loaded, debug))
+        return
     from newtune.train.run import train
 
     out = train(loaded)
@@ -84,6 +89,9 @@ def _relaunch(
     from newtune.train.preflight import check_output_dir
 
     loaded = load(config, overrides)
+    from newtune.train.ray_launch import check_no_launcher
+
+    check_no_launcher(loaded.config, launcher)
     check_distributed(loaded)
     check_output_dir(loaded.config.output_dir)  # before the launcher starts its processes
     log.info("re-executing under %s: %s", launcher, " ".join(argv))
@@ -104,7 +112,7 @@ def _work(
             "`--launcher accelerate|torchrun|python` to say which."
         )
     else:
-        _train(config, overrides)
+        _train(config, overrides, debug)
 
 
 def train_command_with(launcher_args: Sequence[str]) -> Callable[..., None]:

@@ -262,12 +262,29 @@ class Compat2Section(Section):
         "caps the tokens per expert in Axolotl's own DeepEP dispatch (token dropping); "
         "transformers' all-to-all dispatch drops no tokens",
     )
-    use_ray: Any = refused(
-        "Ray Train launch.",
-        "`use_ray` launches through Ray Train, which newtune does not integrate",
-        "`accelerate launch` (multi-node: configs/accelerate/multi_node_rank0.yaml)",
+    # -- Ray Train launch (train.ray_launch) -------------------------------------------------
+    use_ray: bool | None = Field(
+        default=None,
+        description="`newtune train` starts the run through Ray Train: a TorchTrainer runs "
+        "`ray_num_workers` workers, each one rank of the usual DDP/DeepSpeed/FSDP training "
+        "(Ray sets up torch.distributed: gloo on CPU, nccl on GPU). Connects to the cluster "
+        "in RAY_ADDRESS, else starts a local one. Needs `pip install 'newtune[ray]'`; not "
+        "under `accelerate launch`/torchrun/`--launcher`.",
     )
-    ray_num_workers: Any = refused("Ray Train workers.", "goes with `use_ray`")
+    ray_num_workers: int | None = Field(
+        default=None, ge=1, description="Ray Train workers (ranks) with `use_ray`; default 1."
+    )
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None,
+        description="Ray resources each worker reserves, e.g. `{GPU: 1}` or `{CPU: 4}` "
+        "(ScalingConfig.resources_per_worker). `GPU` > 0 trains on GPUs, `GPU: 0` on CPUs; "
+        "without `GPU`, workers use GPUs when the Ray cluster has any.",
+    )
+    ray_run_name: str | None = Field(
+        default=None,
+        description="Name of the Ray Train run (RunConfig.name); Ray keeps its own run state "
+        "in `output_dir/<ray_run_name>` (default: a name Ray picks).",
+    )
     # -- tokenizer ---------------------------------------------------------------------------
     tokenizer_use_mistral_common: bool | None = Field(
         default=None,
