@@ -144,6 +144,37 @@ def test_every_auto_value_is_filled(tmp_path, model_dir, name):
         assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 320
 
 
+@needs_deepspeed
+def test_an_inline_config_without_batch_sizes_gets_them_from_the_config(tmp_path, model_dir):
+    """Regression: `deepspeed: {zero_optimization: ...}` without the batch keys reached
+    DeepSpeed's assertion ("train_batch_size or train_micro_batch_size_per_gpu") at train."""
+    cfg = config(
+        output_dir=str(tmp_path),
+        micro_batch_size=3,
+        gradient_accumulation_steps=5,
+        deepspeed={"zero_optimization": {"stage": 2}},
+    )
+    ds = distributed_kwargs(cfg, cpu_plan(cfg, world_size=2))["deepspeed"]
+    assert {k: ds[k] for k in ("train_micro_batch_size_per_gpu", "train_batch_size")} == {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+    }
+    plain = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=5,
+    )
+    hf = HfTrainerDeepSpeedConfig(ds)
+    try:
+        hf.trainer_config_process(plain)
+    finally:
+        unset_hf_deepspeed_config()
+    assert hf.config["train_micro_batch_size_per_gpu"] == 3
+    assert hf.config["gradient_accumulation_steps"] == 5
+    assert hf.config["train_batch_size"] == 3 * 5 * plain.world_size
+
+
 def test_fixed_values_that_contradict_the_config_are_config_errors():
     cfg = config(deepspeed="deepspeed_configs/zero3_bf16.json")
     with pytest.raises(ConfigError, match=r"sets `bf16.enabled: true` but the config's `bf16`"):

@@ -118,6 +118,12 @@ def complete_deepspeed_config(
     """
     ds = copy.deepcopy(ds)
     _check_fixed(ds, config, plan, source)
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+    ):
+        ds.setdefault(key, "auto")  # DeepSpeed asserts on a config without batch sizes
     zero = ds.setdefault("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"`deepspeed: {source}`: `zero_optimization` must be a JSON object.")
