@@ -419,3 +419,12 @@ def test_bad_rows_and_inference_are_clear_errors(tmp_path, model_dir):
     proc = _cli("inference", str(cfg), "--prompt", "Name a color.")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "(`process_reward_model: true`), which labels each reasoning step" in proc.stderr
+
+
+def test_a_missing_type_names_stepwise_supervised(tmp_path, model_dir):
+    cfg = make_config(tmp_path, model_dir, ROWS, entry={"type": None, "step_separator": None})
+    proc = _cli("preprocess", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "`datasets[0].type` is missing for" in proc.stderr
+    assert "(e.g. `type: stepwise_supervised` for prompt/completions/labels columns)" in proc.stderr
+    assert not (tmp_path / "out").exists()

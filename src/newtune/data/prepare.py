@@ -568,9 +568,14 @@ def _load_entries(
         where = f"{key}[{i}]"
         rows = load_rows(entry, i, key)
         if strategy is None and training_method(config) != "sft":
+            example = (
+                "`type: stepwise_supervised` for prompt/completions/labels columns"
+                if training_method(config) == "prm"
+                else "`type: preference` for prompt/chosen/rejected columns"
+            )
             raise ConfigError(
                 f"`{where}.type` is missing for {entry.path}; preference data needs a format "
-                "(e.g. `type: preference` for prompt/chosen/rejected columns)."
+                f"(e.g. {example})."
             )
         if strategy is None:
             if not is_pretokenized(rows):
