@@ -263,6 +263,8 @@ def test_schema_defaults_and_mode_rules() -> None:
         bad = _config({"trl": TRL})
         bad["datasets"] = [{"path": "x.jsonl", "type": "alpaca"}]
         validate_data(bad, "cfg.yml", None)
+    with pytest.raises(ConfigError, match=r"num_generations = 8 \(TRL's default\).*= 4 per round"):
+        validate_data(_config({"trl": {"max_completion_length": 16}}), "cfg.yml", None)
     colocate = _config(
         {
             "trl": {**TRL, "use_vllm": True, "vllm_mode": "colocate"},

@@ -405,10 +405,10 @@ def online_rules(cfg: Any) -> list[str]:
             f"{method}; remove {blocks} or set `rl:` to one of them"
         ]
     if rl in ("grpo", "gdpo"):
-        return _grpo_rules(cfg)
+        return _grpo_rules(cfg)  # TRL checks the global batch (GPU count known at train)
     ebft = ebft_block(cfg)
     if ebft.mode == "structured":
-        return _structured_rules(ebft, cfg.trl, cfg.vllm)
+        return _structured_rules(ebft, cfg.trl, cfg.vllm) + group_rule(cfg)
     return _strided_rules(ebft, cfg.trl, cfg.vllm)
 
 
@@ -430,6 +430,28 @@ def _grpo_rules(cfg: Any) -> list[str]:
             "`rl: grpo`: use that, or remove the key"
         )
     return errors + _vllm_rules(trl, cfg.vllm)
+
+
+def group_rule(cfg: Any) -> list[str]:
+    """Each GPU's generation round (micro_batch_size x gradient_accumulation_steps completions)
+    holds whole groups of trl.num_generations (TRL 8 when unset)."""
+    trl = cfg.trl or TRLBlock()
+    if trl.generation_batch_size is not None or not cfg.micro_batch_size:
+        return []  # split over the GPUs: checked when the run knows their count
+    accumulation = cfg.gradient_accumulation_steps or (
+        (cfg.batch_size or cfg.micro_batch_size) // cfg.micro_batch_size
+    )
+    per_gpu = cfg.micro_batch_size * max(1, accumulation)
+    n = trl.num_generations or 8
+    if per_gpu % n == 0:
+        return []
+    return [
+        f"`rl: {cfg.rl}` samples trl.num_generations = {n}"
+        + (" (TRL's default)" if trl.num_generations is None else "")
+        + f" completions per prompt, but each GPU generates micro_batch_size x "
+        f"gradient_accumulation_steps = {per_gpu} per round, not a multiple of {n}; change one "
+        "of them"
+    ]
 
 
 def _structured_rules(ebft: EBFTBlock, trl: TRLBlock | None, vllm: VllmBlock | None) -> list[str]:

@@ -353,12 +353,12 @@ class OnlineMethod(Method):
         self.check_rows(data)
         rows = {name: len(ds) for name, ds in data.items()}
         log.info("%s: %s prompts to train on", self.describe(), rows["train"])
-        model = training_model(config, plan, tokenizer, new_ids)
-        callbacks = build_callbacks(config)
         completions = rows["train"] * (self.trl.num_generations or 8)  # TRL's default G
         batches = math.ceil(completions / (config.micro_batch_size * plan.world_size))
         steps = max(1, math.ceil(batches / plan.gradient_accumulation_steps))
-        args = grpo_config(config, plan, "test" in data, steps)
+        args = grpo_config(config, plan, "test" in data, steps)  # its errors: before the model
+        model = training_model(config, plan, tokenizer, new_ids)
+        callbacks = build_callbacks(config)
         with tracker_environment(config):
             trainer = self.build_trainer(model, args, data, tokenizer, callbacks)
             metrics = train_and_evaluate(trainer, callbacks, config, checkpoint)
