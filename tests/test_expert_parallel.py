@@ -369,7 +369,12 @@ def check_shards(spy: Path, q_rows: int) -> None:
 
 @pytest.mark.slow
 def test_full_fine_tune_splits_the_experts_and_trains_as_one_process(tmp_path, moe_dir):
-    ep, one, spy = run_pair(tmp_path, moe_dir, ep_keys={"fsdp_config": FSDP2})
+    ep, one, spy = run_pair(
+        tmp_path,
+        moe_dir,
+        ep_keys={"fsdp_config": FSDP2, "saves_per_epoch": 2},  # 4 steps an epoch
+        gradient_checkpointing=True,
+    )
     check_shards(spy, q_rows=32)
     assert losses(ep) == pytest.approx(losses(one), rel=1e-5) and len(losses(ep)) == 2
     # rank 0 saved the whole model, gathered from the expert and FSDP shards
@@ -386,6 +391,13 @@ def test_full_fine_tune_splits_the_experts_and_trains_as_one_process(tmp_path, m
     saved = json.loads((ep / "config.json").read_text())
     assert saved == json.loads((one / "config.json").read_text())  # a plain model's config
     assert "distributed_config" not in saved and saved["num_local_experts"] == 4
+    # the step-2 checkpoint: the whole model, no optimizer state (transformers keeps none)
+    checkpoint = ep / "checkpoint-2"
+    assert sorted(load_file(checkpoint / "model.safetensors")) == sorted(files[2])
+    assert (
+        not list(checkpoint.glob("optimizer*"))
+        and "distributed" not in (checkpoint / "config.json").read_text()
+    )
 
 
 @pytest.mark.slow
