@@ -268,6 +268,31 @@ def test_denoise_fills_every_mask_and_keeps_the_rest(temperature):
     assert len(calls) == 4  # 6 masked in 4 steps: 1 (6/4), 1 (5/3), 2 (4/2), then the last 2
 
 
+def test_complete_fills_new_tokens_and_stops_at_eos(tokenizer):
+    from newtune.train.methods.diffusion import complete
+
+    model = tiny_model(vocab=len(tokenizer))
+    m = DiffusionMethod(
+        types.SimpleNamespace(
+            diffusion=DiffusionArgs(mask_token_str="<|im_start|>", num_diffusion_steps=3),
+            datasets=None,
+        )
+    )
+    calls, puts = [], []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    streamer = types.SimpleNamespace(put=puts.append, end=lambda: puts.append("end"))
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    text = complete(m, model, tokenizer, prompt, 6, streamer)
+    hook.remove()
+    assert m.mask_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert len(calls) == 3  # num_diffusion_steps
+    assert puts[0].tolist() == [prompt] and puts[-1] == "end"
+    answer = puts[1].tolist()
+    assert len(answer) <= 6 and m.mask_token_id not in answer
+    assert tokenizer.eos_token_id not in answer
+    assert text == tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
 def test_samples_mask_the_completion_of_sft_rows_and_random_tokens_otherwise():
     gen = torch.Generator().manual_seed(0)
     picked = sample_sequences(sft_batch(), 5, 100, gen)
@@ -337,9 +362,7 @@ def test_axolotl_diffusion_examples_validate(name):
     proc = cli("-m", "newtune.cli.main", "validate", str(AXOLOTL / name))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mask_token_id: 128002" in proc.stdout
-    assert "noise_schedule, min/max_mask_ratio and num_diffusion_steps do not change" in (
-        proc.stdout + proc.stderr
-    )
+    assert "noise_schedule and min/max_mask_ratio do not change it" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -402,6 +425,14 @@ def test_cli_trains_sft_diffusion_with_packing_eval_and_samples(tmp_path, model_
     assert result["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-4)
     assert result["eval_accuracy"] == pytest.approx(evals[-1]["eval_accuracy"])
     assert "perplexity" not in result  # not a next-token loss
+    # `newtune inference` answers by denoising max_new_tokens mask tokens
+    proc = cli(
+        "-m", "newtune.cli.main", "inference", str(cfg), "--prompt=Name a color.",
+        "--max_new_tokens=4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "<|im_start|>" not in proc.stdout
+    assert "answers fill max_new_tokens mask tokens" in proc.stderr
 
 
 def test_cli_trains_pretraining_diffusion_and_adds_the_mask_token(tmp_path, model_dir):

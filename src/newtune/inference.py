@@ -61,6 +61,7 @@ class Generator:
     strategy: Any
     options: GenerationOptions
     history: list[dict[str, str]] = field(default_factory=list)
+    diffusion: Any = None  # a DiffusionMethod: answers are denoised mask tokens (DiffusionPlugin)
 
     @property
     def is_chat(self) -> bool:
@@ -80,6 +81,11 @@ class Generator:
     ) -> str:
         """Generate the model's answer to one prompt."""
         ids = self.prompt_ids(text, history)
+        if self.diffusion is not None:  # train.methods.diffusion.complete
+            from newtune.train.methods.diffusion import complete
+
+            budget = (options or self.options).max_new_tokens
+            return complete(self.diffusion, self.model, self.tokenizer, ids, budget, stream)
         return generate_answer(self.model, self.tokenizer, ids, options or self.options, stream)
 
 
@@ -187,7 +193,14 @@ def build_generator(
     entry = config.datasets[0]
     strategy = get_strategy(entry, 0, config.train_on_inputs)
     engine = engine_for(entry, config, tokenizer, tokenizer.chat_template, strategy)
-    return Generator(model, tokenizer, engine, strategy, options)
+    generator = Generator(model, tokenizer, engine, strategy, options)
+    from newtune.config.compat2 import diffusion_enabled
+
+    if diffusion_enabled(config):  # a masked-diffusion model answers by denoising
+        from newtune.train.methods.diffusion import DiffusionMethod
+
+        generator.diffusion = DiffusionMethod(config).for_inference(tokenizer, model)
+    return generator
 
 
 def answer_lines(gen: Generator, lines: Iterable[str], out: TextIO) -> int:

@@ -22,7 +22,7 @@ KNOWN_PLUGINS = {
     KERNELS_PLUGIN: "use_kernels / experts_implementation (transformers' kernels integration)",
     SWANLAB_PLUGIN: "use_swanlab / swanlab_* (transformers' SwanLabCallback)",
     DIFFUSION_PLUGIN: "the `diffusion` block (masked-diffusion training; as in Axolotl, "
-    "noise_schedule, min/max_mask_ratio and num_diffusion_steps do not change training)",
+    "noise_schedule and min/max_mask_ratio do not change it)",
     EP_PLUGIN: "expert_parallel_size (transformers' expert parallelism, train.expert_parallel)",
 }
 PARALLEL_KEYS = {  # config key -> accelerate ParallelismConfig field

@@ -48,9 +48,9 @@ class DiffusionArgs(Section):
     num_diffusion_steps: int = Field(
         default=128,
         ge=1,
-        json_schema_extra=UNREAD,
-        description="Denoising steps of Axolotl's diffusion inference (`axolotl inference`), "
-        "which newtune does not have; training samples use `generation_steps`.",
+        description="Denoising steps of `newtune inference` (max_new_tokens mask tokens "
+        "appended to the prompt and filled, as Axolotl's inference completion mode); training "
+        "samples use `generation_steps`.",
     )
     eps: float = Field(
         default=1e-3,

@@ -171,6 +171,21 @@ def model_vocab(model: Any) -> int:
 # -- the method -------------------------------------------------------------------------------
 
 
+def special_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` when the tokenizer holds it as one special token (a named special
+    token, or an added token marked special, e.g. Llama 3's reserved tokens), else None."""
+    named = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = {
+        token.content: int(i)
+        for i, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+        if getattr(token, "special", False)
+    }
+    if text in added:
+        return added[text]
+    found = tokenizer.convert_tokens_to_ids(text) if text in named else None
+    return int(found) if isinstance(found, int) and found != tokenizer.unk_token_id else None
+
+
 class DiffusionMethod(Method):
     """Masked-diffusion training on SFT or pretraining rows (`input_ids`/`labels`)."""
 
@@ -216,9 +231,8 @@ class DiffusionMethod(Method):
                 )
             return self._use(tokenizer, given)
         text = self.settings.mask_token_str or DEFAULT_MASK_TOKEN
-        found = tokenizer.convert_tokens_to_ids(text)
-        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        if isinstance(found, int) and found != tokenizer.unk_token_id and text in special:
+        found = special_token_id(tokenizer, text)
+        if found is not None:
             return self._use(tokenizer, found)
         if not add:
             raise ConfigError(
@@ -232,6 +246,16 @@ class DiffusionMethod(Method):
         added = int(tokenizer.convert_tokens_to_ids(text))
         log.info("diffusion: added the mask token %r as id %s", text, added)
         return self._use(tokenizer, added)
+
+    def for_inference(self, tokenizer: Any, model: Any) -> DiffusionMethod:
+        """This method, its mask token found in a trained model's tokenizer (none is added)."""
+        self.resolve_mask_token(tokenizer, model, add=False)
+        log.info(
+            "diffusion: answers fill max_new_tokens mask tokens (id %s) in %s denoising steps",
+            self.mask_token_id,
+            self.settings.num_diffusion_steps,
+        )
+        return self
 
     def _use(self, tokenizer: Any, token_id: int) -> int:
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -482,6 +506,40 @@ def denoise(
         where = masked.nonzero().squeeze(1)[picked]
         sequence[0, where] = chosen[picked]
     return sequence[0]
+
+
+def complete(
+    method: DiffusionMethod,
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    new_tokens: int,
+    stream: Any = None,
+) -> str:
+    """`newtune inference` of a diffusion model (Axolotl's completion mode): `new_tokens` mask
+    tokens appended to the prompt, denoised in `num_diffusion_steps` steps at
+    `generation_temperature`; the answer is the filled part up to its first EOS."""
+    if method.mask_token_id is None:
+        method.resolve_mask_token(tokenizer, model, add=False)
+    mask_id = int(method.mask_token_id)  # type: ignore[arg-type]
+    device = next(unwrap(model).parameters()).device
+    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    ids = torch.cat([prompt, torch.full((new_tokens,), mask_id, dtype=torch.long)]).to(device)
+    settings = method.settings
+    with torch.no_grad():
+        out = denoise(
+            model, ids, mask_id, settings.num_diffusion_steps, settings.generation_temperature
+        )
+    answer = out[len(prompt_ids) :].cpu()
+    if tokenizer.eos_token_id is not None:
+        ends = (answer == tokenizer.eos_token_id).nonzero()
+        if len(ends):
+            answer = answer[: int(ends[0])]
+    if stream is not None:  # a transformers streamer: the prompt first (skipped), then the rest
+        stream.put(prompt.unsqueeze(0))
+        stream.put(answer)
+        stream.end()
+    return tokenizer.decode(answer.tolist(), skip_special_tokens=True).strip()
 
 
 def sample_sequences(
