@@ -132,6 +132,14 @@ def test_groups_must_share_their_prompt() -> None:
     with pytest.raises(Exception, match="whole groups"):
         check_groups(["a", "a", "a"], ["x", "x", "x"], 2)
     assert strip_end([5, 6, 2, 2, 0], {2, 0}) == [5, 6]
+    from newtune.errors import DataError
+    from newtune.train.methods.ebft import FeatureReward
+
+    reward = FeatureReward(None)
+    with pytest.raises(DataError, match="`ground_truth` is NoneType, not text"):
+        reward(["a", "a"], ["x", "y"], [[1], [2]], ground_truth=["ok", None])
+    with pytest.raises(DataError, match="lack"):
+        reward(["a", "a"], ["x", "y"], [[1], [2]])
 
 
 # -- schema --------------------------------------------------------------------------------

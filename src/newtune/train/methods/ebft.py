@@ -164,6 +164,12 @@ class FeatureReward:
                 "`rl: ebft` rewards completions against the `ground_truth` column, which the "
                 "rows lack; make the dataset transform return it."
             )
+        bad = next((i for i, g in enumerate(ground_truth) if not isinstance(g, str)), None)
+        if bad is not None:
+            raise DataError(
+                f"`rl: ebft`: a row's `ground_truth` is {type(ground_truth[bad]).__name__}, not "
+                "text; make the dataset transform return the reference completion as a string."
+            )
         training = trainer.model.training
         n = trainer.num_generations if training else trainer.num_generations_eval
         check_groups(prompts, ground_truth, n)
