@@ -380,11 +380,16 @@ def _cli_config(tmp_path: Path, model_dir: Path, **extra) -> Path:
     return path
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, *args: str, beside: bool = False) -> subprocess.CompletedProcess:
+    """Run newtune with the transform module on PYTHONPATH, or beside the config (`beside`)."""
     import os
 
-    mods = _transform_module(tmp_path / "mods")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(mods)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    if beside:
+        _transform_module(tmp_path)
+    else:
+        env["PYTHONPATH"] = str(_transform_module(tmp_path / "mods"))
     return subprocess.run(
         [sys.executable, "-m", "newtune.cli.main", *args],
         capture_output=True,
@@ -401,7 +406,8 @@ LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": T
 def test_newtune_train_on_a_strided_config(tmp_path, model_dir, adapter):
     extra = {**LORA, "val_set_size": 1} if adapter == "lora" else {}  # LoRA also evaluates
     cfg = _cli_config(tmp_path, model_dir, **extra)
-    proc = _cli(tmp_path, "train", str(cfg))
+    # LoRA: the transform module sits beside the config (Axolotl's examples keep theirs there)
+    proc = _cli(tmp_path, "train", str(cfg), beside=adapter == "lora")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]

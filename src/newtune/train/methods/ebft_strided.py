@@ -24,7 +24,6 @@ model runs flex_attention (training and feature passes; generation runs sdpa wit
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import logging
@@ -368,9 +367,10 @@ class StridedEBFTMethod(Method):
         prefix = int(self.settings["min_completion_prefix"] or 0)
         return max(prompt + prefix, self.context_length)
 
-    def prepare_data(self, config: Any, tokenizer: Any, chat_template: Any = None) -> Any:
-        """Rows from the datasets' Axolotl-style `transform` modules (see `transform_rows`)."""
-        return prepare_strided_rows(self, config, tokenizer)
+    def prepare_data(self, config: Any, tokenizer: Any, source: str | None = None) -> Any:
+        """Rows from the datasets' Axolotl-style `transform` modules (see `transform_rows`);
+        `source`: the config file, whose folder may hold them."""
+        return prepare_strided_rows(self, config, tokenizer, source)
 
     trains_itself = True  # train.run hands the run over: the rows come from transform modules
 
@@ -385,7 +385,7 @@ class StridedEBFTMethod(Method):
 
         config = loaded.config
         tokenizer, new_ids = load_tokenizer(config)
-        prepared = self.prepare_data(config, tokenizer)
+        prepared = self.prepare_data(config, tokenizer, loaded.source)
         log.info("ebft strided rows: %s", prepared.stats["rows"])
         self.check_data(prepared.data)
         if checkpoint is not None:
@@ -593,69 +593,50 @@ class StridedCollator:
 # -- data: Axolotl-style transform modules ------------------------------------------------------
 
 
-def load_transform(type_name: str, config: Any, where: str) -> tuple[Any, Any]:
-    """`(fn, options)` of an Axolotl `type: module.transform` entry: the module is imported (if
-    code may be imported here) and `transform(config)` called; `fn(example, tokenizer=...)` maps
-    one row."""
-    from newtune.trust import check_code_allowed
-
-    module_name, _, attr = type_name.rpartition(".")
-    if not module_name:
-        module_name, attr = type_name, "transform"
-    check_code_allowed(f"the dataset transform `{type_name}` ({where}.type)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"`{where}.type: {type_name}`: the module `{module_name}` cannot be imported ({exc}). "
-            "Put it on PYTHONPATH (for example the folder you run newtune from: "
-            "`PYTHONPATH=. newtune train ...`)."
-        ) from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"`{where}.type: {type_name}`: `{module_name}` has no function `{attr}`.")
-    made = factory(config)
-    fn, options = made if isinstance(made, tuple) else (made, {})
-    if not callable(fn):
-        raise ConfigError(
-            f"`{where}.type: {type_name}`: `{attr}(cfg)` must return a function "
-            "fn(example, tokenizer=None) (or a (fn, options) pair, as Axolotl's transforms do)."
-        )
-    return fn, options or {}
-
-
 def transform_rows(
-    method: StridedEBFTMethod, entry: Any, index: int, key: str, config: Any, tokenizer: Any
+    method: StridedEBFTMethod,
+    entry: Any,
+    index: int,
+    key: str,
+    config: Any,
+    tokenizer: Any,
+    source: str | None = None,
 ) -> tuple[Any, dict[str, int]]:
-    """One dataset entry as strided rows: input_ids (right padding trimmed), attention_mask,
-    labels and prompt_length when given; rows where no block fits are dropped (counted)."""
+    """One dataset entry as strided rows: its Axolotl-style transform (`train.methods.grpo.
+    transformed_rows`: the module on the Python path or beside the config at `source`) gives
+    input_ids (+ attention_mask, labels, prompt_length); right padding is trimmed, rows longer
+    than sequence_len cut, and rows where no block fits dropped (counted)."""
     import datasets
 
-    from newtune.data.sources import load_rows
+    from newtune.train.methods.grpo import transformed_rows
 
     where = f"{key}[{index}]"
     if not isinstance(entry.type, str):
         raise ConfigError(
-            f"`{where}.type` must name a transform module for `rl: ebft` (strided), for example "
-            "`type: ebft_pretrain.transform` returning input_ids/attention_mask/labels."
+            f"`{where}.type` must name a transform function for `rl: ebft` (strided), for "
+            "example `type: ebft_pretrain.transform` returning input_ids/attention_mask/labels."
         )
-    fn, _ = load_transform(entry.type, config, where)
-    raw = load_rows(entry, index, key)
+    mapped = transformed_rows(entry, index, config, source, tokenizer, key)
+    if "input_ids" not in mapped.column_names:
+        raise DataError(
+            f"`{where}.type: {entry.type}` gives rows with the columns "
+            f"{', '.join(mapped.column_names)}, but strided EBFT trains on tokenized documents: "
+            "make its row function return input_ids (and attention_mask, labels)."
+        )
+    names = [c for c in ("attention_mask", "labels", "prompt_length") if c in mapped.column_names]
+    table = mapped.select_columns(["input_ids", *names]).to_dict()
     out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
     prompts: list[int] = []
     limit = int(config.sequence_len)
     short = 0
-    for i, example in enumerate(raw):
-        row = fn(example, tokenizer=tokenizer)
-        if not isinstance(row, dict) or "input_ids" not in row:
-            raise DataError(
-                f"{where} ({entry.path}) row {i}: `{entry.type}` returned "
-                f"{sorted(row) if isinstance(row, dict) else type(row).__name__}, not a mapping "
-                "with `input_ids` (strided EBFT trains on tokenized documents)."
-            )
-        ids = list(row["input_ids"])
-        attn = list(row.get("attention_mask") or [1] * len(ids))
-        labels = list(row.get("labels") or ids)
+    for i, ids in enumerate(table["input_ids"]):
+        ids = list(ids)
+        attn = (
+            list(table["attention_mask"][i] or [1] * len(ids))
+            if "attention_mask" in table
+            else [1] * len(ids)
+        )
+        labels = list(table["labels"][i] or ids) if "labels" in table else ids
         real = sum(1 for a in attn if a)
         if any(attn[real:]) or len(attn) != len(ids) or len(labels) != len(ids):
             raise DataError(
@@ -663,7 +644,7 @@ def transform_rows(
                 "one entry per token, padding on the right."
             )
         real = min(real, limit)
-        prompt = row.get("prompt_length")
+        prompt = table["prompt_length"][i] if "prompt_length" in table else None
         if real < method.row_anchor(real, prompt) + method.gen_len:
             short += 1
             continue
@@ -674,10 +655,12 @@ def transform_rows(
             prompts.append(int(prompt))
     if prompts and len(prompts) == len(out["input_ids"]):
         out["prompt_length"] = prompts
-    return datasets.Dataset.from_dict(out), {"rows": len(raw), "too_short": short}
+    return datasets.Dataset.from_dict(out), {"rows": len(mapped), "too_short": short}
 
 
-def prepare_strided_rows(method: StridedEBFTMethod, config: Any, tokenizer: Any) -> Any:
+def prepare_strided_rows(
+    method: StridedEBFTMethod, config: Any, tokenizer: Any, source: str | None = None
+) -> Any:
     """PreparedData of the strided rows (kept in memory; a short document count in stats)."""
     import datasets
 
@@ -686,7 +669,7 @@ def prepare_strided_rows(method: StridedEBFTMethod, config: Any, tokenizer: Any)
     report = []
     parts = []
     for i, entry in enumerate(config.datasets or []):
-        ds, counts = transform_rows(method, entry, i, "datasets", config, tokenizer)
+        ds, counts = transform_rows(method, entry, i, "datasets", config, tokenizer, source)
         report.append({"path": entry.path, "type": entry.type, **counts, "kept": len(ds)})
         parts.append(ds)
     if not parts:
@@ -703,7 +686,8 @@ def prepare_strided_rows(method: StridedEBFTMethod, config: Any, tokenizer: Any)
     splits = {"train": data}
     test = []
     for i, entry in enumerate(getattr(config, "test_datasets", None) or []):
-        test.append(transform_rows(method, entry, i, "test_datasets", config, tokenizer)[0])
+        rows = transform_rows(method, entry, i, "test_datasets", config, tokenizer, source)
+        test.append(rows[0])
     if test:
         splits["test"] = datasets.concatenate_datasets(test) if len(test) > 1 else test[0]
     elif config.val_set_size:
