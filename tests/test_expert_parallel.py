@@ -416,3 +416,35 @@ def test_lora_on_the_attention_of_an_expert_parallel_model(tmp_path, moe_dir):
     for name, tensor in trained.items():
         torch.testing.assert_close(tensor, alone[name], atol=1e-5, rtol=1e-4)
     assert not (ep / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_model_without_experts_is_refused_on_the_ranks(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+    path = tmp_path / "cfg.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(model_dir),  # a dense Llama
+                "datasets": [{"path": str(data), "type": "alpaca"}],
+                "output_dir": str(tmp_path / "out"),
+                "dataset_prepared_path": str(tmp_path / "prepared"),
+                "expert_parallel_size": 2,
+                "max_steps": 1,
+            }
+        )
+    )
+    proc = launch(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "newtune.cli.train", str(path),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("newtune: error: ")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one per rank, each one line
+    assert all(
+        "`expert_parallel_size: 2`: " in e and "(LlamaConfig) has no expert-parallel plan" in e
+        for e in errors
+    )
+    assert "newtune/" not in proc.stderr  # no traceback through newtune's code
+    assert not (tmp_path / "out" / "model.safetensors").exists()
