@@ -428,3 +428,21 @@ def test_a_missing_type_names_stepwise_supervised(tmp_path, model_dir):
     assert "`datasets[0].type` is missing for" in proc.stderr
     assert "(e.g. `type: stepwise_supervised` for prompt/completions/labels columns)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_excess_length_drop_keeps_only_whole_rows(tmp_path, model_dir):
+    """`excess_length_strategy: drop` drops rows over sequence_len instead of cutting them."""
+    from transformers import AutoTokenizer
+
+    cfg = make_config(tmp_path, model_dir, ROWS, sequence_len=16, excess_length_strategy="drop")
+    proc = _cli("preprocess", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    whole = [oracle(tok, r, "\n", None, False, 10_000) for r in ROWS]
+    want = sorted(row for row in whole if len(row[0]) <= 16)
+    assert 0 < len(want) < len(ROWS)
+    got = sorted((r["input_ids"], r["labels"]) for r in _prepared(tmp_path, "train"))
+    assert got == want
+    (folder,) = [p for p in (tmp_path / "prepared").iterdir() if (p / "stats.json").is_file()]
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["dropped_too_long"] == len(ROWS) - len(want)

@@ -373,7 +373,7 @@ def _tokenize_entry(
     if method == "prm":  # process reward rows in SFT's columns (labels are step classes)
         from newtune.data.strategies.stepwise_supervised import batch_tokenizer
 
-        tokenize = batch_tokenizer(where, entry, strategy, engine)
+        tokenize = batch_tokenizer(where, entry, strategy, engine, config.excess_length_strategy)
     elif method == "sft":
         tokenize = _batch_tokenizer(where, entry, strategy, engine)
     else:

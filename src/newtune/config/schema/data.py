@@ -208,7 +208,9 @@ class DataSection(Section):
     )
     sequence_len: int = Field(default=2048, gt=1, description="Maximum tokens per sample.")
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = Field(
-        default=None, description="Rows longer than sequence_len: drop (default), truncate, raise."
+        default=None,
+        description="Rows longer than sequence_len: drop (default), truncate, raise. Process "
+        "reward rows (stepwise_supervised) are truncated by default, as Axolotl and TRL do.",
     )
     min_sample_len: int = Field(default=2, ge=1, description="Rows shorter than this are dropped.")
     train_on_inputs: bool = Field(

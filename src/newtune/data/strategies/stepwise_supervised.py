@@ -9,9 +9,10 @@ It is tokenized as Axolotl's stepwise_supervised strategy and TRL's PRMTrainer d
 with every token labelled -100 but the last token of each step's separator, which holds the
 step's label (0 or 1). `train_on_last_step_only` keeps only the last step's label (in every
 split, as Axolotl's strategy does); `max_completion_length` keeps the first tokens of the
-steps; the whole row is cut to `sequence_len` (always truncated, never dropped, as Axolotl and
-TRL do). The prepared columns are SFT's (`input_ids`, `labels`, `attention_mask`); the labels
-are class ids, which only the `process_reward_model` method (train.methods.prm) reads.
+steps; the whole row is cut to `sequence_len` (truncated, as Axolotl and TRL do, unless
+`excess_length_strategy` is drop or raise). The prepared columns are SFT's (`input_ids`,
+`labels`, `attention_mask`); the labels are class ids, which only the `process_reward_model`
+method (train.methods.prm) reads.
 """
 
 from __future__ import annotations
@@ -148,15 +149,19 @@ def _blank(value: Any) -> bool:
 
 
 def batch_tokenizer(
-    where: str, entry: Any, strategy: StepwiseSupervised, engine: Any
+    where: str, entry: Any, strategy: StepwiseSupervised, engine: Any, excess: str | None = None
 ) -> Callable[[dict[str, list], list[int]], tuple[dict[str, list], int]]:
     """data.prepare's batch tokenizer for process reward rows: SFT's columns, blank rows
-    skipped and counted, the first failing row named in the error."""
+    skipped and counted, the first failing row named in the error.
+
+    Rows are cut to `sequence_len` unless `excess_length_strategy` (`excess`) is drop or
+    raise, which then apply to the whole row as for SFT rows.
+    """
     options = (
         strategy.separator,
         entry.max_completion_length,
         bool(entry.train_on_last_step_only),
-        engine.sequence_len,
+        engine.sequence_len if excess in (None, "truncate") else None,
     )
 
     def tokenize_batch(batch: dict[str, list], indices: list[int]) -> tuple[dict[str, list], int]:
