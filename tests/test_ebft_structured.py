@@ -647,3 +647,35 @@ def test_evaluate_command_refuses_online_methods(tmp_path: Path, model_dir: Path
     proc = cli("evaluate", str(cfg))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "`rl: ebft` is evaluated by sampling completions" in proc.stderr
+
+
+def test_train_structured_ebft_full_finetune_with_kl(tmp_path: Path, model_dir: Path) -> None:
+    """No adapter: the feature network is a frozen copy of the model; trl.beta loads TRL's
+    reference model (KL 0 at the first step, the policy has not moved yet)."""
+    cfg = write_run(tmp_path, model_dir, trl={"beta": 0.05})
+    text = yaml.safe_load(cfg.read_text())
+    for key in ("adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
+        text.pop(key)
+    cfg.write_text(yaml.safe_dump(text))
+    proc = cli("train", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is a frozen copy" in proc.stderr
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    logs = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert logs[0]["kl"] == 0.0 and math.isfinite(logs[1]["kl"])
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["ebft/reward"]) for h in logs)
+
+
+def test_colocate_without_vllm_names_colocate() -> None:
+    from newtune.errors import ConfigError
+    from newtune.train.methods.grpo import check_vllm
+
+    colocate = _config({"trl": {**TRL, "use_vllm": True, "vllm_mode": "colocate"}})
+    config = validate_data(colocate, "cfg.yml", None).config
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ConfigError, match="colocate mode runs vLLM inside the training process"):
+        check_vllm(config)
