@@ -21,7 +21,6 @@ from newtune.config.schema.base import Section, ignored, status_of
 from newtune.config.schema.compat import refused
 
 ONLINE_RL = ("ebft", "grpo", "gdpo")  # `rl:` values trained online (generation in the loop)
-EBFT_MODES = ("structured", "strided")
 STRIDED_ONLY = (
     "stride",
     "context_length",
