@@ -446,3 +446,16 @@ def test_excess_length_drop_keeps_only_whole_rows(tmp_path, model_dir):
     (folder,) = [p for p in (tmp_path / "prepared").iterdir() if (p / "stats.json").is_file()]
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["dropped_too_long"] == len(ROWS) - len(want)
+
+
+def test_sft_only_keys_are_refused(tmp_path, model_dir):
+    """EAFT and generation evals weigh or generate next tokens: a token classifier has none."""
+    cfg = make_config(
+        tmp_path, model_dir, ROWS, use_eaft=True, do_causal_lm_eval=True, val_set_size=1
+    )
+    proc = _cli("validate", str(cfg))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "the config trains with `process_reward_model: true`, which has its own loss" in (
+        proc.stderr
+    )
+    assert "`do_causal_lm_eval` applies to supervised fine-tuning" in proc.stderr

@@ -170,6 +170,8 @@ def _eaft_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
     other = None
     if cfg.rl or training_method(cfg) != "sft":
         other = f"rl: {cfg.rl}" if cfg.rl else "reward_model: true"
+        if cfg.process_reward_model and not cfg.rl and not cfg.reward_model:
+            other = "process_reward_model: true"
     elif diffusion_enabled(cfg):
         other = "diffusion (DiffusionPlugin)"
     if other:

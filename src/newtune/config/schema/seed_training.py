@@ -249,7 +249,7 @@ def _generation_rules(cfg: Any, names: Callable[[str], str]) -> list[str]:
             f"`{key}` generates answers to the eval rows: set `{names('val_set_size')}` "
             f"or `{names('test_datasets')}`"
         )
-    if cfg.rl or cfg.reward_model:
+    if cfg.rl or cfg.reward_model or cfg.process_reward_model:
         errors.append(
             f"`{key}` applies to supervised fine-tuning (prompt and reference "
             "completion), not to preference or reward training"
