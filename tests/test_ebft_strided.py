@@ -569,3 +569,16 @@ def test_axolotls_strided_examples_train_with_their_own_transforms(tmp_path, nam
         assert h["ebft/num_blocks"] >= 1
     weights = "model.safetensors" if "fft" in name else "adapter_model.safetensors"
     assert (out / weights).is_file()
+
+
+def test_preprocess_and_evaluate_say_where_strided_rows_and_metrics_come_from(tmp_path, model_dir):
+    cfg = _cli_config(tmp_path, model_dir, **LORA)
+    for command, expected in (
+        ("preprocess", "has nothing to preprocess"),
+        ("evaluate", "newtune evaluate` scores the tokens of a fixed split"),
+    ):
+        proc = _cli(tmp_path, command, str(cfg))
+        assert proc.returncode != 0, command
+        assert "Traceback" not in proc.stderr
+        assert expected in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "prepared").exists()

@@ -37,6 +37,11 @@ def _refuse_online(cfg: Any) -> None:
     from newtune.errors import ConfigError
 
     rl = getattr(cfg, "rl", None)
+    if rl == "ebft" and ebft_mode(cfg) == "strided":
+        raise ConfigError(
+            "`rl: ebft` (strided) has nothing to preprocess: its transform functions return the "
+            "tokens, and `newtune train` reads the datasets through them itself."
+        )
     if rl in ("grpo", "gdpo") or (rl == "ebft" and ebft_mode(cfg) == "structured"):
         label = "`rl: ebft` (structured)" if rl == "ebft" else f"`rl: {rl}`"
         raise ConfigError(

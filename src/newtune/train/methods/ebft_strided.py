@@ -285,6 +285,7 @@ class StridedEBFTMethod(Method):
     columns = ("input_ids",)
     metric_names = METRICS
     needs_reference = True  # the live reference (adapter off / frozen copy) is the feature net
+    online = True  # evaluated by generating (train's eval), not by `newtune evaluate`
 
     def __init__(self, config: Any) -> None:
         s = settings_of(config)
