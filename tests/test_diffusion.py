@@ -299,11 +299,11 @@ def test_samples_mask_the_completion_of_sft_rows_and_random_tokens_otherwise():
     assert len(picked) == 1  # row 2 has 8 real tokens (< 10): skipped
     ids, labels = picked[0]
     assert ids.tolist() == sft_batch()["input_ids"][0].tolist()
-    assert mask_for_sample(ids, labels, MASK, gen).nonzero().squeeze(1).tolist() == [
+    assert mask_for_sample(ids, labels, gen).nonzero().squeeze(1).tolist() == [
         4, 5, 6, 7, 8, 9, 10, 11
     ]  # fmt: skip
     ids = torch.arange(3, 23)
-    hidden = mask_for_sample(ids, ids.clone(), MASK, torch.Generator().manual_seed(1))
+    hidden = mask_for_sample(ids, ids.clone(), torch.Generator().manual_seed(1))
     assert 2 <= int(hidden.sum()) <= 14  # 10-70% of 20 tokens
 
 

@@ -258,6 +258,7 @@ class DiffusionMethod(Method):
         return self
 
     def _use(self, tokenizer: Any, token_id: int) -> int:
+        """Take `token_id` as the mask token (not BOS/EOS/pad, which are never masked)."""
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.special_ids = tuple(sorted({int(i) for i in ids if i is not None}))
         if int(token_id) in self.special_ids:
@@ -569,7 +570,7 @@ def sample_sequences(
 
 
 def mask_for_sample(
-    ids: torch.Tensor, labels: torch.Tensor, mask_token_id: int, generator: torch.Generator
+    ids: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """Which positions a sample hides: an SFT sample's whole completion (trained labels after
     an untrained prompt), else a random 10-70% of its tokens (at least one)."""
@@ -644,7 +645,7 @@ class DiffusionSamplesCallback(TrainerCallback):
         out = []
         with torch.no_grad():
             for ids, labels in picked:
-                hidden = mask_for_sample(ids, labels, mask_id, generator)
+                hidden = mask_for_sample(ids, labels, generator)
                 noisy = torch.where(hidden, torch.full_like(ids, mask_id), ids)
                 generated = denoise(
                     model,
