@@ -635,6 +635,7 @@ def test_each_rank_must_generate_whole_groups() -> None:
     from newtune.train.methods.ebft import StructuredEBFTMethod
 
     method = StructuredEBFTMethod(validate_data(_config({"trl": TRL}), "cfg.yml", None).config)
+    assert method.max_length == 512 + 8  # sequence_len + max_completion_length: features' cut
     split = types.SimpleNamespace(
         per_device_train_batch_size=2, steps_per_generation=1, num_generations=4
     )

@@ -19,7 +19,8 @@ ebft/reward (and ebft/ce_loss), as Axolotl names them.
 
 Sequences are tokenized as TRL renders prompts (chat template with `trl.chat_template_kwargs`)
 followed by the exact generated tokens (trailing EOS/padding left out, as Axolotl's decoded
-text leaves them out) or the ground truth's tokens; both are cut at `sequence_len` tokens.
+text leaves them out) or the ground truth's tokens; both are cut at `sequence_len` +
+`trl.max_completion_length` tokens (the longest prompt plus the longest completion).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class StructuredEBFTMethod(OnlineMethod):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.ebft = ebft_block(config)
-        self.max_length = int(config.sequence_len)
+        self.max_length = int(config.sequence_len) + int(self.trl.max_completion_length or 512)
 
     def check_rows(self, data: Any) -> None:
         """Multi-turn rows (Axolotl's `remaining_turns`, sequential rollouts) are refused."""
