@@ -519,3 +519,20 @@ def test_samples_are_off_only_when_weights_are_sharded(world, fsdp, zero, expect
         accelerator=ns(state=ns(deepspeed_plugin=plugin)),
     )
     assert sharded(trainer) is expected
+
+
+def test_models_with_layers_outside_the_mask_are_refused(caplog):
+    from newtune.errors import ModelError
+    from newtune.train.methods.diffusion import check_model
+
+    ns = types.SimpleNamespace
+    hybrid = ns(
+        config=ns(model_type="qwen3_next", layer_types=["linear_attention", "full_attention"])
+    )
+    with pytest.raises(ModelError, match="has linear_attention layers, which do not read it"):
+        check_model(hybrid)
+    with caplog.at_level("WARNING"):
+        check_model(tiny_model())
+        assert "window is not applied" not in caplog.text
+        check_model(ns(config=ns(model_type="mistral", sliding_window=4096)))
+    assert "window is not applied" in caplog.text

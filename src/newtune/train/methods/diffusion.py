@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from newtune.config.schema.compat3 import DiffusionArgs
 from newtune.data.tokenize import IGNORE_INDEX
-from newtune.errors import ConfigError, DataError
+from newtune.errors import ConfigError, DataError, ModelError
 from newtune.train.methods.base import Method, MetricLog, unwrap
 from newtune.train.trainer import head_can_skip
 
@@ -368,6 +368,7 @@ class DiffusionMethod(Method):
 
     def install(self, trainer: Any, tokenizer: Any) -> Any:
         """Make a built NewtuneTrainer (or subclass) train and evaluate with this method."""
+        check_model(trainer.model)
         self.resolve_mask_token(tokenizer, trainer.model)
         log.info(
             "diffusion: masked-diffusion training, mask token id %s, eps %s, importance "
@@ -392,6 +393,34 @@ class DiffusionMethod(Method):
         elif self.settings.generate_samples:
             trainer.add_callback(DiffusionSamplesCallback(trainer, self, tokenizer))
         return trainer
+
+
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def check_model(model: Any) -> None:
+    """ModelError for layers that do not attend through the 4-D mask (linear attention,
+    state-space, ...): they would stay causal. Sliding/chunked layers attend to their whole
+    sample under the mask (the window is not applied), as in Axolotl: a warning."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = list(getattr(text, "layer_types", None) or [])
+    other = sorted({t for t in types if t not in ATTENTION_LAYERS})
+    if other:
+        raise ModelError(
+            f"masked-diffusion training makes every layer attend bidirectionally through a 4-D "
+            f"attention mask, and this model ({text.model_type}) has {', '.join(other)} layers, "
+            "which do not read it and would stay causal; train a model whose layers are all "
+            "attention layers (e.g. Llama, Qwen, Mistral)"
+        )
+    local = any(t != "full_attention" for t in types) or any(
+        getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")
+    )
+    if local:
+        log.warning(
+            "diffusion: this model's sliding-window/chunked layers attend to the whole sample "
+            "under the bidirectional mask (their window is not applied), as in Axolotl"
+        )
 
 
 def sharded(trainer: Any) -> bool:
