@@ -582,3 +582,19 @@ def test_preprocess_and_evaluate_say_where_strided_rows_and_metrics_come_from(tm
         assert "Traceback" not in proc.stderr
         assert expected in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "prepared").exists()
+
+
+def test_models_whose_layers_ignore_the_mask_are_refused(caplog):
+    from newtune.errors import ModelError
+
+    def fake(**keys):
+        config = SimpleNamespace(model_type="tiny", **keys)
+        return SimpleNamespace(config=config)
+
+    es.check_strided_model(fake(layer_types=["full_attention"] * 2))  # Llama-like: fine
+    with pytest.raises(ModelError, match="linear_attention layers"):
+        es.check_strided_model(fake(layer_types=["linear_attention", "full_attention"]))
+    caplog.clear()
+    es.check_strided_model(fake(layer_types=["sliding_attention", "full_attention"]))
+    assert "without their window" in caplog.text
+    es.check_strided_model(_tiny_llama())  # a real Llama config: no error

@@ -83,6 +83,8 @@ class FeatureNetwork:
     """
 
     def __init__(self, policy: Any, kind: str | None = None, model: Any = None) -> None:
+        # FSDP1 gathers its shards in its own forward: an adapter network runs the wrapper
+        self.runner = policy if "FullyShardedDataParallel" in type(policy).__name__ else None
         policy = _unwrap(policy)
         if kind is None:
             kind = "adapter" if is_peft(policy) else "copy"
@@ -102,13 +104,13 @@ class FeatureNetwork:
     @contextlib.contextmanager
     def running(self) -> Iterator[Any]:
         """The module that computes features: eval mode, no gradients, adapter disabled."""
-        model = self.model
+        model = self.runner if self.kind == "adapter" and self.runner is not None else self.model
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if self.kind == "adapter":
-                    stack.enter_context(model.disable_adapter())
+                    stack.enter_context(self.model.disable_adapter())
                 yield model
         finally:
             model.train(was_training)

@@ -147,6 +147,37 @@ class StridedLayout:
         return mod
 
 
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def check_strided_model(model: Any) -> None:
+    """ModelError for layers that do not read the strided mask (linear attention, state-space):
+    a generated block would see the other blocks. Sliding/chunked layers run under the whole
+    mask (their window is not applied), as in Axolotl: a warning."""
+    from newtune.errors import ModelError
+
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = list(getattr(text, "layer_types", None) or [])
+    other = sorted({t for t in types if t not in ATTENTION_LAYERS})
+    if other:
+        raise ModelError(
+            f"`rl: ebft` (strided) generates every block of a document at once under a strided "
+            f"4-D attention mask, and this model ({text.model_type}) has {', '.join(other)} "
+            "layers, which do not read it (each block would see the others); use structured "
+            "mode (`ebft.mode: structured`) or a model whose layers are all attention layers"
+        )
+    local = any(t != "full_attention" for t in types) or any(
+        getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")
+    )
+    if local:
+        log.warning(
+            "ebft strided: this model's sliding-window/chunked layers run under the strided "
+            "mask without their window (as in Axolotl); documents longer than the window are "
+            "seen whole"
+        )
+
+
 def attention_of(model: Any) -> str:
     """The attention implementation the model runs (sdpa when unset)."""
     config = getattr(unwrap(model), "config", None)
@@ -210,6 +241,8 @@ def generate_blocks(
     """
     inner = unwrap(model)
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile'd: shapes change every step
+    # FSDP1 gathers its shards in its own forward: run through the wrapper there
+    runner = model if "FullyShardedDataParallel" in type(model).__name__ else inner
     rows, device = input_ids.shape[0], input_ids.device
     allowed = layout.allowed().to(device)
     positions = layout.position_ids().to(device)
@@ -218,15 +251,15 @@ def generate_blocks(
     config = inner.config
     saved = attention_of(inner)
     attention = "sdpa" if saved == "flex_attention" else saved
-    was_training = inner.training
-    inner.eval()
+    was_training = runner.training
+    runner.eval()
     if attention != saved:
         config._attn_implementation = attention
     try:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=config)
-        out = inner(
+        out = runner(
             input_ids=input_ids,
             attention_mask=dense_mask(
                 allowed[: layout.doc_len, : layout.doc_len], rows, inner, attention
@@ -246,7 +279,7 @@ def generate_blocks(
             if step + 1 == layout.gen_len:
                 break
             index = slots[step]
-            out = inner(
+            out = runner(
                 input_ids=new,
                 attention_mask=dense_mask(
                     allowed[index, : int(index[-1]) + 1], rows, inner, attention
@@ -260,7 +293,7 @@ def generate_blocks(
     finally:
         if attention != saved:
             config._attn_implementation = saved
-        inner.train(was_training)
+        runner.train(was_training)
 
 
 # -- the method --------------------------------------------------------------------------------
@@ -392,6 +425,7 @@ class StridedEBFTMethod(Method):
         if checkpoint is not None:
             check_resume_data(checkpoint, prepared.stats["fingerprint"])
         model = run.training_model(config, plan, tokenizer, new_ids)
+        check_strided_model(model)
         callbacks = build_callbacks(config)
         with tracker_environment(config):
             trainer = run._preference_trainer(
