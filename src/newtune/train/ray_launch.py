@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 INSTALL = "pip install 'newtune[ray]'"
 WORKER_ENV = "NEWTUNE_RAY_WORKER"  # set in a worker: this process is one rank of a Ray run
 RAY_KEYS = ("ray_num_workers", "resources_per_worker", "ray_run_name")
+# Ray Train's workers turn `print` into root-logger records, which newtune's log format then
+# shows line by line (dill's captured `dis` output, when datasets hashes a function)
+WORKER_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def ray_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
@@ -180,7 +183,8 @@ def train_with_ray(loaded: Any, debug: bool = False) -> Path:
     local = not os.environ.get("RAY_ADDRESS")
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False)
+        os.environ.update(WORKER_SETTINGS)  # a local cluster's workers inherit the environment
+        ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_SETTINGS})
     try:
         scaling = scaling_kwargs(cfg, ray.cluster_resources().get("GPU", 0))
         if local:
