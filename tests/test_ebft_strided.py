@@ -598,3 +598,33 @@ def test_models_whose_layers_ignore_the_mask_are_refused(caplog):
     es.check_strided_model(fake(layer_types=["sliding_attention", "full_attention"]))
     assert "without their window" in caplog.text
     es.check_strided_model(_tiny_llama())  # a real Llama config: no error
+
+
+class FullyShardedDataParallel(torch.nn.Module):
+    """Stands in for FSDP1 (by its class name): counts the forwards run through the wrapper."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.module(*args, **kwargs)
+
+
+def test_fsdp1_generation_and_adapter_features_run_through_the_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(_tiny_llama(seed=6), LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapped = FullyShardedDataParallel(policy)
+    layout = StridedLayout(doc_len=9, anchor_offset=2, stride=3, gen_len=2)
+    docs = torch.randint(3, 48, (1, 9))
+    gen = es.generate_blocks(wrapped, docs, layout)
+    assert wrapped.calls == layout.gen_len  # the document pass, then one step
+    assert torch.equal(gen, es.generate_blocks(policy, docs, layout))
+    net = core.FeatureNetwork(wrapped)
+    assert net.kind == "adapter"
+    feats = net.features(docs, [1, 2])
+    assert wrapped.calls == layout.gen_len + 1
+    torch.testing.assert_close(feats, core.FeatureNetwork(policy).features(docs, [1, 2]))
