@@ -172,8 +172,7 @@ STRUCTURED_CONFIGS = {
                 "enforce_eager": True,
             },
         },
-        "`trl vllm-serve --model <base_model> --enforce-eager --gpu-memory-utilization 0.7 "
-        "--max-model-len 2048`",
+        None,  # the server keys are read by `newtune vllm-serve` (tests/test_vllm_serve.py)
     ),
     "qwen-async": (
         {"trl": {**TRL, "use_vllm": True, "async_prefetch": True}},

@@ -75,7 +75,15 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     assert heavy_of(proc) == []
     help_text = proc.stdout + proc.stderr
-    for name in ("preprocess", "train", "inference", "merge-lora", "validate", "config-schema"):
+    for name in (
+        "preprocess",
+        "train",
+        "inference",
+        "merge-lora",
+        "vllm-serve",
+        "validate",
+        "config-schema",
+    ):
         assert name in help_text
 
 

@@ -1,4 +1,5 @@
-"""The `newtune` command: preprocess, train, evaluate, inference, merge-lora, validate, config-schema.
+"""The `newtune` command: preprocess, train, evaluate, inference, merge-lora, vllm-serve,
+validate, config-schema.
 
 Only the chosen command's module is imported, so `newtune --help` and `newtune validate`
 start without importing torch; the heavy imports happen inside the commands that need them.
@@ -40,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "newtune.cli.merge_lora",
         "merge_lora_command",
         "Merge the LoRA adapter (lora_model_dir, default output_dir) into the base model.",
+    ),
+    "vllm-serve": (
+        "newtune.cli.vllm_serve",
+        "vllm_serve_command",
+        "Start the vLLM server (TRL's) an online RL config generates with (--dry_run prints it).",
     ),
     "validate": (
         "newtune.cli.validate",

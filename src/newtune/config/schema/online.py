@@ -4,10 +4,10 @@ fine-tuning), with Axolotl's names and defaults.
 `rl: ebft` (arXiv 2603.12248) trains on (prompt, ground_truth) rows: structured mode samples
 `trl.num_generations` completions per prompt with TRL's GRPOTrainer and rewards them by feature
 matching against the ground truth; strided mode (`ebft.mode: strided`) generates short blocks
-inside raw documents. The `trl:` block holds what TRL's GRPOConfig reads; the `vllm:` block of
-Axolotl configures the server `axolotl vllm-serve` starts, which newtune does not start: its
-keys are accepted only where TRL reads them (`trl.vllm_mode: colocate`), and refused by name
-otherwise with the `trl vllm-serve` command line that does the job.
+inside raw documents. The `trl:` block holds what TRL's GRPOConfig reads; the `vllm:` block
+configures vLLM: TRL reads its in-process settings under `trl.vllm_mode: colocate`, and in
+server mode `newtune vllm-serve cfg.yml` starts TRL's server with its server settings (as
+`axolotl vllm-serve` does); keys TRL's server has no option for are refused by name.
 """
 
 from __future__ import annotations
@@ -260,17 +260,23 @@ class TRLBlock(_Block):
         return self
 
 
-def _server(description: str, flag: str | None = None) -> Any:
-    """A `vllm:` key that only configures the server `axolotl vllm-serve` starts."""
+def _server(description: str) -> Any:
+    """A `vllm:` key of Axolotl's own server script, which TRL's server has no option for."""
     return refused(
-        description + " A setting of the vLLM server `axolotl vllm-serve` starts.",
-        "configures the vLLM server, which newtune does not start",
-        f"`trl vllm-serve {flag}`" if flag else "`trl vllm-serve` options",
+        description + " A setting of Axolotl's vLLM server script.",
+        "has no option in TRL's vLLM server, which `newtune vllm-serve` starts",
+        "the options `newtune vllm-serve` passes (vllm.tensor_parallel_size, "
+        "data_parallel_size, gpu_memory_utilization, dtype, max_model_len, "
+        "enable_prefix_caching, enforce_eager, host, port)",
     )
 
 
+SERVE = "read by `newtune vllm-serve`, which starts TRL's server"
+
+
 class VllmBlock(_Block):
-    """Axolotl's `vllm:` block: settings of the vLLM server `axolotl vllm-serve` starts."""
+    """Axolotl's `vllm:` block: the vLLM server `newtune vllm-serve` starts (TRL's), or
+    in-process vLLM under `trl.vllm_mode: colocate`."""
 
     device: str | None = _server("vLLM device.")
     tensor_parallel_size: int | None = Field(
@@ -279,7 +285,9 @@ class VllmBlock(_Block):
         description="Tensor parallel size of in-process vLLM (`trl.vllm_mode: colocate`); a "
         "server takes `trl vllm-serve --tensor-parallel-size`.",
     )
-    data_parallel_size: int | None = _server("Data parallel size.", "--data-parallel-size")
+    data_parallel_size: int | None = Field(
+        default=None, gt=0, description=f"Data parallel size of the vLLM server ({SERVE})."
+    )
     gpu_memory_utilization: float | None = Field(
         default=None,
         gt=0,
@@ -287,20 +295,39 @@ class VllmBlock(_Block):
         description="GPU memory share of in-process vLLM (colocate); a server takes "
         "`trl vllm-serve --gpu-memory-utilization`.",
     )
-    dtype: str | None = _server("vLLM dtype.", "--dtype")
+    dtype: str | None = Field(default=None, description=f"The vLLM server's dtype ({SERVE}).")
     max_model_len: int | None = Field(
         default=None,
         gt=0,
         description="Context length of in-process vLLM (colocate); a server takes "
         "`trl vllm-serve --max-model-len`.",
     )
-    enable_prefix_caching: bool | None = _server("Prefix caching.", "--enable-prefix-caching")
-    host: str | None = _server("Host the server listens on.", "--host")
-    port: int | None = _server("Port the server listens on.", "--port")
+    enable_prefix_caching: bool | None = Field(
+        default=None, description=f"Prefix caching in the vLLM server ({SERVE})."
+    )
+    host: str | None = Field(
+        default=None,
+        description=f"Address the vLLM server listens on ({SERVE}; default "
+        "trl.vllm_server_host, else 0.0.0.0).",
+    )
+    port: int | None = Field(
+        default=None,
+        gt=0,
+        description=f"Port the vLLM server listens on ({SERVE}; default trl.vllm_server_port, "
+        "else 8000); must be the port the trainer connects to.",
+    )
     enable_reasoning: bool | None = _server("Reasoning outputs.")
     reasoning_parser: str | None = _server("Reasoning parser.")
-    enforce_eager: bool | None = _server("No CUDA graphs in vLLM.", "--enforce-eager")
-    serve_module: str | None = _server("Axolotl's serve script module.")
+    enforce_eager: bool | None = Field(
+        default=None, description=f"No CUDA graphs in the vLLM server ({SERVE})."
+    )
+    serve_module: str | None = Field(
+        default=None,
+        description="Module `newtune vllm-serve` runs (`python -m <module>` with TRL's server "
+        "options); default trl.scripts.vllm_serve, TRL's server, which Axolotl's "
+        "axolotl.scripts.vllm_serve(_lora) are read as (TRL's trainer syncs merged LoRA "
+        "weights to it).",
+    )
     worker_extension_cls: str | None = _server("vLLM worker extension class.")
 
 
@@ -496,33 +523,50 @@ def _strided_rules(ebft: EBFTBlock, trl: TRLBlock | None, vllm: VllmBlock | None
     return errors
 
 
+# `vllm:` keys `newtune vllm-serve` reads (cli/vllm_serve.py)
+VLLM_SERVER_KEYS = (*VLLM_SERVE_FLAGS, "serve_module")
+
+
 def _vllm_rules(trl: TRLBlock | None, vllm: VllmBlock | None) -> list[str]:
-    """`vllm:` keys are TRL's only in colocate mode; server settings go to `trl vllm-serve`."""
+    """`vllm:` keys: TRL reads some in colocate mode; in server mode `newtune vllm-serve`
+    reads the server's; without vLLM none is read."""
     if vllm is None:
         return []
     given = sorted(k for k in vllm.model_fields_set if not is_off(getattr(vllm, k)))
-    colocate = trl is not None and trl.use_vllm and trl.vllm_mode == "colocate"
-    unread = [k for k in given if not (colocate and k in VLLM_COLOCATE)]
-    if not unread:
+    if not given:
         return []
-    flags = "".join(
-        f" {VLLM_SERVE_FLAGS[k]}"
-        + ("" if isinstance(getattr(vllm, k), bool) else f" {getattr(vllm, k)}")
-        for k in unread
-        if k in VLLM_SERVE_FLAGS
-    )
-    if colocate:
-        why = f"in colocate mode TRL reads only vllm.{', vllm.'.join(VLLM_COLOCATE)}"
-    else:
-        why = (
-            "newtune does not start a vLLM server (TRL connects to one at "
-            "trl.vllm_server_host:trl.vllm_server_port)"
+    named = ", ".join(f"`vllm.{k}`" for k in given)
+    if trl is None or not trl.use_vllm:
+        return [
+            f"{named} configure vLLM, and the config generates without it (`trl.use_vllm` is "
+            "not true); set `trl.use_vllm: true` or remove the `vllm:` block"
+        ]
+    if trl.vllm_mode == "colocate":
+        unread = [k for k in given if k not in VLLM_COLOCATE]
+        if not unread:
+            return []
+        return [
+            f"{', '.join(f'`vllm.{k}`' for k in unread)} configure a vLLM server, and "
+            f"`trl.vllm_mode: colocate` runs vLLM inside the training process, where TRL reads "
+            f"only vllm.{', vllm.'.join(VLLM_COLOCATE)}; remove them, or use server mode "
+            "(`newtune vllm-serve cfg.yml` starts the server)"
+        ]
+    errors = []
+    unread = [k for k in given if k not in VLLM_SERVER_KEYS]
+    if unread:
+        errors.append(
+            f"{', '.join(f'`vllm.{k}`' for k in unread)} have no option in TRL's vLLM server, "
+            "which `newtune vllm-serve` starts (it takes vllm.{}); remove them".format(
+                ", vllm.".join(VLLM_SERVER_KEYS)
+            )
         )
-    return [
-        f"{', '.join(f'`vllm.{k}`' for k in unread)} configure the vLLM server that "
-        f"`axolotl vllm-serve` starts; {why}, so they would do nothing here. Remove them and "
-        f"give them to the server you start: `trl vllm-serve --model <base_model>{flags}`"
-    ]
+    if vllm.port is not None and trl.vllm_server_port not in (None, vllm.port):
+        errors.append(
+            f"`vllm.port: {vllm.port}` (where `newtune vllm-serve` listens) and "
+            f"`trl.vllm_server_port: {trl.vllm_server_port}` (where training connects) differ; "
+            "make them the same port"
+        )
+    return errors
 
 
 def online_entry_problems(entry: Any, where: str) -> list[str]:
