@@ -478,6 +478,12 @@ def test_gdpo_schema_and_aggregation() -> None:
         )
         is None
     )
+    no_beta = {k: v for k, v in gdpo["trl"].items() if k != "beta"}
+    rl_beta = validate_data({**gdpo, "rl_beta": 0.2, "trl": no_beta}, "c.yml", None).config
+    assert grpo_kwargs(rl_beta)["beta"] == 0.2  # Axolotl: trl.beta, else rl_beta
+    assert grpo_kwargs(validate_data({**gdpo, "rl_beta": 0.2}, "c.yml", None).config)["beta"] == (
+        0.001
+    )
     bad = {**gdpo, "trl": {**gdpo["trl"], "multi_objective_aggregation": "sum_then_normalize"}}
     with pytest.raises(ConfigError, match="`sum_then_normalize` is `rl: grpo`"):
         validate_data(bad, "cfg.yml", None)

@@ -211,7 +211,7 @@ def _training_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str
 
 # key -> the `rl` values that read it ("reward": `reward_model: true`)
 _PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
-    "rl_beta": ("dpo", "ipo", "simpo", "orpo", "kto"),
+    "rl_beta": ("dpo", "ipo", "simpo", "orpo", "kto", "grpo", "gdpo"),  # grpo: trl.beta's default
     "dpo_loss_type": ("dpo", "ipo"),
     "dpo_loss_weights": ("dpo", "ipo"),
     "dpo_label_smoothing": ("dpo", "ipo", "simpo"),

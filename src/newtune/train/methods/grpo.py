@@ -111,6 +111,9 @@ def grpo_kwargs(config: Any) -> dict[str, Any]:
         # vLLM's SamplingParams key; transformers generation gets them as end tokens instead
         rest = {k: v for k, v in trl.generation_kwargs.items() if k != "stop_token_ids"}
         kwargs["generation_kwargs"] = rest or None
+    rl_beta = getattr(config, "rl_beta", None)
+    if trl.beta is None and rl_beta is not None and getattr(config, "rl", None) != "ebft":
+        kwargs["beta"] = rl_beta  # as Axolotl: trl.beta, else rl_beta
     if getattr(config, "rl", None) == "gdpo":  # GDPO: each reward normalised, then summed
         kwargs.setdefault("multi_objective_aggregation", "normalize_then_sum")
     if trl.sync_ref_model:
