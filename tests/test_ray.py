@@ -192,12 +192,16 @@ def test_a_worker_user_error_is_found_inside_rays_wrapping():
 
 
 def test_train_without_ray_installed_says_what_to_install(tmp_path, model_dir):
-    shadow = tmp_path / "shadow" / "ray"
+    shadow = tmp_path / "shadow" / "ray"  # an empty `ray` package: no ray.train here
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    (shadow / "__init__.py").write_text("")
     cfg = _cfg(tmp_path, model_dir, use_ray=True, ray_num_workers=2)
     env = {"PYTHONPATH": str(tmp_path / "shadow")}
-    assert _run("validate", str(cfg), env=env).returncode == 0  # another machine may train it
+    checked = _run("validate", str(cfg), env=env)  # another machine may train it: a warning
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr
+    assert "`use_ray: true` needs Ray Train (ray[train]), which is not installed here" in (
+        checked.stderr + checked.stdout
+    )
     proc = _run("train", str(cfg), env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Ray Train, which is not installed here" in proc.stderr
@@ -289,3 +293,13 @@ def test_a_workers_user_error_is_one_paragraph_from_the_driver(tmp_path, model_d
     assert last.startswith("newtune: error: ") and "flash_attention_2" in last, last
     assert "Traceback" not in last
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_the_python_api_trains_a_use_ray_config_through_ray(monkeypatch, tmp_path):
+    import newtune.api
+
+    seen: list[Any] = []
+    monkeypatch.setattr(ray_launch, "train_with_ray", lambda loaded: seen.append(loaded) or "o")
+    data = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
+    assert newtune.api.train({**data, "use_ray": True, "ray_num_workers": 2}) == "o"
+    assert seen[0].config.ray_num_workers == 2

@@ -169,6 +169,16 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
                     f"remove the {tracker} keys",
                 )
             )
+    if cfg.use_ray:
+        needs.append(
+            Need(
+                f"`{names('use_ray')}: true`",
+                "Ray Train (ray[train])",
+                "ray.train",
+                ("pip install 'newtune[ray]'",),
+                "remove `use_ray` and start the ranks with accelerate launch/torchrun",
+            )
+        )
     from newtune.config.compat2 import machine_needs2
     from newtune.config.compat4 import machine_needs4
 
