@@ -332,6 +332,29 @@ def test_transform_rows_trim_padding_and_drop_documents_without_a_block(
     assert batch["labels"][1, len(ds[2]["input_ids"]) :].eq(-100).all()
 
 
+def test_rows_whose_masked_prompt_leaves_no_block_are_dropped(tmp_path, monkeypatch):
+    from newtune.config.schema import DatasetEntry
+
+    (tmp_path / "masked_tf.py").write_text(
+        "def transform(cfg):\n"
+        "    def fn(row, tokenizer=None):\n"
+        "        ids = list(range(3, 3 + row['n']))\n"
+        "        return {'input_ids': ids, 'labels': [-100] * row['p'] + ids[row['p']:]}\n"
+        "    return fn\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "rows.jsonl"
+    rows = [{"n": 12, "p": 4}, {"n": 12, "p": 9}, {"n": 12, "p": 0}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry = DatasetEntry(path=str(data), type="masked_tf.transform")
+    config = SimpleNamespace(sequence_len=64, datasets=[entry])
+    method = StridedEBFTMethod(_config(context_length=2, generate_max_len=4))
+    ds, counts = es.transform_rows(method, entry, 0, "datasets", config, None)
+    # anchors: past the 4-token prompt (4 + 4 <= 12), past 9 (13 > 12: dropped), context 2
+    assert counts == {"rows": 3, "too_short": 1}
+    assert [r[:5].count(-100) for r in ds["labels"]] == [4, 0]
+
+
 def test_prompt_rows_place_the_first_anchor_after_the_longest_prompt():
     method = StridedEBFTMethod(_config(context_length=4, min_completion_prefix=2))
     labels = torch.tensor([[-100, -100, -100, 5, 6, 7], [-100, 4, 5, 6, 7, 8]])

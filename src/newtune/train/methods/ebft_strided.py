@@ -680,7 +680,10 @@ def transform_rows(
             )
         real = min(real, limit)
         prompt = table["prompt_length"][i] if "prompt_length" in table else None
-        if real < method.row_anchor(real, prompt) + method.gen_len:
+        trained = [j for j, label in enumerate(labels[:real]) if label != IGNORE_INDEX]
+        first = trained[0] if trained else real  # labels masked from the start: a prompt
+        anchor = method.row_anchor(real, prompt if prompt is not None else first)
+        if real < anchor + method.gen_len:
             short += 1
             continue
         out["input_ids"].append(ids[:real])
