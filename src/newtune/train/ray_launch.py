@@ -159,7 +159,10 @@ def worker_loop(job: dict[str, Any]) -> None:
     setup_logging(job["debug"])  # after Ray set RANK: ranks > 0 log warnings only
     from newtune.train.run import train
 
-    train(job["loaded"])
+    try:
+        train(job["loaded"])
+    except NewtuneError as exc:  # the driver prints its paragraph; Ray's log keeps it short
+        raise exc.with_traceback(None) from None
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
