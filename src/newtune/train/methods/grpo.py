@@ -73,8 +73,9 @@ def vllm_server_help(config: Any) -> str:
     """The command that starts the vLLM server a server-mode config connects to."""
     trl = trl_block(config)
     return (
-        f"`trl vllm-serve --model {config.base_model} --host {trl.vllm_server_host} "
-        f"--port {trl.vllm_server_port}` (on other GPUs than training, e.g. "
+        "`newtune vllm-serve <this config>` (TRL's server with the `vllm:` block's settings; "
+        f"by hand: `trl vllm-serve --model {config.base_model} --host {trl.vllm_server_host} "
+        f"--port {trl.vllm_server_port}`), on other GPUs than training (e.g. "
         "CUDA_VISIBLE_DEVICES=1)"
     )
 
