@@ -180,7 +180,7 @@ def parallel_problem(config: NewtuneConfig, world_size: int) -> str | None:
     """Why the launch does not fit the parallelism sizes, or accelerate refuses them (None when
     they run)."""
     if (config.expert_parallel_size or 1) > 1:
-        from newtune.train.expert_parallel import launch_problem
+        from newtune.config.expert_parallel import launch_problem
 
         return launch_problem(config, world_size)
     try:
@@ -372,7 +372,7 @@ def _qat_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[str]:
 
 def compat2_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
     """Errors for the plugin, kernel, tracker and parallelism keys."""
-    from newtune.train.expert_parallel import ep_rules
+    from newtune.config.expert_parallel import ep_rules
 
     errors = []
     others = unknown_plugins(cfg)
@@ -399,7 +399,7 @@ def compat2_notes(cfg: NewtuneConfig) -> list[str]:
         for known, what in KNOWN_PLUGINS.items():
             if _short(plugin) == _short(known) and known != LIGER_PLUGIN:
                 notes.append(f"plugin {_short(known)}: newtune reads {what}")
-    from newtune.train.expert_parallel import ep_notes
+    from newtune.config.expert_parallel import ep_notes
 
     notes += ep_notes(cfg)  # expert_parallel_size: transformers shards, no ParallelismConfig
     sizes = {k: v for k, v in parallel_sizes(cfg).items() if v > 1}

@@ -50,7 +50,7 @@ def compat3_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
             "`reinit_weights`"
         )
     if cfg.fused_attn_kernel:  # the model type, where its config.json is on disk
-        from newtune.models.fused_attention import validate_problem
+        from newtune.config.fused_attention import validate_problem
 
         problem = validate_problem(cfg.base_model_config or cfg.base_model, cfg.revision_of_model)
         errors += [problem] if problem else []
