@@ -339,6 +339,8 @@ def write(tmp_path: Path, model_dir: Path, **extra) -> Path:
         ({"diffusion": {"min_mask_ratio": 0.9, "max_mask_ratio": 0.1}}, "must be <= max_mask"),
         ({"diffusion": {"noise_schedule": "cubic"}}, "noise_schedule"),
         ({"diffusion": {"epsilon": 0.1}}, "`diffusion.epsilon`"),
+        ({"do_causal_lm_eval": True}, "`do_causal_lm_eval` generate token by token"),
+        ({"eval_table_size": 4}, "`eval_table_size` generate token by token"),
     ],
 )
 def test_bad_diffusion_configs_are_refused_at_validate(tmp_path, model_dir, extra, words):

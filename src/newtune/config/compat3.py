@@ -127,6 +127,14 @@ def _diffusion_rules(cfg: NewtuneConfig, names: Callable[[str], str]) -> list[st
             "DiffusionPlugin trains text models; `processor_type` asks for a vision-language "
             "model: remove one"
         )
+    generating = [k for k in ("do_causal_lm_eval", "eval_table_size") if getattr(cfg, k)]
+    if generating:
+        keys = " and ".join(f"`{names(k)}`" for k in generating)
+        errors.append(
+            f"{keys} generate token by token, left to right, which a masked-diffusion model "
+            "does not do; remove them (DiffusionPlugin's `generate_samples` / "
+            "`generation_interval` log denoised samples)"
+        )
     return errors
 
 
