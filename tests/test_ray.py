@@ -127,13 +127,20 @@ def test_scaling_kwargs_follow_the_keys_and_the_cluster(keys, cluster_gpus, want
 
 
 class _FakeRay:
-    """`ray` as train_with_ray sees it: an already connected cluster with these resources."""
+    """`ray` as train_with_ray sees it: a cluster with these resources, started on `init`."""
 
     def __init__(self, resources: dict[str, float]) -> None:
-        self.resources = resources
+        self.resources, self.up, self.inits = resources, False, []
 
     def is_initialized(self) -> bool:
-        return True
+        return self.up
+
+    def init(self, **kwargs: Any) -> None:
+        self.up = True
+        self.inits.append(kwargs)
+
+    def shutdown(self) -> None:
+        self.up = False
 
     def cluster_resources(self) -> dict[str, float]:
         return self.resources
@@ -155,11 +162,14 @@ def test_the_keys_reach_ray_trains_scaling_and_run_config(tmp_path, monkeypatch)
     fake = _FakeRay({"CPU": 16, "GPU": 4})
     monkeypatch.setattr(ray_launch, "import_ray", lambda: (fake, Trainer, ScalingConfig, RunConfig))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # restored after the test
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "cfg.yml"
     keys = {"use_ray": True, "ray_num_workers": 3, "resources_per_worker": {"GPU": 1, "CPU": 4}}
     base = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}]}
-    path.write_text(yaml.safe_dump({**base, **keys, "ray_run_name": "r1", "output_dir": "o"}))
+    extra = {"ray_run_name": "r1", "output_dir": "o", "deepspeed": "zero2"}
+    path.write_text(yaml.safe_dump({**base, **keys, **extra}))
     loaded = load_config(str(path))
     assert ray_launch.train_with_ray(loaded) == tmp_path / "o"
     scaling, run = seen["scaling"], seen["run"]
@@ -167,12 +177,24 @@ def test_the_keys_reach_ray_trains_scaling_and_run_config(tmp_path, monkeypatch)
     assert scaling.resources_per_worker == {"GPU": 1.0, "CPU": 4.0}
     assert (run.name, run.storage_path) == ("r1", str(tmp_path / "o"))
     assert seen["loop"] is ray_launch.worker_loop and seen["fit"]
-    assert seen["job"]["cwd"] == str(tmp_path) and seen["job"]["loaded"] is loaded
+    assert seen["job"]["cwd"] == str(tmp_path)
+    assert seen["job"]["loaded"].config.deepspeed.endswith("deepspeed_configs/zero2.json")
+    assert loaded.config.deepspeed == "zero2"  # the caller's config is left as it was
+    # no RAY_ADDRESS: a new local cluster, started and shut down here, workers without the
+    # print-to-log patch
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    assert fake.inits == [
+        {"address": "local", "include_dashboard": False, "runtime_env": {"env_vars": env}}
+    ]
+    assert not fake.up and os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
     # more than the local cluster has: refused before any worker waits for it
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     fake.resources = {"CPU": 16, "GPU": 2}
     with pytest.raises(ConfigError, match="need 3 GPU in all, and the local Ray cluster has 2"):
         ray_launch.train_with_ray(loaded)
+    # RAY_ADDRESS: that cluster (it may autoscale: no room check)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    ray_launch.train_with_ray(loaded)
+    assert fake.inits[-1]["address"] is None
 
 
 def test_a_worker_user_error_is_found_inside_rays_wrapping():

@@ -180,14 +180,18 @@ def train_with_ray(loaded: Any, debug: bool = False) -> Path:
     from newtune.train.distributed import pinned_deepspeed
     from newtune.train.preflight import check_output_dir
 
-    pinned_deepspeed(loaded)  # a missing DeepSpeed JSON fails before Ray starts
+    loaded = pinned_deepspeed(loaded)  # a missing DeepSpeed JSON fails before Ray starts
     check_output_dir(cfg.output_dir)
     out = Path(cfg.output_dir).expanduser().resolve()
     local = not os.environ.get("RAY_ADDRESS")
     started = not ray.is_initialized()
     if started:
         os.environ.update(WORKER_SETTINGS)  # a local cluster's workers inherit the environment
-        ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_SETTINGS})
+        ray.init(  # RAY_ADDRESS: that cluster; else a new local one (not one found running)
+            address=None if not local else "local",
+            include_dashboard=False,
+            runtime_env={"env_vars": WORKER_SETTINGS},
+        )
     try:
         scaling = scaling_kwargs(cfg, ray.cluster_resources().get("GPU", 0))
         if local:
