@@ -106,7 +106,7 @@ def check_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> Findin
 
     out.errors += compat4_rules(cfg, names)  # eta_min, flex compile kwargs, unfrozen + adapter
     out.errors += seed_training_rules(cfg, names)
-    from newtune.train.ray_launch import ray_rules
+    from newtune.config.ray import ray_rules
 
     out.errors += ray_rules(cfg, names)  # use_ray, ray_num_workers, resources_per_worker
     from newtune.config.schema.online import online_rules

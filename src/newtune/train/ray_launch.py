@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from newtune.config.ray import RAY_KEYS, ray_rules  # noqa: F401 - re-exported
 from newtune.config.schema import NewtuneConfig
 from newtune.errors import ConfigError, NewtuneError
 
@@ -25,35 +25,9 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'newtune[ray]'"
 WORKER_ENV = "NEWTUNE_RAY_WORKER"  # set in a worker: this process is one rank of a Ray run
-RAY_KEYS = ("ray_num_workers", "resources_per_worker", "ray_run_name")
 # Ray Train's workers turn `print` into root-logger records, which newtune's log format then
 # shows line by line (dill's captured `dis` output, when datasets hashes a function)
 WORKER_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-
-def ray_rules(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list[str]:
-    """Validate's errors for the Ray keys (nothing is imported: Ray may be absent here)."""
-    errors = []
-    if not cfg.use_ray:
-        for key in RAY_KEYS:
-            if getattr(cfg, key) is not None:
-                errors.append(
-                    f"`{names(key)}` is set but `{names('use_ray')}` is not true; it only "
-                    f"configures a Ray Train launch: add `{names('use_ray')}: true` or remove it"
-                )
-        return errors
-    for resource, amount in (cfg.resources_per_worker or {}).items():
-        if amount < 0:
-            errors.append(
-                f"`{names('resources_per_worker')}.{resource}: {amount:g}` is negative; give "
-                "each worker 0 or more of a resource"
-            )
-    if cfg.ddp is False and (cfg.ray_num_workers or 1) > 1:
-        errors.append(
-            f"`{names('ddp')}: false` with `{names('ray_num_workers')}: {cfg.ray_num_workers}`: "
-            "Ray's workers are the ranks of one DDP run; use one worker or remove `ddp`"
-        )
-    return errors
 
 
 def scaling_kwargs(cfg: NewtuneConfig, cluster_gpus: float) -> dict[str, Any]:
