@@ -7,12 +7,14 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from newtune.config.schema import NewtuneConfig
 from newtune.config.secrets import redact
+from newtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +80,35 @@ def tracker_environment(config: NewtuneConfig) -> Iterator[dict[str, str]]:
     env = tracker_env(config)
     saved = {k: v for k, v in os.environ.items() if k.startswith(TRACKER_ENV_PREFIXES)}
     os.environ.update(env)
+    out = Path(config.output_dir)
+    created = not out.exists()
     if env:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     try:
         yield env
+    except Exception as exc:
+        if not is_wandb_login_error(exc):
+            raise
+        if created and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # only the tracker's empty run folders
+        raise ConfigError(
+            f"`wandb_project: {config.wandb_project}` reports to Weights & Biases, which could "
+            f"not log in on this machine ({exc}). Log in first (`wandb login`, or set "
+            "WANDB_API_KEY), or set `wandb_mode: offline` to keep the run in output_dir/wandb "
+            "(`wandb sync` uploads it later), or remove `wandb_project`."
+        ) from None
     finally:
         for key in [k for k in os.environ if k.startswith(TRACKER_ENV_PREFIXES)]:
             if key not in saved:
                 del os.environ[key]
         os.environ.update(saved)
+
+
+def is_wandb_login_error(exc: BaseException) -> bool:
+    """wandb's error for a run started without credentials (no key, not a terminal)."""
+    module = type(exc).__module__ or ""
+    text = str(exc).lower()
+    return module.startswith("wandb") and ("api key" in text or "wandb login" in text)
 
 
 def loss_series(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:

@@ -1,0 +1,44 @@
+"""Regression tests for bugs found while integrating issue 16's last keys."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import write_jsonl
+from test_cli import ALPACA, make_config
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("wandb") is None, reason="wandb is not installed"
+)
+def test_wandb_without_credentials_is_one_paragraph_and_leaves_no_output(tmp_path, model_dir):
+    """Before: `unexpected UsageError: No API key configured` after data and model were loaded,
+    and an empty output_dir left behind."""
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    cfg = make_config(tmp_path, model_dir, data, "alpaca", max_steps=1, wandb_project="ebft")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("WANDB_") and k not in ("NETRC", "HOME")
+    }
+    env.update(
+        HOME=str(tmp_path / "home"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandbcfg"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "newtune.cli.main", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "`wandb_project: ebft` reports to Weights & Biases, which could not log in" in err
+    assert "or set `wandb_mode: offline`" in err
+    assert not (tmp_path / "out").exists()
