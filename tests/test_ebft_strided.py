@@ -477,10 +477,16 @@ def test_documents_too_short_for_a_block_are_a_clear_error(tmp_path, model_dir):
     assert "no document is long enough" in proc.stderr and "44 real tokens" in proc.stderr
 
 
-@pytest.mark.slow
-def test_flex_attention_gives_the_sdpa_logits_and_loss():
+def test_flex_attention_gives_the_sdpa_logits_and_loss(monkeypatch):
     """Under flex_attention (a BlockMask; generation switches to sdpa and back) the policy's
-    logits and the loss equal sdpa's (CPU flex: compiled, about a minute)."""
+    logits and the loss equal sdpa's. flex_attention runs uncompiled (torch's reference
+    implementation reads the same BlockMask): Inductor's CPU flex template fails to compile in
+    some processes (its C++ names an undeclared `cur_qSplitSize8`), which says nothing about
+    the mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as hf_flex
+
+    monkeypatch.setattr(hf_flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
     flex, sdpa = _tiny_llama("flex_attention", seed=5), _tiny_llama("sdpa", seed=5)
     layout = StridedLayout(doc_len=14, anchor_offset=3, stride=3, gen_len=4)
     torch.manual_seed(2)
