@@ -133,6 +133,23 @@ def mask_attention(model: Any, attention: str | None) -> str | None:
     return None if local else attention
 
 
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def mask_readers(model: Any) -> tuple[Any, list[str], bool]:
+    """For methods that replace the causal mask by their own 4-D mask: the text config, the
+    layer kinds that do not read a mask (linear attention, state-space, ...) and whether some
+    layers are windowed or chunked (they then run under the whole mask, window not applied)."""
+    config = unwrap(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = list(getattr(text, "layer_types", None) or [])
+    other = sorted({t for t in types if t not in ATTENTION_LAYERS})
+    local = any(t != "full_attention" for t in types) or any(
+        getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")
+    )
+    return text, other, local
+
+
 def forward_stats(
     model: Any, batch: dict[str, Any], labels: str = "labels", extras: bool = True
 ) -> SequenceStats:

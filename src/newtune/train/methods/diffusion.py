@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from newtune.config.schema.compat3 import DiffusionArgs
 from newtune.data.tokenize import IGNORE_INDEX
 from newtune.errors import ConfigError, DataError, ModelError
-from newtune.train.methods.base import Method, MetricLog, unwrap
+from newtune.train.methods.base import Method, MetricLog, mask_readers, unwrap
 from newtune.train.trainer import head_can_skip
 
 log = logging.getLogger(__name__)
@@ -395,17 +395,13 @@ class DiffusionMethod(Method):
         return trainer
 
 
-ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def check_model(model: Any) -> None:
     """ModelError for layers that do not attend through the 4-D mask (linear attention,
     state-space, ...): they would stay causal. Sliding/chunked layers attend to their whole
     sample under the mask (the window is not applied), as in Axolotl: a warning."""
-    config = unwrap(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = list(getattr(text, "layer_types", None) or [])
-    other = sorted({t for t in types if t not in ATTENTION_LAYERS})
+    text, other, local = mask_readers(model)
     if other:
         raise ModelError(
             f"masked-diffusion training makes every layer attend bidirectionally through a 4-D "
@@ -413,9 +409,6 @@ def check_model(model: Any) -> None:
             "which do not read it and would stay causal; train a model whose layers are all "
             "attention layers (e.g. Llama, Qwen, Mistral)"
         )
-    local = any(t != "full_attention" for t in types) or any(
-        getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")
-    )
     if local:
         log.warning(
             "diffusion: this model's sliding-window/chunked layers attend to the whole sample "

@@ -35,7 +35,7 @@ import torch
 
 from newtune.errors import ConfigError, DataError
 from newtune.train.methods import ebft_core as core
-from newtune.train.methods.base import Method, Metrics, Reference, unwrap
+from newtune.train.methods.base import Method, Metrics, Reference, mask_readers, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,6 @@ class StridedLayout:
         return mod
 
 
-ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def check_strided_model(model: Any) -> None:
@@ -156,10 +155,7 @@ def check_strided_model(model: Any) -> None:
     mask (their window is not applied), as in Axolotl: a warning."""
     from newtune.errors import ModelError
 
-    config = unwrap(model).config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = list(getattr(text, "layer_types", None) or [])
-    other = sorted({t for t in types if t not in ATTENTION_LAYERS})
+    text, other, local = mask_readers(model)
     if other:
         raise ModelError(
             f"`rl: ebft` (strided) generates every block of a document at once under a strided "
@@ -167,9 +163,6 @@ def check_strided_model(model: Any) -> None:
             "layers, which do not read it (each block would see the others); use structured "
             "mode (`ebft.mode: structured`) or a model whose layers are all attention layers"
         )
-    local = any(t != "full_attention" for t in types) or any(
-        getattr(text, key, None) for key in ("sliding_window", "attention_chunk_size")
-    )
     if local:
         log.warning(
             "ebft strided: this model's sliding-window/chunked layers run under the strided "
