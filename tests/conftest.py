@@ -85,26 +85,32 @@ def chat_tokenizer(chat_tok_dir: Path):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, chat_tok_dir: Path) -> Path:
     """A 2-layer Llama with the ChatML tokenizer, saved as a normal transformers folder."""
-    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(chat_tok_dir)
     folder = tmp_path_factory.mktemp("model")
+    return save_tiny(folder, tok, LlamaConfig, LlamaForCausalLM, max_position_embeddings=256)
+
+
+def save_tiny(folder: Path, tok, config_cls, model_cls, **extra) -> Path:
+    """A 2-layer model (hidden 32, 4 heads, 2 KV heads, seed 0) with `tok`, saved to `folder`."""
+    import torch
+
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model_cls(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -379,27 +379,12 @@ def test_validate_accepts_supported_and_not_yet_downloaded_models(tmp_path):
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory: pytest.TempPathFactory, chat_tok_dir: Path) -> Path:
     """A 2-layer Qwen3 with the ChatML tokenizer, saved as a transformers folder."""
+    from conftest import save_tiny
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(chat_tok_dir)
     folder = tmp_path_factory.mktemp("qwen3")
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny(folder, tok, Qwen3Config, Qwen3ForCausalLM, head_dim=16)
 
 
 @pytest.mark.parametrize(

@@ -274,23 +274,10 @@ def qwen_dir(tmp_path_factory, tokenizer) -> Path:
 
     tok = copy.deepcopy(tokenizer)
     tok.bos_token = None
+    from conftest import save_tiny
+
     folder = tmp_path_factory.mktemp("qwen2")
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny(folder, tok, Qwen2Config, Qwen2ForCausalLM, max_position_embeddings=256)
 
 
 def test_full_finetune_saves_a_token_classifier(tmp_path, qwen_dir, capsys):
