@@ -42,3 +42,17 @@ def test_wandb_without_credentials_is_one_paragraph_and_leaves_no_output(tmp_pat
     assert "`wandb_project: ebft` reports to Weights & Biases, which could not log in" in err
     assert "or set `wandb_mode: offline`" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_relora_with_strided_ebft_is_refused():
+    """ReLoRA merges the adapter into the base that strided EBFT's feature network reads."""
+    from test_ebft_structured import EBFT, _config
+
+    from newtune.config.load import validate_data
+    from newtune.errors import ConfigError
+
+    strided = {"ebft": {**EBFT, "mode": "strided"}, "relora": True, "jagged_restart_steps": 2}
+    with pytest.raises(ConfigError, match=r"`relora: true` with `rl: ebft` \(strided\)"):
+        validate_data(_config(strided), "cfg.yml", None)
+    del strided["relora"], strided["jagged_restart_steps"]
+    assert validate_data(_config(strided), "cfg.yml", None).config.ebft.mode == "strided"

@@ -435,7 +435,16 @@ def online_rules(cfg: Any) -> list[str]:
     ebft = ebft_block(cfg)
     if ebft.mode == "structured":
         return _structured_rules(ebft, cfg.trl, cfg.vllm) + group_rule(cfg)
-    return _strided_rules(ebft, cfg.trl, cfg.vllm)
+    errors = _strided_rules(ebft, cfg.trl, cfg.vllm)
+    if getattr(cfg, "relora", None):
+        errors.append(
+            "`relora: true` with `rl: ebft` (strided): the feature network is the base model "
+            "with the adapter switched off, and ReLoRA merges the adapter into that base at "
+            "every restart, so the features the rewards compare against would drift away from "
+            "the starting model; remove `relora` (or train a full fine-tune, whose feature "
+            "network is a frozen copy)"
+        )
+    return errors
 
 
 def _grpo_rules(cfg: Any) -> list[str]:
