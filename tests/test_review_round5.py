@@ -56,3 +56,18 @@ def test_relora_with_strided_ebft_is_refused():
         validate_data(_config(strided), "cfg.yml", None)
     del strided["relora"], strided["jagged_restart_steps"]
     assert validate_data(_config(strided), "cfg.yml", None).config.ebft.mode == "strided"
+
+
+def test_online_rl_needs_trl_on_the_training_machine():
+    """TRL's GRPOTrainer runs rl: grpo/gdpo/ebft (structured): validate names the `trl` extra
+    (newtune's `trl` was only a test dependency before); strided EBFT does not need it."""
+    from test_ebft_structured import EBFT, TRL, _config
+
+    from newtune.config.load import validate_data
+    from newtune.config.machine import machine_needs
+
+    structured = validate_data(_config({"trl": TRL}), "cfg.yml", None).config
+    needs = [n for n in machine_needs(structured) if n.module == "trl"]
+    assert [(n.what, n.pip) for n in needs] == [("`rl: ebft`", ("pip install 'newtune[trl]'",))]
+    strided = validate_data(_config({"ebft": {**EBFT, "mode": "strided"}}), "cfg.yml", None)
+    assert not [n for n in machine_needs(strided.config) if n.module == "trl"]

@@ -169,6 +169,16 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
                     f"remove the {tracker} keys",
                 )
             )
+    if getattr(cfg, "rl", None) in ("grpo", "gdpo", "ebft") and not _strided(cfg):
+        needs.append(
+            Need(
+                f"`{names('rl')}: {cfg.rl}`",
+                "TRL (its GRPOTrainer generates and trains)",
+                "trl",
+                ("pip install 'newtune[trl]'",),
+                "train without online RL (e.g. `rl: dpo` on preference pairs)",
+            )
+        )
     if cfg.use_ray:
         needs.append(
             Need(
@@ -183,6 +193,12 @@ def machine_needs(cfg: NewtuneConfig, names: Callable[[str], str] = str) -> list
     from newtune.config.compat4 import machine_needs4
 
     return needs + machine_needs2(cfg, names, Need) + machine_needs4(cfg, names, Need)
+
+
+def _strided(cfg: NewtuneConfig) -> bool:
+    """Strided EBFT trains on newtune's own Trainer (no TRL)."""
+    block = getattr(cfg, "ebft", None)
+    return cfg.rl == "ebft" and getattr(block, "mode", None) == "strided"
 
 
 def _installed(module: str) -> bool:
