@@ -275,7 +275,7 @@ def test_ddp_two_cpu_ranks_train_the_same_weights_tiled_or_not(tmp_path, model_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])  # ZeRO-2 passed too; left out to keep the suite short
 def test_zero_two_cpu_ranks_run_deepspeeds_tiled_mlp(tmp_path, model_dir, stage):
     """ZeRO reduces the MLP gradients after the last shard (and ZeRO-3 gathers the weights once
     per shard on both ranks): the weights equal a run without tiling."""
