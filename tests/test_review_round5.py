@@ -71,3 +71,43 @@ def test_online_rl_needs_trl_on_the_training_machine():
     assert [(n.what, n.pip) for n in needs] == [("`rl: ebft`", ("pip install 'newtune[trl]'",))]
     strided = validate_data(_config({"ebft": {**EBFT, "mode": "strided"}}), "cfg.yml", None)
     assert not [n for n in machine_needs(strided.config) if n.module == "trl"]
+
+
+HIDE_BITSANDBYTES = """
+import importlib.util, sys
+real = importlib.util.find_spec
+def find_spec(name, package=None):
+    if name.split(".")[0] == "bitsandbytes":
+        return None
+    return real(name, package)
+importlib.util.find_spec = find_spec
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "bitsandbytes":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+from newtune.cli.main import main
+sys.argv = ["newtune", "train", sys.argv[1]]
+main()
+"""
+
+
+def test_lora_trains_without_bitsandbytes_installed(tmp_path, model_dir):
+    """The quickstart installs `pip install -e .` (no bitsandbytes): LoRA training imported
+    bitsandbytes unconditionally (models.moe.quantized_experts) and stopped with
+    `unexpected ModuleNotFoundError`."""
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    cfg = make_config(
+        tmp_path, model_dir, data, "alpaca", max_steps=1, adapter="lora", lora_target_linear=True
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", HIDE_BITSANDBYTES, str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bitsandbytes" not in proc.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -105,14 +105,23 @@ def quantize_expert_parameters(
     return done
 
 
+def _quantizations() -> tuple[type, ...]:
+    """The parametrizations of an expert quantized here (bitsandbytes' 4-bit one only when it
+    is installed: without bitsandbytes, which is optional, no expert is ever quantized)."""
+    try:
+        from bitsandbytes.nn.parametrize import Bnb4bitParametrization
+    except ImportError:
+        return (Int8Dequant,)
+    return (Bnb4bitParametrization, Int8Dequant)
+
+
 def quantized_experts(model: nn.Module) -> dict[str, nn.Module]:
     """`module.param` name -> the module of each expert parameter quantized here."""
-    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-
+    kinds = _quantizations()
     found = {}
     for module_name, module in model.named_modules():
         for name, chain in getattr(module, "parametrizations", {}).items():
-            if any(isinstance(p, (Bnb4bitParametrization, Int8Dequant)) for p in chain):
+            if any(isinstance(p, kinds) for p in chain):
                 found[f"{module_name}.{name}"] = module
     return found
 
@@ -257,9 +266,7 @@ def expert_lora(model: nn.Module) -> Iterator[None]:
 
 def quantized_chain(chain: Any) -> bool:
     """The parametrization chain starts with a quantization made here."""
-    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-
-    return isinstance(chain[0], (Bnb4bitParametrization, Int8Dequant))
+    return isinstance(chain[0], _quantizations())
 
 
 # -- ScatterMoE (use_scattermoe / experts_implementation: scattermoe) -------------------------
